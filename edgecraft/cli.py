@@ -1,0 +1,207 @@
+"""The `edgecraft` command: parse, call, print. Heavy imports happen inside each command.
+
+`generate`, `bench` and `info` on a bundle never import torch, so a deployed CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from edgecraft.errors import UserError
+
+app = typer.Typer(
+    help="Train tiny language models and ship them to the edge.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+recipe_app = typer.Typer(help="Work with recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+
+def friendly(fn: Callable) -> Callable:
+    """Turn a UserError into one line on stderr and its exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(err.exit_code) from None
+
+    return wrapper
+
+
+def is_bundle(path: Path) -> bool:
+    return (path / "edgecraft.json").is_file()
+
+
+@app.command()
+@friendly
+def train(
+    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe TOML file.")] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="Override a recipe key: section.key=value (repeatable)."),
+    ] = None,
+    resume: Annotated[
+        Optional[Path], typer.Option(help="Continue RUN_DIR from its newest checkpoint.")
+    ] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run directories are created.")] = Path("runs"),
+    force: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+) -> None:
+    """Validate a recipe, prepare its data and train, writing runs/NAME/."""
+    from edgecraft.train import resume_run, train_recipe
+
+    if resume is not None:
+        if recipe is not None or set_:
+            raise UserError("--resume takes the run directory only; the recipe is read from it")
+        run_dir = resume_run(resume)
+    elif recipe is None:
+        raise UserError("give a recipe file (edgecraft train recipes/quickstart.toml) or --resume RUN_DIR")
+    else:
+        from edgecraft.recipe import load_recipe
+
+        run_dir = train_recipe(load_recipe(recipe, set_ or []), runs_dir=runs_dir, force=force)
+    typer.echo(f"run written to {run_dir}")
+
+
+@recipe_app.command("schema")
+def recipe_schema() -> None:
+    """Print the recipe's JSON Schema."""
+    from edgecraft.recipe import json_schema
+
+    typer.echo(json_schema())
+
+
+@app.command()
+@friendly
+def generate(
+    path: Annotated[Path, typer.Argument(help="A bundle (export/NAME) or a run directory (runs/NAME).")],
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")] = "",
+    max_new_tokens: Annotated[int, typer.Option("-n", "--max-new-tokens", min=1)] = 200,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option(min=1)] = None,
+    top_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0)] = None,
+    repetition_penalty: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Same seed, same text.")] = None,
+    stream: Annotated[bool, typer.Option(help="Print text as it is generated.")] = False,
+    int8: Annotated[bool, typer.Option(help="Use the bundle's int8 model.")] = False,
+    threads: Annotated[int, typer.Option(min=0, help="0 = the runtime's measured default.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+) -> None:
+    """Continue a prompt: from a bundle with onnxruntime, or from a run with PyTorch."""
+    if not path.exists():
+        raise UserError(f"{path}: no such bundle or run directory")
+    if is_bundle(path):
+        from edgecraft.runtime import load
+
+        model = load(path, int8=int8, threads=threads, device=device)
+        kwargs = dict(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, stop=stop, seed=seed,
+        )
+        if stream:
+            sys.stdout.write(prompt)
+            for piece in model.stream(prompt, **kwargs):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            typer.echo(prompt + model.generate(prompt, **kwargs))
+        return
+    from edgecraft.rundir import generate_from_run
+
+    text = generate_from_run(
+        path, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, seed=seed, device=device,
+    )
+    typer.echo(prompt + text)
+
+
+@app.command()
+@friendly
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/NAME).")],
+    out: Annotated[Optional[Path], typer.Option(help="Bundle directory (default export/NAME).")] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    force: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
+    int8: Annotated[bool, typer.Option(help="Also write model.int8.onnx.")] = False,
+    int8_only: Annotated[bool, typer.Option(help="Write int8 instead of fp32 (with --int8).")] = False,
+    calibrate: Annotated[
+        int, typer.Option(min=0, help="Static post-training quantization from N validation batches.")
+    ] = 0,
+    keep_float: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Leave in float: embeddings, head, first, last (repeatable)."),
+    ] = None,
+    max_loss_increase: Annotated[
+        Optional[float], typer.Option(help="Fail (exit 3) if int8 loses more than PCT % val loss.")
+    ] = None,
+) -> None:
+    """Export a run to an ONNX bundle with a KV cache, parity-checked against PyTorch."""
+    from edgecraft.export import ExportOptions, export_run
+
+    options = ExportOptions(
+        opset=opset, force=force, int8=int8 or int8_only, int8_only=int8_only,
+        calibrate=calibrate, keep_float=tuple(keep_float or ()), max_loss_increase=max_loss_increase,
+    )
+    bundle = export_run(run_dir, out, options)
+    typer.echo(f"bundle written to {bundle}")
+
+
+@app.command()
+@friendly
+def info(path: Annotated[Path, typer.Argument(help="A run directory or a bundle.")]) -> None:
+    """What a run or bundle holds: config, parameters, sizes, quantization, metrics."""
+    if not path.exists():
+        raise UserError(f"{path}: no such bundle or run directory")
+    if is_bundle(path):
+        from edgecraft.runtime.bundle import describe_bundle
+
+        typer.echo(describe_bundle(path))
+    else:
+        from edgecraft.rundir import describe_run
+
+        typer.echo(describe_run(path))
+
+
+@app.command()
+@friendly
+def bench(
+    paths: Annotated[list[Path], typer.Argument(help="Bundles and/or run directories.")],
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    threads: Annotated[str, typer.Option(help="Thread counts, e.g. 1 or 1,2.")] = "1",
+    batch: Annotated[int, typer.Option(min=1)] = 1,
+    prompt_len: Annotated[int, typer.Option(min=1)] = 64,
+    new_tokens: Annotated[int, typer.Option(min=1)] = 200,
+    runs: Annotated[int, typer.Option(min=1)] = 5,
+    text: Annotated[Optional[Path], typer.Option(help="Text for perplexity (default: validation split).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results as JSON.")] = None,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write results as CSV.")] = None,
+    markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write a markdown table.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG chart.")] = None,
+) -> None:
+    """Measure load time, prefill/decode tokens/s, latency, memory, size and perplexity."""
+    from edgecraft.bench import BenchOptions, run_bench
+
+    try:
+        thread_list = [int(t) for t in threads.split(",")]
+    except ValueError:
+        raise UserError(f"--threads {threads!r}: expected integers like 1 or 1,2") from None
+    options = BenchOptions(
+        device=device, threads=thread_list, batch=batch, prompt_len=prompt_len,
+        new_tokens=new_tokens, runs=runs, text=text,
+    )
+    run_bench(paths, options, json_out=json_out, csv_out=csv_out, markdown_out=markdown_out, plot=plot)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,278 @@
+"""A small decoder-only GPT in PyTorch, with an explicit KV cache.
+
+Pre-norm blocks, causal self-attention through scaled_dot_product_attention, tied embeddings, and
+recipe switches for the modern variants (RMSNorm, rotary positions, SwiGLU). `forward` takes the
+cache of earlier positions and returns the new one, so decoding token by token with the cache gives
+the same logits as one full forward pass — the contract the ONNX export is checked against.
+
+Parameter names are part of the file format (the exporter reads them):
+  tok_emb.weight (V, D)            pos_emb.weight (block, D)   [pos = "learned"]
+  blocks.i.norm1 / norm2           blocks.i.attn.qkv (3D, D)   blocks.i.attn.proj (D, D)
+  blocks.i.mlp.fc, mlp.proj        [gelu]     blocks.i.mlp.gate, mlp.up, mlp.proj   [swiglu]
+  norm_f                           head.weight (V, D), tied to tok_emb.weight when tie_embeddings
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v each (B, nh, T_past, hs)
+
+ROPE_THETA = 10000.0
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The architecture; the single source of truth saved inside every artifact."""
+
+    vocab_size: int
+    d_model: int = 128
+    n_layers: int = 6
+    n_heads: int = 8
+    d_ff: int = 512
+    block_size: int = 256
+    dropout: float = 0.0
+    norm: str = "layernorm"  # | "rmsnorm"
+    pos: str = "learned"  # | "rope"
+    mlp: str = "gelu"  # | "swiglu"
+    bias: bool = True
+    tie_embeddings: bool = True
+
+    @property
+    def head_size(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+def _norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=1e-5)
+    return nn.LayerNorm(cfg.d_model, bias=cfg.bias, eps=1e-5)
+
+
+def rope_tables(head_size: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (length, head_size / 2) for rotary positions (non-interleaved halves)."""
+    inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (L, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, nh, T, hs) by the tables' rows for its positions (cos/sin: (T, hs/2))."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        B, T, D = x.shape
+        nh, hs = self.cfg.n_heads, self.cfg.head_size
+        q, k, v = self.qkv(x).split(D, dim=2)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        n_past = 0
+        if past is not None:
+            n_past = past[0].shape[2]
+            k = torch.cat((past[0], k), dim=2)  # (B, nh, T_past + T, hs)
+            v = torch.cat((past[1], v), dim=2)
+        drop = self.cfg.dropout if self.training else 0.0
+        if n_past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        else:
+            # query i sits at position n_past + i and sees keys 0 .. n_past + i
+            mask = torch.ones(T, n_past + T, dtype=torch.bool, device=x.device).tril(diagonal=n_past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        y = y.transpose(1, 2).contiguous().view(B, T, D)  # (B, T, D)
+        return self.resid_drop(self.proj(y)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+            self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        else:
+            self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            h = F.silu(self.gate(x)) * self.up(x)  # (B, T, d_ff)
+        else:
+            h = F.gelu(self.fc(x))  # (B, T, d_ff), exact (erf) GELU
+        return self.drop(self.proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.norm1 = _norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = _norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, past, rope):
+        a, present = self.attn(self.norm1(x), past, rope)
+        x = x + a
+        x = x + self.mlp(self.norm2(x))
+        return x, present
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos == "learned":
+            self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
+        else:
+            cos, sin = rope_tables(cfg.head_size, cfg.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block, hs/2)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm_f = _norm(cfg)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        """Parameters counted once (a tied head is not counted twice)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, KVCache]:
+        """idx (B, T) token ids after `cache`'s positions -> (logits (B, T, V), loss, new cache)."""
+        B, T = idx.shape
+        n_past = cache[0][0].shape[2] if cache else 0
+        if n_past + T > self.cfg.block_size:
+            raise ValueError(
+                f"sequence of {n_past + T} positions exceeds block_size {self.cfg.block_size}"
+            )
+        x = self.tok_emb(idx)  # (B, T, D)
+        rope = None
+        if self.cfg.pos == "learned":
+            pos = torch.arange(n_past, n_past + T, device=idx.device)
+            x = x + self.pos_emb(pos)
+        else:
+            rope = (self.rope_cos[n_past : n_past + T], self.rope_sin[n_past : n_past + T])
+        x = self.drop(x)
+        new_cache: KVCache = []
+        for i, block in enumerate(self.blocks):
+            x, present = block(x, cache[i] if cache else None, rope)
+            new_cache.append(present)
+        logits = self.head(self.norm_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss, new_cache
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay on matrices (dim >= 2) only, never on biases or norm gains."""
+        params = {id(p): p for p in self.parameters() if p.requires_grad}.values()
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+
+@torch.no_grad()
+def sample(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Extend idx (B, T) by max_new_tokens with the KV cache; re-prefills when the window is full.
+
+    temperature 0 means greedy. Used for training-time samples and `generate` on a run directory.
+    """
+    model.eval()
+    block = model.cfg.block_size
+    idx = idx[:, -block:]
+    logits, _, cache = model(idx)
+    out = [idx]
+    for _ in range(max_new_tokens):
+        logits = logits[:, -1, :]  # (B, V)
+        if temperature <= 0:
+            nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        else:
+            logits = logits / temperature
+            if top_k is not None and top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = F.softmax(logits, dim=-1)
+            if top_p is not None and 0 < top_p < 1:
+                sorted_p, order = probs.sort(dim=-1, descending=True)
+                keep = sorted_p.cumsum(dim=-1) - sorted_p < top_p
+                sorted_p = sorted_p * keep
+                probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+                probs = probs / probs.sum(dim=-1, keepdim=True)
+            nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+        out.append(nxt)
+        n_cached = cache[0][0].shape[2]
+        if n_cached >= block:
+            # window full: slide and re-prefill the last block - 1 tokens plus the new one
+            window = torch.cat(out, dim=1)[:, -block:]
+            logits, _, cache = model(window)
+        else:
+            logits, _, cache = model(nxt, cache=cache)
+    return torch.cat(out, dim=1)

@@ -1,0 +1,178 @@
+"""The recipe: one TOML file that says what to train, validated before any work starts.
+
+Every section is a pydantic model that forbids unknown keys, so a typo is an error naming the key
+path, not a silently ignored setting. `--set section.key=value` overrides go through the same
+validation as the file itself.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edgecraft.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: str = Field("builtin:python-docs", description="A file, a folder, a glob, or builtin:NAME.")
+    tokenizer: Literal["char", "bpe"] = "char"
+    vocab_size: int = Field(512, ge=16, le=65536, description="BPE only: the vocabulary to train.")
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    cache_dir: str | None = Field(
+        None, description="Where token arrays are cached; default ~/.cache/edgecraft/data."
+    )
+
+
+class ModelConfig(_Section):
+    d_model: int = Field(128, ge=8)
+    n_layers: int = Field(6, ge=1)
+    n_heads: int = Field(8, ge=1)
+    d_ff: int = Field(512, ge=8)
+    block_size: int = Field(256, ge=2)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    pos: Literal["learned", "rope"] = "learned"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    bias: bool = Field(True, description="Biases in linear layers and LayerNorm (GPT-2 style).")
+    tie_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if self.pos == "rope" and (self.d_model // self.n_heads) % 2:
+            raise ValueError("rotary positions need an even head size (d_model / n_heads)")
+        return self
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(64, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(5000, ge=1, description="Optimizer steps (accumulation included).")
+    lr: float = Field(1e-3, gt=0.0)
+    min_lr: float = Field(1e-4, ge=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.99, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping.")
+    eval_every: int = Field(250, ge=1)
+    eval_batches: int = Field(20, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    sample_every: int = Field(500, ge=1)
+    sample_tokens: int = Field(200, ge=1)
+    log_every: int = Field(10, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="0 = library default.")
+    compile: bool = False
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> "TrainConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+class QuantConfig(_Section):
+    qat: bool = False
+    start_step: int = Field(0, ge=0, description="QAT fine-tunes from this step on.")
+    embeddings: bool = Field(False, description="Also fake-quantize the embedding/head matrix.")
+
+
+class Recipe(_Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: int = 1337
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    quant: QuantConfig = QuantConfig()
+
+
+def _format_error(origin: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
+        msg = f"{msg} (got {first['input']!r})"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{origin}: {path}: {msg}{more}"
+
+
+def _parse_value(raw: str) -> Any:
+    """Read an override value as TOML (numbers, booleans, quoted strings), else as a bare string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], origin: str) -> dict[str, Any]:
+    """Apply `section.key=value` overrides to raw recipe data (validation happens afterwards)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected section.key=value, e.g. train.lr=3e-4")
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(raw.strip())
+    return data
+
+
+def validate(data: dict[str, Any], origin: str) -> Recipe:
+    """Validate raw recipe data; any problem is one UserError naming `origin` and the key path."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise UserError(_format_error(origin, err)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe TOML file, apply overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid TOML: {err}") from None
+    data = apply_overrides(data, overrides or [], str(path))
+    return validate(data, str(path))
+
+
+def to_toml(recipe: Recipe) -> str:
+    """Serialize a resolved recipe back to TOML (the run directory's recipe.toml)."""
+    lines: list[str] = []
+    dump = recipe.model_dump()
+    for key, value in dump.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {json.dumps(value)}")
+    for key, value in dump.items():
+        if isinstance(value, dict):
+            lines.append(f"\n[{key}]")
+            for k, v in value.items():
+                if v is not None:
+                    lines.append(f"{k} = {json.dumps(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def json_schema() -> str:
+    """The recipe's JSON Schema, for editors and `edgecraft recipe schema`."""
+    return json.dumps(Recipe.model_json_schema(), indent=2)
