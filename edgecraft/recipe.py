@@ -88,6 +88,11 @@ class QuantConfig(_Section):
     qat: bool = False
     start_step: int = Field(0, ge=0, description="QAT fine-tunes from this step on.")
     embeddings: bool = Field(False, description="Also fake-quantize the embedding/head matrix.")
+    scheme: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description="Activation quantization the int8 graph runs: dynamic = per-call uint8 range "
+        "(DynamicQuantizeMatMul), static = ranges observed in training (MatMulIntegerToFloat).",
+    )
 
 
 class Recipe(_Section):

@@ -1,0 +1,219 @@
+"""Quantization-aware training: fake quant that computes what the int8 ONNX graph computes.
+
+The hooks are edgecraft's own (torch.ao.quantization is deprecated, and fake-quant export through
+the dynamo exporter has been unreliable); the exporter (edgecraft/int8.py) writes the int8 graph
+from the same functions, so training and inference round the same numbers the same way.
+
+The arithmetic, matching onnxruntime's DynamicQuantizeMatMul / MatMulIntegerToFloat on CPU:
+- weights: int8, symmetric, one scale per output channel: s = max|w_row| / 127,
+  q = clamp(round(w / s), -127, 127)  (round = half to even, as in onnxruntime)
+- activations: uint8, asymmetric, from a range [lo, hi] widened to include 0:
+  scale = (hi - lo) / 255 (1 if hi == lo), zp = round(clamp(-lo / scale, 0, 255)),
+  q = clamp(round(x / scale) + zp, 0, 255)
+  - scheme "dynamic": the range of each call's input. In training the range is taken per token
+    row, which is exactly what a batch-1 decode step computes; a prefill or batched call in
+    onnxruntime takes one range over all its rows (a coarser grid for some rows).
+  - scheme "static": a range observed during training (EMA of batch min/max) or calibration,
+    frozen at export; the same numbers in every call.
+- the product: int32 accumulation, times scale_a * scale_w, plus the float bias. The float
+  matmul of the dequantized values below equals it up to float32 rounding.
+
+Gradients are straight-through: identity inside the representable range, zero where clipped.
+Hooks are forward pre-hooks that shadow `module.weight` for one call and fake-quantize the
+input; parameter names, the state dict and the optimizer's view of the model never change,
+and a model with hooks detached is the plain float model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from edgecraft.errors import UserError
+from edgecraft.recipe import QuantConfig
+
+QMAX_W = 127  # weights use [-127, 127]: symmetric, no -128
+QMAX_A = 255  # activations use [0, 255]
+RANGE_MOMENTUM = 0.01  # EMA weight of each training batch's min/max in a static range
+STATE_FORMAT = "edgecraft-quant/1"
+
+
+# --- the arithmetic (shared with the exporter) ------------------------------------------------
+
+
+def _weight_grid(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) -> integer grid values (N, K) as float and scale (N, 1); an all-zero row gets scale 1."""
+    w = w.detach()
+    scale = w.abs().amax(dim=1, keepdim=True) / QMAX_W  # (N, 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.clamp(torch.round(w / scale), -QMAX_W, QMAX_W), scale
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> q (N, K) int8, scale (N,) float32; one symmetric scale per output row."""
+    q, scale = _weight_grid(w.float())
+    return q.to(torch.int8), scale[:, 0]
+
+
+def activation_qparams(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 scale and zero point (as float) for a range, as onnxruntime's GetQuantizationParameter."""
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    scale = (hi - lo) / QMAX_A
+    scale = torch.where(hi == lo, torch.ones_like(scale), scale)
+    zp = torch.round(torch.clamp(-lo / scale, 0, QMAX_A))
+    return scale, zp
+
+
+def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
+    """Per-output-row symmetric int8 round trip of w (N, K), straight-through gradient."""
+    q, scale = _weight_grid(w)
+    return w + (q * scale - w).detach()
+
+
+def fake_quant_activation(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    """uint8 round trip of x with broadcastable scale/zp; gradient passes only where not clipped
+    (a value within half a step of the grid's end rounds onto it: not clipped)."""
+    x_c = torch.clamp(x, (-0.5 - zp) * scale, (QMAX_A + 0.5 - zp) * scale)
+    q = torch.clamp(torch.round(x.detach() / scale) + zp, 0, QMAX_A)
+    return x_c + ((q - zp) * scale - x_c).detach()
+
+
+def dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (last dim) range of x (..., K) -> scale, zp (..., 1): one decode step's arithmetic."""
+    x = x.detach()
+    return activation_qparams(x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True))
+
+
+# --- which layers -------------------------------------------------------------------------------
+
+
+def quantized_layers(model: nn.Module, embeddings: bool) -> dict[str, nn.Module]:
+    """Modules the int8 graph quantizes, by name: every block linear; with `embeddings`, the
+    token/position tables and the head too. Training and export both use this list."""
+    layers = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith("blocks.")
+    }
+    if embeddings:
+        for name in ("tok_emb", "pos_emb", "head"):
+            module = getattr(model, name, None)
+            if module is not None:
+                layers[name] = module
+    return layers
+
+
+# --- the hooks ----------------------------------------------------------------------------------
+
+
+class QATHandle:
+    """Fake-quant hooks on a model's layers; `detach()` restores the float model exactly.
+
+    state_dict() holds what the export needs besides the weights: for the static scheme, each
+    linear layer's observed input range `<layer>.act_range` = [lo, hi].
+    """
+
+    def __init__(self, model: nn.Module, cfg: QuantConfig) -> None:
+        self.scheme = cfg.scheme
+        self.calibrating = False  # static ranges: True = running min/max (PTQ), else training EMA
+        self.layers = quantized_layers(model, cfg.embeddings)
+        self.ranges: dict[str, torch.Tensor] = {}  # layer -> (2,) [lo, hi]
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        for name, module in self.layers.items():
+            is_linear = isinstance(module, nn.Linear)
+            if is_linear and self.scheme == "static":
+                self.ranges[name] = torch.tensor([float("inf"), float("-inf")])
+            pre = self._linear_pre_hook(name) if is_linear else self._embedding_pre_hook
+            self._hooks.append(module.register_forward_pre_hook(pre))
+            self._hooks.append(module.register_forward_hook(_unshadow, always_call=True))
+
+    def _embedding_pre_hook(self, module: nn.Module, args: tuple) -> None:
+        module.__dict__["weight"] = fake_quant_weight(module._parameters["weight"])
+
+    def _linear_pre_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> tuple:
+            x = args[0]  # (..., K)
+            module.__dict__["weight"] = fake_quant_weight(module._parameters["weight"])
+            if self.scheme == "dynamic":
+                scale, zp = dynamic_qparams(x)  # (..., 1)
+            else:
+                scale, zp = self._static_qparams(name, x, observe=module.training or self.calibrating)
+            return (fake_quant_activation(x, scale, zp), *args[1:])
+
+        return hook
+
+    def _static_qparams(self, name: str, x: torch.Tensor, observe: bool):
+        r = self.ranges[name]
+        if observe:
+            batch = torch.stack((x.detach().min(), x.detach().max())).float().cpu()
+            if self.calibrating or not torch.isfinite(r).all():
+                r = torch.stack((torch.minimum(r[0], batch[0]), torch.maximum(r[1], batch[1])))
+            else:
+                r = torch.lerp(r, batch, RANGE_MOMENTUM)
+            self.ranges[name] = r
+        elif not torch.isfinite(r).all():
+            raise RuntimeError(f"{name}: static activation range never observed")
+        scale, zp = activation_qparams(r[0], r[1])
+        return scale.to(x.device), zp.to(x.device)
+
+    def detach(self) -> None:
+        """Remove every hook; the model computes in float again, parameters untouched."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.act_range": r.clone() for name, r in self.ranges.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise UserError(
+                f"quantization state does not match the model (missing {missing[:3]}, "
+                f"unexpected {extra[:3]}); was it written with another [quant] scheme?"
+            )
+        for key, value in state.items():
+            self.ranges[key.removesuffix(".act_range")] = value.detach().float().cpu().clone()
+
+
+def _unshadow(module: nn.Module, args: tuple, output) -> None:
+    module.__dict__.pop("weight", None)
+
+
+def attach(model: nn.Module, cfg: QuantConfig) -> QATHandle:
+    """Start fake-quantizing `model` as `cfg` says; returns the handle that detaches and holds state."""
+    return QATHandle(model, cfg)
+
+
+# --- persistence ----------------------------------------------------------------------------------
+
+
+def save_state(handle: QATHandle, path: str | Path) -> None:
+    """Write the handle's state (safetensors, atomically), with the scheme in the metadata."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = handle.state_dict() or {"_empty": torch.zeros(0)}  # safetensors wants a tensor
+    save_file(tensors, str(tmp), metadata={"format": STATE_FORMAT, "scheme": handle.scheme})
+    os.replace(tmp, path)
+
+
+def load_state(path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """(scheme, state) from a file written by save_state; a damaged file is a UserError."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != STATE_FORMAT:
+            raise UserError(f"{path}: not an edgecraft quantization state file")
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path}: damaged quantization state ({err})") from None
+    state.pop("_empty", None)
+    return meta.get("scheme", "dynamic"), state
