@@ -182,14 +182,19 @@ def bench(
     batch: Annotated[int, typer.Option(min=1)] = 1,
     prompt_len: Annotated[int, typer.Option(min=1)] = 64,
     new_tokens: Annotated[int, typer.Option(min=1)] = 200,
-    runs: Annotated[int, typer.Option(min=1)] = 5,
+    runs: Annotated[int, typer.Option(min=1, help="Measured repetitions per row.")] = 5,
+    warmup: Annotated[int, typer.Option(min=0, help="Unmeasured repetitions before them.")] = 1,
     text: Annotated[Optional[Path], typer.Option(help="Text for perplexity (default: validation split).")] = None,
+    ppl_tokens: Annotated[int, typer.Option(min=0, help="Score at most N tokens of it (0 = all).")] = 16384,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results as JSON.")] = None,
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write results as CSV.")] = None,
     markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write a markdown table.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG chart.")] = None,
 ) -> None:
-    """Measure load time, prefill/decode tokens/s, latency, memory, size and perplexity."""
+    """Measure load time, prefill/decode tokens/s, latency, memory, size and perplexity.
+
+    Each row (path x precision x thread count) runs in a process of its own, one after the other.
+    """
     from edgecraft.bench import BenchOptions, run_bench
 
     try:
@@ -198,7 +203,7 @@ def bench(
         raise UserError(f"--threads {threads!r}: expected integers like 1 or 1,2") from None
     options = BenchOptions(
         device=device, threads=thread_list, batch=batch, prompt_len=prompt_len,
-        new_tokens=new_tokens, runs=runs, text=text,
+        new_tokens=new_tokens, runs=runs, text=text, warmup=warmup, ppl_tokens=ppl_tokens,
     )
     run_bench(paths, options, json_out=json_out, csv_out=csv_out, markdown_out=markdown_out, plot=plot)
 

@@ -1,0 +1,436 @@
+"""edgecraft against the tools people would use instead, on the same weights, side by side.
+
+    python benchmarks/peers.py --run runs/char-1m [--bundle export/char-1m] [--peer-python PY]
+    python benchmarks/peers.py --corpus data.txt          # trains recipes/char-1m.toml briefly first
+
+Rows, all greedy, all with a KV cache, all from the SAME trained edgecraft run:
+- edgecraft fp32 / int8: the bundle's model.onnx / model.int8.onnx through edgecraft's engine;
+- transformers: GPT2LMHeadModel with the same shape (exact GELU, LayerNorm eps 1e-5) and the run's
+  weights, `generate` in PyTorch eager;
+- optimum fp32 / int8: that GPT-2 exported by optimum (ORTModelForCausalLM), and the export
+  quantized by onnxruntime's `quantize_dynamic` (QInt8 weights, per tensor).
+Each (row, threads) runs in a process of its own; token ids go in and come out, so tokenization is
+excluded everywhere, and each peer's `generate()` overhead is part of what it costs to use it.
+Figures: time to first token after a P-token prompt, and tokens/s for N new tokens after a prompt
+(prefill included). Every row's greedy tokens are compared with edgecraft fp32's: same weights,
+same tokens, or the comparison is meaningless.
+
+transformers and optimum-onnx live in the `peers` extra; optimum-onnx pins transformers 4.x, so
+they may sit in a separate environment: point --peer-python at its interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+PEERS = ("transformers", "optimum-fp32", "optimum-int8")
+ORDER = ("edgecraft-fp32", "edgecraft-int8", *PEERS)
+
+# edgecraft parameter -> GPT-2 parameter (i = layer); Linear weights are transposed for Conv1D
+GPT2_NAMES = {
+    "tok_emb.weight": "transformer.wte.weight",
+    "pos_emb.weight": "transformer.wpe.weight",
+    "norm_f.weight": "transformer.ln_f.weight",
+    "norm_f.bias": "transformer.ln_f.bias",
+}
+GPT2_BLOCK = {  # suffix after blocks.i. -> (suffix after transformer.h.i., transpose)
+    "norm1.weight": ("ln_1.weight", False), "norm1.bias": ("ln_1.bias", False),
+    "attn.qkv.weight": ("attn.c_attn.weight", True), "attn.qkv.bias": ("attn.c_attn.bias", False),
+    "attn.proj.weight": ("attn.c_proj.weight", True), "attn.proj.bias": ("attn.c_proj.bias", False),
+    "norm2.weight": ("ln_2.weight", False), "norm2.bias": ("ln_2.bias", False),
+    "mlp.fc.weight": ("mlp.c_fc.weight", True), "mlp.fc.bias": ("mlp.c_fc.bias", False),
+    "mlp.proj.weight": ("mlp.c_proj.weight", True), "mlp.proj.bias": ("mlp.c_proj.bias", False),
+}
+
+
+# ---------------------------------------------------------------- peers' models (peer python)
+
+
+def gpt2_from_run(run_dir: Path):
+    """A GPT2LMHeadModel of the run's shape carrying the run's weights (a GPT-2-style recipe only)."""
+    import torch
+    from safetensors import safe_open
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    weights_path = run_dir / "model.safetensors"
+    with safe_open(str(weights_path), framework="pt") as f:
+        cfg = json.loads(f.metadata()["config"])
+        weights = {name: f.get_tensor(name) for name in f.keys()}
+    shape = {k: cfg.get(k) for k in ("norm", "pos", "mlp", "bias", "tie_embeddings")}
+    if shape != {"norm": "layernorm", "pos": "learned", "mlp": "gelu", "bias": True, "tie_embeddings": True}:
+        raise SystemExit(f"peers compare GPT-2-shaped models only; {weights_path} has {shape}")
+    config = GPT2Config(
+        vocab_size=cfg["vocab_size"], n_positions=cfg["block_size"], n_embd=cfg["d_model"],
+        n_layer=cfg["n_layers"], n_head=cfg["n_heads"], n_inner=cfg["d_ff"],
+        activation_function="gelu", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=0,
+    )
+    state = {}
+    for name, tensor in weights.items():
+        if name in GPT2_NAMES:
+            state[GPT2_NAMES[name]] = tensor
+        elif name.startswith("blocks."):
+            _, i, suffix = name.split(".", 2)
+            target, transpose = GPT2_BLOCK[suffix]
+            state[f"transformer.h.{i}.{target}"] = tensor.t().contiguous() if transpose else tensor
+    # tied: save_model stores the shared tensor once, under either name
+    emb = weights.get("tok_emb.weight", weights.get("head.weight"))
+    state["transformer.wte.weight"] = state["lm_head.weight"] = emb
+    model = GPT2LMHeadModel(config).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith(".attn.bias") and not m.endswith("masked_bias")]
+    if missing or unexpected:
+        raise SystemExit(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():  # the tied head must really be the embedding
+        model.lm_head.weight = model.transformer.wte.weight
+    return model
+
+
+def prepare_peers(run_dir: Path, work: Path, probe: list[int]) -> dict:
+    """Write work/hf (GPT-2), work/optimum-fp32 and work/optimum-int8; check the GPT-2 against the run."""
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from edgecraft.checkpoint import load_model
+
+    model = gpt2_from_run(run_dir)
+    ids = torch.tensor([probe])
+    with torch.no_grad():
+        ours = load_model(run_dir / "model.safetensors")(ids)[0]
+        theirs = model(ids).logits
+    diff = float((ours - theirs).abs().max())
+    if diff > 1e-3:
+        raise SystemExit(f"GPT-2 built from {run_dir} disagrees with edgecraft: max |logit diff| {diff:.2e}")
+    shutil.rmtree(work, ignore_errors=True)
+    model.save_pretrained(work / "hf")
+    ORTModelForCausalLM.from_pretrained(work / "hf", export=True, use_cache=True).save_pretrained(work / "optimum-fp32")
+    shutil.copytree(work / "optimum-fp32", work / "optimum-int8", ignore=shutil.ignore_patterns("*.onnx*"))
+    quantize_dynamic(
+        work / "optimum-fp32" / "model.onnx", work / "optimum-int8" / "model.onnx",
+        weight_type=QuantType.QInt8, per_channel=False,
+    )
+    return {"max_abs_logit_diff_gpt2_vs_edgecraft": diff}
+
+
+# ---------------------------------------------------------------- generators (one per row kind)
+
+
+class EdgecraftGen:
+    """Greedy decoding through edgecraft's engine: prefill, then one-token decode steps."""
+
+    def __init__(self, bundle: Path, int8: bool, threads: int) -> None:
+        from edgecraft.runtime import load
+
+        self.engine = load(bundle, int8=int8, threads=threads).engine
+
+    def generate(self, prompt: np.ndarray, n: int) -> np.ndarray:
+        B = prompt.shape[0]
+        self.engine.reset(B)
+        tok = self.engine.prefill(prompt)[:, -1].argmax(-1)  # (B,)
+        out = np.empty((B, n), dtype=np.int64)  # (B, n)
+        out[:, 0] = tok
+        for i in range(1, n):
+            tok = self.engine.decode(tok).argmax(-1)
+            out[:, i] = tok
+        return out
+
+
+class HFGen:
+    """`generate()` of a transformers or optimum causal LM, greedy, KV cache on, exactly n tokens."""
+
+    def __init__(self, kind: str, work: Path, threads: int) -> None:
+        import torch
+
+        self.torch = torch
+        torch.set_num_threads(threads)
+        if kind == "transformers":
+            from transformers import GPT2LMHeadModel
+
+            self.model = GPT2LMHeadModel.from_pretrained(work / "hf").eval()
+        else:
+            import onnxruntime as ort
+            from optimum.onnxruntime import ORTModelForCausalLM
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            self.model = ORTModelForCausalLM.from_pretrained(
+                work / kind, use_cache=True, use_io_binding=False, session_options=so,
+            )
+
+    def generate(self, prompt: np.ndarray, n: int) -> np.ndarray:
+        ids = self.torch.from_numpy(prompt)
+        with self.torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=n,
+                min_new_tokens=n, do_sample=False, num_beams=1, use_cache=True, pad_token_id=0,
+            )
+        return out[:, prompt.shape[1]:].numpy()
+
+
+def measure_row(spec: dict) -> dict:
+    """TTFT and generation speed of one (row, threads) for each batch size: warm-up, then runs."""
+    from edgecraft.bench_stats import summarize
+
+    threads = spec["threads"]
+    if spec["row"].startswith("edgecraft"):
+        gen = EdgecraftGen(Path(spec["bundle"]), spec["row"].endswith("int8"), threads)
+    else:
+        gen = HFGen(spec["row"], Path(spec["work"]), threads)
+    results = {}
+    for batch in spec["batches"]:
+        ttft_prompt = np.array(spec["prompts"][:batch], dtype=np.int64)[:, : spec["prompt_len"]]
+        gen_prompt = np.array(spec["prompts"][:batch], dtype=np.int64)[:, : spec["gen_prompt_len"]]
+        ttft, speed, tokens = [], [], None
+        for i in range(spec["warmup"] + spec["runs"]):
+            t0 = time.perf_counter()
+            gen.generate(ttft_prompt, 1)
+            t1 = time.perf_counter()
+            out = gen.generate(gen_prompt, spec["new_tokens"])
+            t2 = time.perf_counter()
+            if out.shape != (batch, spec["new_tokens"]):
+                raise SystemExit(f"{spec['row']}: produced {out.shape}, expected {(batch, spec['new_tokens'])}")
+            if i >= spec["warmup"]:
+                ttft.append((t1 - t0) * 1e3)
+                speed.append(out.size / (t2 - t1))
+                tokens = out
+        results[str(batch)] = {
+            "ttft_ms": summarize(ttft), "tok_s": summarize(speed), "tokens": tokens.tolist(),
+        }
+    return {"row": spec["row"], "threads": threads, "batches": results}
+
+
+# ---------------------------------------------------------------- the comparison (main python)
+
+
+def _child(python: str, args: list[str], payload: dict | None = None) -> dict:
+    """Run this script in `python` (a fresh process), return the JSON on its last stdout line."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [python, __file__, *args], input=json.dumps(payload or {}), capture_output=True, text=True, env=env,
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{' '.join(args[:2])} failed in {python} (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _edgecraft(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "edgecraft.cli", *args], check=True)
+
+
+def ensure_run_and_bundle(args) -> tuple[Path, Path]:
+    """The run to compare (trained briefly from --corpus when no --run is given) and its bundle
+    with model.onnx and model.int8.onnx (exported into the work dir when no --bundle is given)."""
+    run = args.run
+    if run is None:
+        if args.corpus is None:
+            raise SystemExit("give --run RUN_DIR, or --corpus FILE to train recipes/char-1m.toml briefly")
+        _edgecraft("train", str(REPO / "recipes" / "char-1m.toml"), "--set", f"data.source={args.corpus}",
+                   "--set", f"train.max_steps={args.steps}", "--runs-dir", str(args.work / "runs"), "--force")
+        run = args.work / "runs" / "char-1m"
+    bundle = args.bundle
+    if bundle is None:
+        bundle = args.work / "bundle"
+        _edgecraft("export", str(run), "--int8", "--out", str(bundle), "--force")
+    files = json.loads((bundle / "edgecraft.json").read_text())["files"]
+    if not {"model.onnx", "model.int8.onnx"} <= set(files):
+        raise SystemExit(f"{bundle} needs model.onnx and model.int8.onnx (edgecraft export RUN --int8)")
+    return run, bundle
+
+
+def prompts(run: Path, batch: int, length: int) -> list[list[int]]:
+    """`batch` prompts of `length` tokens: consecutive slices of the run's validation text."""
+    from tokenizers import Tokenizer
+
+    from edgecraft.bench import _validation_text
+
+    text = _validation_text(run, batch * length * 4) or ""
+    ids = Tokenizer.from_file(str(run / "tokenizer.json")).encode(text).ids
+    if len(ids) < batch * length:
+        raise SystemExit(f"{run}: validation split too short for {batch} prompts of {length} tokens")
+    return np.array(ids[: batch * length]).reshape(batch, length).tolist()
+
+
+def _agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    """How far two rows' greedy tokens agree: identical sequences, and the shortest common prefix."""
+    prefixes = []
+    for x, y in zip(a, b):
+        prefixes.append(next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), len(x)))
+    return {"identical": sum(p == len(x) for p, x in zip(prefixes, a)), "of": len(a), "min_prefix": min(prefixes)}
+
+
+def compare(results: list[dict]) -> list[dict]:
+    """Flat lines (row, threads, batch) with ratios and greedy agreement against edgecraft fp32."""
+    base = {(r["threads"], b): v for r in results if r["row"] == "edgecraft-fp32" for b, v in r["batches"].items()}
+    lines = []
+    for r in sorted(results, key=lambda r: (r["threads"], ORDER.index(r["row"]))):
+        for batch, v in r["batches"].items():
+            ref = base[(r["threads"], batch)]
+            lines.append({
+                "row": r["row"], "threads": r["threads"], "batch": int(batch),
+                "ttft_ms": v["ttft_ms"], "tok_s": v["tok_s"],
+                "edgecraft_fp32_speedup": ref["tok_s"]["median"] / v["tok_s"]["median"],
+                "greedy_vs_edgecraft_fp32": _agreement(v["tokens"], ref["tokens"]),
+            })
+    return sorted(lines, key=lambda x: (x["batch"], x["threads"], ORDER.index(x["row"])))
+
+
+def targets(lines: list[dict]) -> list[dict]:
+    """The issue's targets, each with the measured number and met / missed."""
+    def med(row: str, threads: int, batch: int) -> float:
+        return next(x["tok_s"]["median"] for x in lines if (x["row"], x["threads"], x["batch"]) == (row, threads, batch))
+
+    out = [
+        ("edgecraft fp32 >= 5x optimum fp32 (batch 1, 1 thread)", med("edgecraft-fp32", 1, 1) / med("optimum-fp32", 1, 1), 5.0),
+        ("edgecraft fp32 >= 10x transformers eager (batch 1, 1 thread)", med("edgecraft-fp32", 1, 1) / med("transformers", 1, 1), 10.0),
+        ("edgecraft int8 >= edgecraft fp32 (batch 1, 1 thread)", med("edgecraft-int8", 1, 1) / med("edgecraft-fp32", 1, 1), 1.0),
+    ]
+    for threads in sorted({x["threads"] for x in lines}):
+        if any(x["batch"] == 16 for x in lines):
+            ratio = med("edgecraft-fp32", threads, 16) / med("optimum-fp32", threads, 16)
+            out.append((f"edgecraft fp32 >= 3x optimum fp32 (batch 16, {threads} thread(s))", ratio, 3.0))
+    return [{"target": t, "ratio": r, "needed": n, "met": r >= n} for t, r, n in out]
+
+
+def markdown(report: dict) -> str:
+    from edgecraft.bench_system import describe
+
+    s = report["settings"]
+    out = [
+        f"Machine: {describe(report['machine'])}".replace("\n", "  \n"), "",
+        f"Model: {report['model']}. Greedy, KV cache on everywhere; token ids in and out (no tokenization). "
+        f"TTFT: `generate` of 1 token after a {s['prompt_len']}-token prompt. tok/s: {s['new_tokens']} new tokens "
+        f"after a {s['gen_prompt_len']}-token prompt, prefill included, median [min–max] of {s['runs']} runs "
+        f"after {s['warmup']} warm-up. Each (row, threads) in its own process.", "",
+        "| batch | threads | row | TTFT ms | tok/s median [min–max] | edgecraft fp32 ÷ row | greedy = edgecraft fp32 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for x in report["lines"]:
+        t, g = x["tok_s"], x["greedy_vs_edgecraft_fp32"]
+        agree = "all" if g["identical"] == g["of"] else f"{g['identical']}/{g['of']} seqs (first diff at token {g['min_prefix']})"
+        out.append(
+            f"| {x['batch']} | {x['threads']} | {x['row']} | {x['ttft_ms']['median']:.2f} | "
+            f"{t['median']:,.0f} [{t['min']:,.0f}–{t['max']:,.0f}] | {x['edgecraft_fp32_speedup']:.2f}× | {agree} |"
+        )
+    out += ["", "| target | measured | result |", "|---|---|---|"]
+    out += [f"| {t['target']} | {t['ratio']:.2f}× | {'met' if t['met'] else 'MISSED'} |" for t in report["targets"]]
+    return "\n".join(out) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(x["batch"], x["threads"]) for x in report["lines"]})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 4), squeeze=False)
+    for ax, (batch, threads) in zip(axes[0], groups):
+        lines = [x for x in report["lines"] if (x["batch"], x["threads"]) == (batch, threads)]
+        med = [x["tok_s"]["median"] for x in lines]
+        ax.bar(range(len(lines)), med, color=["#c44e52" if x["row"].startswith("edgecraft") else "#8c8c8c" for x in lines])
+        ax.set_xticks(range(len(lines)), [x["row"] for x in lines], rotation=45, ha="right")
+        ax.set_title(f"batch {batch}, {threads} thread(s): tokens/s")
+        for i, m in enumerate(med):
+            ax.annotate(f"{m:,.0f}", (i, m), ha="center", va="bottom", fontsize=8)
+    fig.suptitle(f"{report['model']} — {report['machine']['cpu']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", type=Path, help="A trained edgecraft run (GPT-2-style recipe).")
+    parser.add_argument("--corpus", type=Path, help="Without --run: train recipes/char-1m.toml on this first.")
+    parser.add_argument("--steps", type=int, default=300, help="Training steps with --corpus.")
+    parser.add_argument("--bundle", type=Path, help="The run's bundle with fp32 and int8 (default: export it).")
+    parser.add_argument("--peer-python", default=sys.executable, help="Python with transformers and optimum-onnx.")
+    parser.add_argument("--threads", default=f"1,{os.cpu_count()}")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rows", default=",".join(ORDER), help="Subset of rows to measure.")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgecraft-peers")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="Where peers.{md,json,png} go.")
+    args = parser.parse_args()
+    from edgecraft.bench_system import system_info
+    from edgecraft.checkpoint import read_config
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    run, bundle = ensure_run_and_bundle(args)
+    cfg = read_config(run / "model.safetensors")
+    threads = [int(t) for t in args.threads.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = [r for r in args.rows.split(",") if r]
+    # a learned-position model holds block_size positions: the generation prompt shrinks to fit
+    gen_prompt_len = min(args.prompt_len, cfg.block_size - args.new_tokens)
+    all_prompts = prompts(run, max(batches), args.prompt_len)
+    if any(r in PEERS for r in rows):
+        check = _child(args.peer_python, ["--prepare", str(run), str(args.work / "peers")], {"probe": all_prompts[0]})
+        print(f"peers prepared: GPT-2 vs edgecraft max |logit diff| {check['max_abs_logit_diff_gpt2_vs_edgecraft']:.2e}", file=sys.stderr)
+    results = []
+    for t in threads:
+        for row in rows:
+            spec = {
+                "row": row, "threads": t, "batches": batches, "bundle": str(bundle), "work": str(args.work / "peers"),
+                "prompts": all_prompts, "prompt_len": args.prompt_len, "gen_prompt_len": gen_prompt_len,
+                "new_tokens": args.new_tokens, "runs": args.runs, "warmup": args.warmup,
+            }
+            print(f"measuring {row} at {t} thread(s) ...", file=sys.stderr)
+            results.append(_child(sys.executable if row.startswith("edgecraft") else args.peer_python, ["--row"], spec))
+    lines = compare(results)
+    report = {
+        "format": "edgecraft-peers/1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": system_info(),
+        "peer_libraries": _child(args.peer_python, ["--versions"]),
+        "model": f"{run.name}: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}, "
+                 f"context {cfg.block_size}, vocab {cfg.vocab_size}",
+        "settings": {"prompt_len": args.prompt_len, "gen_prompt_len": gen_prompt_len, "new_tokens": args.new_tokens,
+                     "runs": args.runs, "warmup": args.warmup, "threads": threads, "batches": batches},
+        "lines": lines,
+        "targets": targets(lines) if set(ORDER) <= set(rows) else [],
+        "raw": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "peers.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "peers.md").write_text(markdown(report))
+    plot(report, args.out / "peers.png")
+    print(markdown(report))
+
+
+def _versions() -> dict:
+    from edgecraft.bench_system import library_versions
+
+    return library_versions()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in ("--row", "--prepare", "--versions"):
+        payload = json.loads(sys.stdin.read() or "{}")
+        out, sys.stdout = sys.stdout, sys.stderr  # libraries' prints must not corrupt the JSON line
+        if sys.argv[1] == "--row":
+            result = measure_row(payload)
+        elif sys.argv[1] == "--prepare":
+            result = prepare_peers(Path(sys.argv[2]), Path(sys.argv[3]), payload["probe"])
+        else:
+            result = _versions()
+        out.write(json.dumps(result) + "\n")
+    else:
+        main()

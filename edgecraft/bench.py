@@ -1,0 +1,221 @@
+"""`edgecraft bench`: measure bundles and runs side by side, each row in a process of its own.
+
+A row is one (path, precision, thread count): a bundle gives an fp32 row and/or an int8 row (its
+model.onnx / model.int8.onnx), a run directory gives a PyTorch eager row. Rows run one after the
+other, each in a fresh `python -m edgecraft.bench_worker` (spec in, JSON out), so one row's memory
+and thread pools never disturb the next and peak memory is per row. Quality is measured on the same
+text for every row, so a speed-up can never hide a quality loss.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edgecraft.bench_report import write_outputs
+from edgecraft.bench_system import system_info
+from edgecraft.errors import UserError
+
+FORMAT = "edgecraft-bench/1"
+
+NOTES = (
+    "pp P: prefill of P prompt tokens per sequence into an empty KV cache; tokens/s = batch * P / time.",
+    "tg N: N one-token decode steps per sequence after a one-token context, greedy argmax (numpy) included; "
+    "tokens/s = batch * N / time, counting the tokens actually produced.",
+    "Both run the model through the engine directly: tokenization, detokenization and sampling are excluded.",
+    "TTFT: prefill of P tokens plus the argmax that picks the first new token.",
+    "Latency p50/p95/p99: one decode step, which yields one token for each of the batch's sequences.",
+    "Load: opening the bundle (sha256 checks, session creation) or the run (weights, model build); "
+    "library import time is recorded apart (import_s).",
+    "Peak RSS: the row's own process (Python, libraries, model, timed runs), before the perplexity pass.",
+    "Perplexity: exp(mean next-token loss) over non-overlapping block_size windows of the quality text, "
+    "each row with its own tokenizer.",
+    "Speeds: mean ± stddev and median [min-max] over the measured runs, after the warm-up runs.",
+)
+
+
+@dataclass
+class BenchOptions:
+    """What to measure; one row per (path, precision, thread count)."""
+
+    device: str = "cpu"
+    threads: list[int] = field(default_factory=lambda: [1])
+    batch: int = 1
+    prompt_len: int = 64
+    new_tokens: int = 200
+    runs: int = 5
+    text: Path | None = None
+    warmup: int = 1
+    ppl_tokens: int = 16384  # quality is scored on at most this many tokens (0 = all)
+    seed: int = 0
+
+
+def _check(options: BenchOptions) -> None:
+    if options.device not in ("cpu", "cuda"):
+        raise UserError(f"--device {options.device!r}: expected cpu or cuda")
+    if not options.threads or any(t < 0 for t in options.threads):
+        raise UserError(f"--threads {options.threads}: expected counts >= 0 (0 = the runtime's default)")
+    for name in ("batch", "prompt_len", "new_tokens", "runs"):
+        if getattr(options, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
+    if options.warmup < 0 or options.ppl_tokens < 0:
+        raise UserError("--warmup and --ppl-tokens must be >= 0")
+
+
+def _kind(path: Path) -> str:
+    """'bundle' or 'run'; a UserError for anything else."""
+    if not path.exists():
+        raise UserError(f"{path}: no such bundle or run directory")
+    if (path / "edgecraft.json").is_file():
+        return "bundle"
+    if (path / "model.safetensors").is_file() or (path / "recipe.toml").is_file():
+        return "run"
+    raise UserError(f"{path}: neither a bundle (no edgecraft.json) nor a run directory (no model.safetensors)")
+
+
+def _bundle_models(path: Path) -> list[bool]:
+    """The precisions a bundle holds, as int8 flags: [False] fp32, [True] int8, or both."""
+    try:
+        files = json.loads((path / "edgecraft.json").read_text(encoding="utf-8")).get("files", {})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path / 'edgecraft.json'}: damaged manifest ({err})") from None
+    flags = [name == "model.int8.onnx" for name in ("model.onnx", "model.int8.onnx") if name in files]
+    if not flags:
+        raise UserError(f"{path}: the bundle holds no model.onnx or model.int8.onnx")
+    return flags
+
+
+def row_specs(paths: list[Path], options: BenchOptions, eval_text: Path | None) -> list[dict]:
+    """One spec per row, in the order they are measured; validates every path first."""
+    specs = []
+    common = {k: v for k, v in asdict(options).items() if k not in ("threads", "text")}
+    for path in paths:
+        kind = _kind(path)
+        variants = [("onnx", i8) for i8 in _bundle_models(path)] if kind == "bundle" else [("torch", False)]
+        for backend, int8 in variants:
+            for threads in options.threads:
+                specs.append({
+                    **common, "name": path.resolve().name, "path": str(path), "kind": backend,
+                    "int8": int8, "precision": "int8" if int8 else "fp32", "threads": threads,
+                    "eval_text": str(eval_text) if eval_text else None,
+                })
+    return specs
+
+
+def _validation_text(run_dir: Path, max_tokens: int) -> str | None:
+    """The run's validation split (the last val_fraction of its token stream) as text, or None when
+    it cannot be had here (the training extra is missing or the corpus moved)."""
+    try:
+        from edgecraft.data import prepare
+        from edgecraft.recipe import load_recipe
+    except ImportError:
+        return None
+    try:
+        recipe = load_recipe(run_dir / "recipe.toml", [])
+        data = prepare(recipe.data, recipe.model.block_size)
+    except UserError:
+        return None
+    ids = data.val if max_tokens == 0 else data.val[: max_tokens + 1]
+    return data.tokenizer.decode([int(i) for i in ids])
+
+
+def quality_text(paths: list[Path], options: BenchOptions) -> tuple[str | None, str]:
+    """(text, where it came from): --text, else the first run directory's validation split."""
+    if options.text is not None:
+        try:
+            return options.text.read_text(encoding="utf-8"), str(options.text)
+        except FileNotFoundError:
+            raise UserError(f"--text {options.text}: no such file") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"--text {options.text}: not readable UTF-8 text ({err})") from None
+    for path in paths:
+        if _kind(path) == "run" and (text := _validation_text(path, options.ppl_tokens)):
+            return text, f"validation split of {path}"
+    return None, "none (pass --text FILE, or bench a run directory, to measure perplexity)"
+
+
+def run_worker(spec: dict) -> dict:
+    """Measure one row in a fresh interpreter; a crash becomes an error row, a user error is raised."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgecraft.bench_worker"], input=json.dumps(spec),
+        capture_output=True, text=True,
+    )
+    lines = proc.stdout.strip().splitlines()
+    try:
+        row = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        return {**spec, "status": "error", "error": f"worker failed: {why}"}
+    if row["status"] == "error" and row.get("exit_code"):
+        raise UserError(f"{spec['path']}: {row['error']}", row["exit_code"])
+    return row
+
+
+def _greedy_agreement(rows: list[dict]) -> None:
+    """Mark each int8 row with how many greedy tokens it shares with its fp32 twin (same path/threads)."""
+    fp32 = {(r["path"], r["threads"]): r for r in rows if r["status"] == "ok" and not r["int8"]}
+    for row in rows:
+        twin = fp32.get((row["path"], row["threads"]))
+        if row["status"] == "ok" and row["int8"] and twin:
+            a, b = row["greedy_tokens"], twin["greedy_tokens"]
+            same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            row["greedy_prefix_match_fp32"] = {"tokens": same, "of": min(len(a), len(b))}
+
+
+def run_bench(
+    paths: list[Path],
+    options: BenchOptions,
+    json_out: Path | None = None,
+    csv_out: Path | None = None,
+    markdown_out: Path | None = None,
+    plot: Path | None = None,
+) -> dict:
+    """Measure every row, print the tables, write the requested files; returns the report dict."""
+    from rich.console import Console
+
+    _check(options)
+    if not paths:
+        raise UserError("give at least one bundle or run directory")
+    if plot is not None:
+        from edgecraft.bench_report import require_matplotlib
+
+        require_matplotlib()
+    err = Console(stderr=True)
+    for path in paths:
+        _kind(path)
+    text, text_source = quality_text(paths, options)
+    with tempfile.TemporaryDirectory(prefix="edgecraft-bench-") as tmp:
+        eval_path = None
+        if text is not None:
+            eval_path = Path(tmp) / "quality.txt"
+            eval_path.write_text(text, encoding="utf-8")
+        specs = row_specs(paths, options, eval_path)
+        rows = []
+        for i, spec in enumerate(specs, 1):
+            label = f"{spec['name']} {spec['precision']} {spec['threads']}t"
+            with err.status(f"[{i}/{len(specs)}] measuring {label} ..."):
+                row = run_worker(spec)
+            row.pop("eval_text")  # a temporary file, gone with this directory
+            rows.append(row)
+    _greedy_agreement(rows)
+    report = {
+        "format": FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": system_info(),
+        "options": {**asdict(options), "text": str(options.text) if options.text else None},
+        "quality_text": text_source,
+        "notes": list(NOTES),
+        "rows": rows,
+    }
+    write_outputs(report, Console(), json_out=json_out, csv_out=csv_out, markdown_out=markdown_out, plot=plot)
+    failed = [r for r in rows if r["status"] == "error"]
+    if failed:
+        raise UserError(f"{len(failed)} row(s) failed: {failed[0]['error']}", exit_code=1)
+    if all(r["status"] == "skipped" for r in rows):
+        raise UserError(f"no row could run: {rows[0]['reason']}")
+    return report

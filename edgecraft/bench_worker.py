@@ -1,0 +1,272 @@
+"""One benchmark row, measured in a process of its own: `python -m edgecraft.bench_worker`.
+
+Reads a row spec (JSON) on stdin, writes one JSON result on stdout. A fresh process per row means
+one row's memory, thread pools and caches never disturb the next, and the peak resident memory
+(getrusage's ru_maxrss) is this row's alone.
+
+Both backends are driven through the same three calls — reset(B), prefill(ids (B, S)) -> logits
+(B, S, V), decode(ids (B,)) -> logits (B, V) — with greedy argmax in numpy, so the figures count
+the model's forward passes and the KV cache, and exclude tokenization and sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgecraft.bench_stats import percentiles, rates, summarize
+from edgecraft.errors import UserError
+from edgecraft.runtime.bundle import BundleError
+
+
+class Skip(Exception):
+    """The row cannot run here (e.g. no CUDA in this build); reported as a skipped row."""
+
+
+class TorchEngine:
+    """A PyTorch eager GPT behind the runtime Engine's reset/prefill/decode calls (numpy in and out)."""
+
+    def __init__(self, model, device: str) -> None:
+        import torch
+
+        self.torch = torch
+        self.model = model
+        self.device = device
+        self.block_size = model.cfg.block_size
+        self.vocab_size = model.cfg.vocab_size
+        self.cache = None
+
+    def reset(self, batch: int) -> None:
+        self.cache = None
+
+    def prefill(self, ids: np.ndarray, lengths=None) -> np.ndarray:
+        with self.torch.inference_mode():
+            idx = self.torch.from_numpy(ids).to(self.device)  # (B, S)
+            logits, _, self.cache = self.model(idx)  # (B, S, V)
+            return logits.float().cpu().numpy()
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            idx = self.torch.from_numpy(ids).to(self.device)[:, None]  # (B, 1)
+            logits, _, self.cache = self.model(idx, cache=self.cache)  # (B, 1, V)
+            return logits[:, -1].float().cpu().numpy()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _rss_mb() -> float:
+    """Current resident memory of this process, from /proc (0 where unavailable)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * resource.getpagesize() / 2**20
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if platform.system() == "Darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def load_onnx(spec: dict) -> tuple[object, object, dict]:
+    """(engine, tokenizer, facts) for a bundle row, through edgecraft.runtime."""
+    start = time.perf_counter()
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from edgecraft.runtime import load
+
+    import_s, rss_baseline = time.perf_counter() - start, _rss_mb()
+    if spec["device"] == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise Skip(
+            f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider "
+            f"(providers: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu"
+        )
+    path = Path(spec["path"])
+    start = time.perf_counter()
+    model = load(path, int8=spec["int8"], threads=spec["threads"], device=spec["device"])
+    load_s = time.perf_counter() - start
+    onnx = path / ("model.int8.onnx" if spec["int8"] else "model.onnx")
+    files = [onnx, *path.glob(onnx.name + ".data")]  # external weights, if the exporter wrote any
+    meta = json.loads((path / "edgecraft.json").read_text())
+    facts = {
+        "backend": f"onnxruntime {ort.__version__}",
+        "import_s": import_s,
+        "rss_after_import_mb": rss_baseline,
+        "load_s": load_s,
+        "file": onnx.name,
+        "file_bytes": sum(f.stat().st_size for f in files),
+        "params": meta.get("params") or meta.get("num_params"),
+        "threads_used": model.engine.threads,
+    }
+    return model.engine, Tokenizer.from_file(str(path / "tokenizer.json")), facts
+
+
+def load_torch(spec: dict) -> tuple[object, object, dict]:
+    """(engine, tokenizer, facts) for a run directory row: the trained model in PyTorch eager."""
+    start = time.perf_counter()
+    import torch
+
+    from edgecraft.rundir import load_run
+
+    import_s, rss_baseline = time.perf_counter() - start, _rss_mb()
+    if spec["device"] == "cuda" and not torch.cuda.is_available():
+        raise Skip(f"torch {torch.__version__} here cannot use CUDA (a CPU-only build or no GPU)")
+    if spec["threads"] > 0:
+        torch.set_num_threads(spec["threads"])
+    start = time.perf_counter()
+    model, tokenizer, _ = load_run(Path(spec["path"]))
+    model = model.to(spec["device"]).eval()
+    load_s = time.perf_counter() - start
+    weights = Path(spec["path"]) / "model.safetensors"
+    facts = {
+        "backend": f"torch {torch.__version__} eager",
+        "import_s": import_s,
+        "rss_after_import_mb": rss_baseline,
+        "load_s": load_s,
+        "file": weights.name,
+        "file_bytes": weights.stat().st_size,
+        "params": model.num_params(),
+        "threads_used": torch.get_num_threads(),
+    }
+    return TorchEngine(model, spec["device"]), tokenizer, facts
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def run_once(engine, prompt: np.ndarray, new_tokens: int) -> dict:
+    """One repetition: pp (prefill the prompt, then the first argmax = time to first token) and
+    tg (new_tokens single-token decode steps from a one-token context, each timed)."""
+    B, P = prompt.shape
+    engine.reset(B)
+    t0 = time.perf_counter()
+    logits = engine.prefill(prompt)  # (B, P, V)
+    t1 = time.perf_counter()
+    first = logits[:, -1].argmax(-1)  # (B,)
+    t2 = time.perf_counter()
+    if logits.shape[:2] != (B, P) or not np.isfinite(logits[:, -1]).all():
+        raise RuntimeError(f"prefill returned logits of shape {logits.shape} or non-finite values")
+
+    engine.reset(B)
+    nxt = engine.prefill(prompt[:, :1])[:, -1].argmax(-1)  # (B,)
+    tokens = np.empty((B, new_tokens), dtype=np.int64)  # (B, N) what greedy decoding produced
+    steps = []
+    for i in range(new_tokens):
+        s = time.perf_counter()
+        logits = engine.decode(nxt)  # (B, V)
+        nxt = logits.argmax(-1)  # (B,)
+        steps.append(time.perf_counter() - s)
+        if logits.shape[0] != B or not np.isfinite(logits).all():
+            raise RuntimeError(f"decode step {i} returned logits of shape {logits.shape} or non-finite values")
+        tokens[:, i] = nxt
+    return {"prefill_s": t1 - t0, "ttft_s": t2 - t0, "step_s": steps, "tokens": tokens, "first": first}
+
+
+def measure(engine, prompt: np.ndarray, new_tokens: int, warmup: int, runs: int) -> dict:
+    """Warm-up repetitions (discarded), then `runs` measured ones, summarized."""
+    B, P = prompt.shape
+    vocab = engine.vocab_size
+    for _ in range(warmup):
+        run_once(engine, prompt, new_tokens)
+    results = [run_once(engine, prompt, new_tokens) for _ in range(runs)]
+    produced = sum(r["tokens"].size for r in results)
+    in_vocab = all(((r["tokens"] >= 0) & (r["tokens"] < vocab)).all() for r in results)
+    same = all(np.array_equal(r["tokens"], results[0]["tokens"]) for r in results)
+    prefill_s = [r["prefill_s"] for r in results]
+    decode_s = [sum(r["step_s"]) for r in results]
+    steps_ms = [s * 1e3 for r in results for s in r["step_s"]]
+    return {
+        "prefill": {
+            "test": f"pp{P}", "tokens_per_run": B * P,
+            "tok_s": summarize(rates(B * P, prefill_s)), "seconds": summarize(prefill_s),
+        },
+        "decode": {
+            "test": f"tg{new_tokens}", "tokens_per_run": B * new_tokens,
+            "tok_s": summarize(rates([r["tokens"].size for r in results], decode_s)),
+            "seconds": summarize(decode_s),
+        },
+        "ttft_ms": summarize([r["ttft_s"] * 1e3 for r in results]),
+        "step_latency_ms": {**percentiles(steps_ms), "mean": float(np.mean(steps_ms))},
+        "checks": {
+            "tokens_produced": produced,
+            "tokens_expected": runs * B * new_tokens,
+            "all_in_vocab": bool(in_vocab),
+            "same_tokens_every_run": bool(same),
+            "ok": produced == runs * B * new_tokens and bool(in_vocab) and bool(same),
+        },
+        "greedy_tokens": results[0]["tokens"][0, :64].tolist(),
+    }
+
+
+def perplexity(engine, ids: np.ndarray, max_tokens: int) -> dict:
+    """Mean next-token loss over non-overlapping windows of block_size, each from an empty cache."""
+    block = engine.block_size
+    ids = ids[: max_tokens + 1]
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, block):
+        y = ids[start + 1 : start + block + 1]  # (T,) targets
+        x = ids[start : start + len(y)]  # (T,) inputs
+        engine.reset(1)
+        logits = engine.prefill(x[None]).astype(np.float64)[0]  # (T, V)
+        m = logits.max(-1, keepdims=True)
+        logz = m[:, 0] + np.log(np.exp(logits - m).sum(-1))  # (T,)
+        nll += float((logz - logits[np.arange(len(y)), y]).sum())
+        count += len(y)
+    loss = nll / count
+    return {"loss": loss, "ppl": float(np.exp(loss)), "tokens": count}
+
+
+def prompt_ids(eval_ids: np.ndarray | None, batch: int, length: int, vocab: int, seed: int) -> np.ndarray:
+    """(B, P) prompts: consecutive slices of the evaluation text when it is long enough, else
+    seeded random token ids (the speed of a forward pass does not depend on which ids it sees)."""
+    if eval_ids is not None and len(eval_ids) >= batch * length:
+        return eval_ids[: batch * length].reshape(batch, length).astype(np.int64)
+    return np.random.default_rng(seed).integers(0, vocab, size=(batch, length), dtype=np.int64)
+
+
+def run_row(spec: dict) -> dict:
+    """Measure one row as described by `spec` (see edgecraft.bench.row_specs)."""
+    loader = load_torch if spec["kind"] == "torch" else load_onnx
+    engine, tokenizer, facts = loader(spec)
+    block, vocab = engine.block_size, engine.vocab_size
+    if spec["prompt_len"] > block:
+        raise UserError(f"--prompt-len {spec['prompt_len']} exceeds the model's context of {block} tokens")
+    if spec["new_tokens"] + 1 > block:
+        raise UserError(f"--new-tokens {spec['new_tokens']} needs a context of {spec['new_tokens'] + 1}; the model has {block}")
+    eval_ids = None
+    if spec.get("eval_text"):
+        text = Path(spec["eval_text"]).read_text(encoding="utf-8")
+        eval_ids = np.asarray(tokenizer.encode(text).ids, dtype=np.int64)
+    prompt = prompt_ids(eval_ids, spec["batch"], spec["prompt_len"], vocab, spec["seed"])
+    result = measure(engine, prompt, spec["new_tokens"], spec["warmup"], spec["runs"])
+    result["peak_rss_mb"] = _peak_rss_mb()  # load + the timed runs, before the quality pass
+    if eval_ids is not None and len(eval_ids) > 1:
+        result["quality"] = perplexity(engine, eval_ids, spec["ppl_tokens"])
+    return {**facts, **result, "status": "ok"}
+
+
+def main() -> int:
+    spec = json.loads(sys.stdin.read())
+    out, sys.stdout = sys.stdout, sys.stderr  # libraries that print must not corrupt the JSON line
+    try:
+        result = {**spec, **run_row(spec)}
+    except Skip as reason:
+        result = {**spec, "status": "skipped", "reason": str(reason)}
+    except UserError as err:
+        result = {**spec, "status": "error", "error": str(err), "exit_code": err.exit_code}
+    except BundleError as err:  # a missing or damaged bundle file: the user's to fix
+        result = {**spec, "status": "error", "error": str(err), "exit_code": 2}
+    out.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
