@@ -93,6 +93,16 @@ def test_empty_binary_and_too_short_corpora(tmp_path):
         data.check_source(cfg_for(tmp_path / "short.txt", tmp_path, tokenizer="bpe", vocab_size=100), 8, "r.toml")
 
 
+def test_bad_bytes_deep_in_a_file_leave_no_cache_behind(tmp_path):
+    """The sniff only reads the head; the error surfaces mid-prepare and nothing half-written stays."""
+    f = tmp_path / "late.txt"
+    f.write_bytes(b"fine text\n" * 30_000 + b"\xff\xfe oops\n")
+    data.check_source(cfg_for(f, tmp_path), 8, "r.toml")  # cheap: does not read it all
+    with pytest.raises(UserError, match=r"data\.source: .*late\.txt: not UTF-8 text"):
+        data.prepare(cfg_for(f, tmp_path), 8)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
 # ---------------------------------------------------------------- tokenizers
 
 
@@ -134,6 +144,24 @@ def test_bpe_round_trip(tmp_path):
     assert p.tokenizer.decode(ids.tolist()) == SAMPLE
     unseen = "ünïcödé 😀 never seen\r\n\n  spaces"
     assert p.tokenizer.decode(p.tokenizer.encode(unseen).ids) == unseen
+
+
+def test_bpe_pieces_cut_after_newlines_whatever_the_chunking():
+    text = "".join(f"line {i} " + "word " * (i % 37) + "\n" for i in range(3000)) + "x" * 500
+    expected = list(data._pieces([text], 1000))
+    assert "".join(expected) == text
+    assert all(len(p) <= 1000 for p in expected)
+    assert all(p.endswith("\n") for p in expected[:-2])  # the tail of 500 x's has no newline
+    rechunked = [text[i : i + 777] for i in range(0, len(text), 777)]
+    assert list(data._pieces(rechunked, 1000)) == expected
+
+
+def test_bpe_round_trip_over_many_pieces(tmp_path):
+    text = "".join(f"{i}: the cat sat on the mat, é→中\n" * (i % 5 + 1) for i in range(2000))
+    assert len(text) > 2 * data.PIECE_CHARS
+    f = write(tmp_path / "many.txt", text)
+    p = data.prepare(cfg_for(f, tmp_path, tokenizer="bpe", vocab_size=400), 8)
+    assert p.tokenizer.decode(np.concatenate([p.train, p.val]).tolist()) == text
 
 
 def test_load_tokenizer_errors_name_the_file(tmp_path):
