@@ -6,13 +6,14 @@ matches (sorted by path, concatenated as they are), or a built-in corpus that ne
 
 `prepare` tokenizes a corpus once and caches the token ids as one flat array on disk, keyed by the
 sha256 of the corpus bytes and the tokenizer settings. Everything streams in chunks, so a corpus
-much larger than memory prepares with a few chunks in flight, and the cache directory is written
+larger than memory prepares with a few chunks in flight (plus, for BPE, the trainer's word
+counts), and the cache directory is written
 under a temporary name and renamed into place, so an interrupted prepare leaves no half-written
 cache. The last `val_fraction` of the token stream is validation (as in nanoGPT); since that is
 only a slice, changing `val_fraction` reuses the cache.
 
-Batches are a pure function of (seed, step, micro, rank), so a resumed or multi-process run reads
-exactly the batches an uninterrupted single-process run would.
+Batches are a pure function of (seed, step, micro, rank), so a resumed run reads exactly the
+batches an uninterrupted run would, and each DDP rank draws its own without any shared state.
 """
 
 from __future__ import annotations
@@ -467,8 +468,8 @@ def get_batch(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random blocks x (B, T) and their next tokens y (B, T), int64.
 
-    The offsets are a pure function of (seed, step, micro, rank): no RNG state to save, and a
-    resumed or distributed run reads exactly the batches it would have read otherwise.
+    The offsets are a pure function of (seed, step, micro, rank): no RNG state to save or restore,
+    a resumed run reads exactly the batches it would have read, and ranks never coordinate.
     """
     rng = np.random.default_rng([_entropy(seed), step, micro, rank])
     offsets = rng.integers(0, _n_offsets(tokens, block_size), size=batch_size)  # (B,)
