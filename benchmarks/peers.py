@@ -182,8 +182,6 @@ class HFGen:
 
 def measure_row(spec: dict) -> dict:
     """TTFT and generation speed of one (row, threads) for each batch size: warm-up, then runs."""
-    from edgecraft.bench_stats import summarize
-
     threads = spec["threads"]
     if spec["row"].startswith("edgecraft"):
         gen = EdgecraftGen(Path(spec["bundle"]), spec["row"].endswith("int8"), threads)
@@ -206,10 +204,27 @@ def measure_row(spec: dict) -> dict:
                 ttft.append((t1 - t0) * 1e3)
                 speed.append(out.size / (t2 - t1))
                 tokens = out
-        results[str(batch)] = {
-            "ttft_ms": summarize(ttft), "tok_s": summarize(speed), "tokens": tokens.tolist(),
-        }
+        results[str(batch)] = {"ttft_ms": ttft, "tok_s": speed, "tokens": tokens.tolist()}
     return {"row": spec["row"], "threads": threads, "batches": results}
+
+
+def merge(rounds: list[dict]) -> list[dict]:
+    """One result per (row, threads): the samples of every round, summarized; the last round's tokens."""
+    from edgecraft.bench_stats import summarize
+
+    merged: dict[tuple, dict] = {}
+    for r in rounds:
+        into = merged.setdefault((r["row"], r["threads"]), {"row": r["row"], "threads": r["threads"], "batches": {}})
+        for batch, v in r["batches"].items():
+            cell = into["batches"].setdefault(batch, {"ttft_ms": [], "tok_s": []})
+            cell["ttft_ms"] += v["ttft_ms"]
+            cell["tok_s"] += v["tok_s"]
+            cell["tokens"] = v["tokens"]
+    for r in merged.values():
+        for cell in r["batches"].values():
+            cell["samples"] = {"ttft_ms": cell["ttft_ms"], "tok_s": cell["tok_s"]}
+            cell["ttft_ms"], cell["tok_s"] = summarize(cell["ttft_ms"]), summarize(cell["tok_s"])
+    return list(merged.values())
 
 
 # ---------------------------------------------------------------- the comparison (main python)
@@ -310,11 +325,14 @@ def markdown(report: dict) -> str:
 
     s = report["settings"]
     out = [
-        f"Machine: {describe(report['machine'])}".replace("\n", "  \n"), "",
+        f"Machine: {describe(report['machine'])}".replace("\n", "  \n") + "  ",
+        "Peers' Python: " + ", ".join(f"{k} {v}" for k, v in report["peer_libraries"].items()
+                                      if k in ("transformers", "optimum", "optimum-onnx", "torch", "onnxruntime")), "",
         f"Model: {report['model']}. Greedy, KV cache on everywhere; token ids in and out (no tokenization). "
         f"TTFT: `generate` of 1 token after a {s['prompt_len']}-token prompt. tok/s: {s['new_tokens']} new tokens "
-        f"after a {s['gen_prompt_len']}-token prompt, prefill included, median [min–max] of {s['runs']} runs "
-        f"after {s['warmup']} warm-up. Each (row, threads) in its own process.", "",
+        f"after a {s['gen_prompt_len']}-token prompt, prefill included; median [min–max] of {s['rounds']} rounds × "
+        f"{s['runs']} runs, each round a fresh process per (row, threads) with {s['warmup']} warm-up run(s) per batch "
+        "size, rounds interleaved so background load hits every row alike.", "",
         "| batch | threads | row | TTFT ms | tok/s median [min–max] | edgecraft fp32 ÷ row | greedy = edgecraft fp32 |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -363,7 +381,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=200)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=3, help="Measured runs per row and round.")
+    parser.add_argument("--rounds", type=int, default=3, help="Rounds over all rows (each a fresh process).")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rows", default=",".join(ORDER), help="Subset of rows to measure.")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgecraft-peers")
@@ -384,16 +403,20 @@ def main() -> None:
     if any(r in PEERS for r in rows):
         check = _child(args.peer_python, ["--prepare", str(run), str(args.work / "peers")], {"probe": all_prompts[0]})
         print(f"peers prepared: GPT-2 vs edgecraft max |logit diff| {check['max_abs_logit_diff_gpt2_vs_edgecraft']:.2e}", file=sys.stderr)
-    results = []
-    for t in threads:
-        for row in rows:
-            spec = {
-                "row": row, "threads": t, "batches": batches, "bundle": str(bundle), "work": str(args.work / "peers"),
-                "prompts": all_prompts, "prompt_len": args.prompt_len, "gen_prompt_len": gen_prompt_len,
-                "new_tokens": args.new_tokens, "runs": args.runs, "warmup": args.warmup,
-            }
-            print(f"measuring {row} at {t} thread(s) ...", file=sys.stderr)
-            results.append(_child(sys.executable if row.startswith("edgecraft") else args.peer_python, ["--row"], spec))
+    rounds = []
+    # rounds interleave the rows in time, so a change in the machine's background load hits them all
+    for k in range(args.rounds):
+        for t in threads:
+            for row in rows:
+                spec = {
+                    "row": row, "threads": t, "batches": batches, "bundle": str(bundle), "work": str(args.work / "peers"),
+                    "prompts": all_prompts, "prompt_len": args.prompt_len, "gen_prompt_len": gen_prompt_len,
+                    "new_tokens": args.new_tokens, "runs": args.runs, "warmup": args.warmup,
+                }
+                print(f"round {k + 1}/{args.rounds}: {row} at {t} thread(s) ...", file=sys.stderr)
+                python = sys.executable if row.startswith("edgecraft") else args.peer_python
+                rounds.append(_child(python, ["--row"], spec))
+    results = merge(rounds)
     lines = compare(results)
     report = {
         "format": "edgecraft-peers/1",
@@ -403,7 +426,8 @@ def main() -> None:
         "model": f"{run.name}: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}, "
                  f"context {cfg.block_size}, vocab {cfg.vocab_size}",
         "settings": {"prompt_len": args.prompt_len, "gen_prompt_len": gen_prompt_len, "new_tokens": args.new_tokens,
-                     "runs": args.runs, "warmup": args.warmup, "threads": threads, "batches": batches},
+                     "runs": args.runs, "rounds": args.rounds, "warmup": args.warmup, "threads": threads,
+                     "batches": batches},
         "lines": lines,
         "targets": targets(lines) if set(ORDER) <= set(rows) else [],
         "raw": results,

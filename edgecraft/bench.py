@@ -212,7 +212,9 @@ def run_bench(
         "notes": list(NOTES),
         "rows": rows,
     }
-    write_outputs(report, Console(), json_out=json_out, csv_out=csv_out, markdown_out=markdown_out, plot=plot)
+    # piped or redirected output gets a width that keeps the tables on one line per row
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    write_outputs(report, console, json_out=json_out, csv_out=csv_out, markdown_out=markdown_out, plot=plot)
     failed = [r for r in rows if r["status"] == "error"]
     if failed:
         raise UserError(f"{len(failed)} row(s) failed: {failed[0]['error']}", exit_code=1)

@@ -19,7 +19,8 @@ Table = tuple[list[str], list[list[str]]]  # header, rows of cells
 
 
 def _backend(row: dict) -> str:
-    return row.get("backend") or ("torch eager" if row["kind"] == "torch" else "onnxruntime")
+    """Short: the versions are in the machine line."""
+    return "torch eager" if row["kind"] == "torch" else "onnxruntime"
 
 
 def _threads(row: dict) -> str:
@@ -34,10 +35,6 @@ def _mean_sd(summary: dict) -> str:
 
 def _median_range(summary: dict) -> str:
     return f"{summary['median']:,.1f} [{summary['min']:,.1f}–{summary['max']:,.1f}]"
-
-
-def _size(n: int | None) -> str:
-    return "–" if n is None else f"{n / 1e6:.2f} MB"
 
 
 def speed_table(report: dict) -> Table:
@@ -58,8 +55,8 @@ def speed_table(report: dict) -> Table:
 def row_table(report: dict) -> Table:
     """Everything else per row: load, size, parameters, TTFT, step latency, memory, quality, checks."""
     header = [
-        "model", "prec", "threads", "batch", "load ms", "file", "params", "TTFT ms (median)",
-        "step ms p50/p95/p99", "peak RSS MB", "ppl", "tokens checked",
+        "model", "prec", "threads", "batch", "load ms", "file MB", "params", "TTFT ms",
+        "step ms p50/p95/p99", "peak RSS MB", "ppl", "tokens checked", "greedy = fp32",
     ]
     lines = []
     for row in report["rows"]:
@@ -67,23 +64,19 @@ def row_table(report: dict) -> Table:
         if row["status"] != "ok":
             lines.append([*head] + ["–"] * (len(header) - len(head)))
             continue
-        lat = row["step_latency_ms"]
-        quality = row.get("quality")
-        checks = row["checks"]
-        check = f"{checks['tokens_produced']:,} ok" if checks["ok"] else f"FAILED {checks}"
-        if "greedy_prefix_match_fp32" in row:
-            match = row["greedy_prefix_match_fp32"]
-            check += f"; greedy = fp32 for {match['tokens']}/{match['of']}"
+        lat, quality, checks = row["step_latency_ms"], row.get("quality"), row["checks"]
+        match = row.get("greedy_prefix_match_fp32")
         lines.append([
             *head,
             f"{row['load_s'] * 1e3:,.0f}",
-            f"{row['file']} {_size(row['file_bytes'])}",
+            f"{row['file_bytes'] / 1e6:.2f}",
             "–" if row.get("params") is None else f"{row['params']:,}",
             f"{row['ttft_ms']['median']:.2f}",
             f"{lat['p50']:.3f} / {lat['p95']:.3f} / {lat['p99']:.3f}",
             f"{row['peak_rss_mb']:,.0f}",
             "–" if quality is None else f"{quality['ppl']:.3f}",
-            check,
+            f"{checks['tokens_produced']:,} ok" if checks["ok"] else "FAILED",
+            "" if match is None else f"{match['tokens']}/{match['of']}",
         ])
     return header, lines
 
