@@ -119,10 +119,14 @@ class QATHandle:
     linear layer's observed input range `<layer>.act_range` = [lo, hi].
     """
 
-    def __init__(self, model: nn.Module, cfg: QuantConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: QuantConfig, only: set[str] | None = None) -> None:
         self.scheme = cfg.scheme
         self.calibrating = False  # static ranges: True = running min/max (PTQ), else training EMA
-        self.layers = quantized_layers(model, cfg.embeddings)
+        self.layers = {
+            name: module
+            for name, module in quantized_layers(model, cfg.embeddings).items()
+            if only is None or name in only
+        }
         self.ranges: dict[str, torch.Tensor] = {}  # layer -> (2,) [lo, hi]
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         for name, module in self.layers.items():
@@ -187,9 +191,10 @@ def _unshadow(module: nn.Module, args: tuple, output) -> None:
     module.__dict__.pop("weight", None)
 
 
-def attach(model: nn.Module, cfg: QuantConfig) -> QATHandle:
-    """Start fake-quantizing `model` as `cfg` says; returns the handle that detaches and holds state."""
-    return QATHandle(model, cfg)
+def attach(model: nn.Module, cfg: QuantConfig, only: set[str] | None = None) -> QATHandle:
+    """Start fake-quantizing `model` as `cfg` says (limited to the layers in `only`, when given);
+    returns the handle that detaches and holds state."""
+    return QATHandle(model, cfg, only)
 
 
 # --- persistence ----------------------------------------------------------------------------------
