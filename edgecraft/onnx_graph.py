@@ -1,0 +1,202 @@
+"""Build the decoder's ONNX graph directly from the trained weights, op by op.
+
+At this model size (about a million parameters) a token's cost is per-operator overhead, roughly
+1 µs per node, not arithmetic; a traced graph carries hundreds of shape-bookkeeping nodes. So,
+like onnxruntime-genai's model builder, we write the graph by hand with onnxruntime's fused
+contrib operators, about 9 nodes per layer:
+
+    SkipLayerNorm (residual add + norm + the previous projection's bias)  -> MatMul qkv (+ Add bias)
+    -> GroupQueryAttention (packed QKV, KV cache shared between past and present, rotary inside)
+    -> MatMul out-proj -> SkipLayerNorm -> MatMul fc -> BiasGelu (or SiLU-gated for SwiGLU) -> MatMul
+
+The KV cache is a preallocated buffer per layer, (batch, n_heads, block_size, head_size), bound
+as both `past_key_values.i.*` and `present.i.*`; the caller says where each sequence stands with
+`seqlens_k` (tokens cached after this step, minus one) and which rows of a right-padded chunk are
+real with `query_seqlens`. `graph_io()` describes all of it for the bundle manifest.
+
+Only numpy and onnx here: the exporter hands in a state dict of numpy arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgecraft.model import ROPE_THETA, GPTConfig
+
+MS = "com.microsoft"
+NORM_EPS = 1e-5
+
+
+def rotary_in_attention(cfg: GPTConfig) -> bool:
+    """GroupQueryAttention rotates q and k itself only for head sizes that are multiples of 16
+    (onnxruntime's CPU kernel rejects others); other rotary models get RotaryEmbedding nodes."""
+    return cfg.pos == "rope" and cfg.head_size % 16 == 0
+
+
+def graph_io(cfg: GPTConfig) -> dict:
+    """Names, shapes (symbolic dims named) and dtypes of the graph's inputs and outputs."""
+    cache = ["batch_size", cfg.n_heads, "max_sequence_length", cfg.head_size]
+    inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]}]
+    if cfg.pos == "learned" or (cfg.pos == "rope" and not rotary_in_attention(cfg)):
+        inputs.append(
+            {"name": "position_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]}
+        )
+    inputs += [
+        {"name": "seqlens_k", "dtype": "int32", "shape": ["batch_size"]},
+        {"name": "total_sequence_length", "dtype": "int32", "shape": []},
+        {"name": "query_seqlens", "dtype": "int32", "shape": ["batch_size"]},
+    ]
+    outputs = [
+        {"name": "logits", "dtype": "float32", "shape": ["batch_size", "sequence_length", cfg.vocab_size]}
+    ]
+    for i in range(cfg.n_layers):
+        for kv in ("key", "value"):
+            inputs.append({"name": f"past_key_values.{i}.{kv}", "dtype": "float32", "shape": cache})
+            outputs.append({"name": f"present.{i}.{kv}", "dtype": "float32", "shape": cache})
+    return {"inputs": inputs, "outputs": outputs}
+
+
+class _Graph:
+    """Collects nodes and initializers; names are unique by construction (prefix per layer)."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attrs) -> list[str]:
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain, **attrs))
+        return outputs
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, dtype=np.float32)
+
+
+def _norm_table(cfg: GPTConfig, emb: np.ndarray, w: dict[str, np.ndarray], prefix: str) -> np.ndarray:
+    """The first block's norm applied to every embedding row (V, D): with rotary positions nothing
+    is added to the token embedding, so norm1 of layer 0 is a lookup and costs no node."""
+    x = emb.astype(np.float64)  # (V, D)
+    if cfg.norm == "rmsnorm":
+        y = x / np.sqrt((x * x).mean(-1, keepdims=True) + NORM_EPS)
+    else:
+        xc = x - x.mean(-1, keepdims=True)
+        y = xc / np.sqrt((xc * xc).mean(-1, keepdims=True) + NORM_EPS)
+    y = y * w[f"{prefix}.weight"]
+    if cfg.norm == "layernorm" and cfg.bias:
+        y = y + w[f"{prefix}.bias"]
+    return _f32(y)
+
+
+def build_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], opset: int = 17) -> onnx.ModelProto:
+    """The decoder graph for `cfg` with `weights` (the model's state dict as numpy arrays)."""
+    w = {k: _f32(v) for k, v in weights.items()}
+    g = _Graph()
+    D, nh, hs = cfg.d_model, cfg.n_heads, cfg.head_size
+    skip_norm = "SkipSimplifiedLayerNormalization" if cfg.norm == "rmsnorm" else "SkipLayerNormalization"
+
+    def norm_inputs(prefix: str, bias: str | None) -> list[str]:
+        """gamma [, beta] [, bias] in the order Skip(Simplified)LayerNormalization takes them."""
+        ins = [g.const(f"{prefix}.weight", w[f"{prefix}.weight"])]
+        if cfg.norm == "layernorm":
+            ins.append(g.const(f"{prefix}.bias", w[f"{prefix}.bias"]) if cfg.bias else "")
+        if bias is not None:
+            ins.append(g.const(bias, w[bias]))
+        return ins
+
+    def skip_norm_node(x: str, skip: str, prefix: str, bias: str | None, with_sum: bool) -> tuple[str, str]:
+        """norm(x + skip + bias) and, when asked, the sum itself (the new residual stream)."""
+        outs = [f"{prefix}/out"] + ([ "", "", f"{prefix}/sum"] if with_sum else [])
+        g.op(skip_norm, [x, skip] + norm_inputs(prefix, bias), outs, prefix, MS, epsilon=NORM_EPS)
+        return outs[0], outs[-1]
+
+    def linear(x: str, name: str, weight: np.ndarray, bias: str | None = None) -> str:
+        """x @ weight.T (+ bias): torch's Linear, with the weight stored pre-transposed (in, out)."""
+        y = g.op("MatMul", [x, g.const(f"{name}.weight.T", weight.T)], [f"{name}/MatMul"], f"{name}/MatMul")[0]
+        if bias is not None:
+            y = g.op("Add", [y, g.const(f"{name}.bias", w[bias])], [f"{name}/Add"], f"{name}/Add")[0]
+        return y
+
+    # embeddings and layer 0's first norm
+    tok = g.op("Gather", [g.const("tok_emb.weight", w["tok_emb.weight"]), "input_ids"], ["tok"], "tok_emb")[0]
+    if cfg.pos == "learned":
+        pos = g.op("Gather", [g.const("pos_emb.weight", w["pos_emb.weight"]), "position_ids"], ["pos"], "pos_emb")[0]
+        h, res = skip_norm_node(tok, pos, "blocks.0.norm1", None, with_sum=True)  # (B, S, D) each
+    else:
+        table = _norm_table(cfg, w["tok_emb.weight"], w, "blocks.0.norm1")
+        h = g.op("Gather", [g.const("blocks.0.norm1.table", table), "input_ids"], ["h0"], "blocks.0.norm1")[0]
+        res = tok
+
+    rope: list[str] = []
+    if cfg.pos == "rope":
+        inv_freq = 1.0 / ROPE_THETA ** (np.arange(0, hs, 2, dtype=np.float32) / hs)
+        angles = np.outer(np.arange(cfg.block_size, dtype=np.float32), inv_freq)  # (block, hs/2)
+        rope = [g.const("rope.cos", np.cos(angles)), g.const("rope.sin", np.sin(angles))]
+    fused_rope = rotary_in_attention(cfg)
+
+    bias = (lambda name: name) if cfg.bias else (lambda name: None)
+    for i in range(cfg.n_layers):
+        p = f"blocks.{i}"
+        qkv = linear(h, f"{p}.attn.qkv", w[f"{p}.attn.qkv.weight"], bias(f"{p}.attn.qkv.bias"))  # (B, S, 3D)
+        q_k_v = [qkv, "", ""]  # packed
+        if rope and not fused_rope:
+            split = g.const(f"{p}.attn.split", np.array([D, D, D], dtype=np.int64))
+            q_k_v = g.op("Split", [qkv, split], [f"{p}/q", f"{p}/k", f"{p}/v"], f"{p}.attn.split", axis=-1)
+            for j in (0, 1):  # (B, S, D) each
+                q_k_v[j] = g.op("RotaryEmbedding", [q_k_v[j], "position_ids", *rope], [q_k_v[j] + "_rot"],
+                                f"{p}.attn.rotary_{'qk'[j]}", MS, num_heads=nh)[0]
+        gqa_inputs = q_k_v + [f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                              "seqlens_k", "total_sequence_length"]
+        gqa_inputs += rope if fused_rope else ["", ""]
+        gqa_inputs += ["", "", "", "", "", "", "", "query_seqlens"]  # position_ids .. k_norm_weight unused
+        attn = g.op(
+            "GroupQueryAttention", gqa_inputs, [f"{p}/attn", f"present.{i}.key", f"present.{i}.value"],
+            f"{p}.attn", MS, num_heads=nh, kv_num_heads=nh, do_rotary=int(fused_rope),
+            rotary_interleaved=0,
+        )[0]  # (B, S, D)
+        y = linear(attn, f"{p}.attn.proj", w[f"{p}.attn.proj.weight"])
+        h, res = skip_norm_node(y, res, f"{p}.norm2", bias(f"{p}.attn.proj.bias"), with_sum=True)
+        if cfg.mlp == "swiglu":
+            gate_up = np.concatenate([w[f"{p}.mlp.gate.weight"], w[f"{p}.mlp.up.weight"]])  # (2F, D)
+            if cfg.bias:
+                w[f"{p}.mlp.gate_up.bias"] = np.concatenate([w[f"{p}.mlp.gate.bias"], w[f"{p}.mlp.up.bias"]])
+            gu = linear(h, f"{p}.mlp.gate_up", gate_up, bias(f"{p}.mlp.gate_up.bias"))  # (B, S, 2F)
+            split = g.const(f"{p}.mlp.split", np.array([cfg.d_ff, cfg.d_ff], dtype=np.int64))
+            gate, up = g.op("Split", [gu, split], [f"{p}/gate", f"{p}/up"], f"{p}.mlp.split", axis=-1)
+            silu = g.op("QuickGelu", [gate], [f"{p}/silu"], f"{p}.mlp.silu", MS, alpha=1.0)[0]
+            f = g.op("Mul", [silu, up], [f"{p}/swiglu"], f"{p}.mlp.mul")[0]  # (B, S, F)
+        else:
+            f = linear(h, f"{p}.mlp.fc", w[f"{p}.mlp.fc.weight"])
+            if cfg.bias:
+                f = g.op("BiasGelu", [f, g.const(f"{p}.mlp.fc.bias", w[f"{p}.mlp.fc.bias"])],
+                         [f"{p}/gelu"], f"{p}.mlp.gelu", MS)[0]
+            else:
+                f = g.op("Gelu", [f], [f"{p}/gelu"], f"{p}.mlp.gelu", MS)[0]  # exact (erf)
+        y = linear(f, f"{p}.mlp.proj", w[f"{p}.mlp.proj.weight"])
+        last = i == cfg.n_layers - 1
+        nxt = "norm_f" if last else f"blocks.{i + 1}.norm1"
+        h, res = skip_norm_node(y, res, nxt, bias(f"{p}.mlp.proj.bias"), with_sum=not last)
+
+    head = w["tok_emb.weight"] if cfg.tie_embeddings else w["head.weight"]  # (V, D)
+    g.op("MatMul", [h, g.const("head.weight.T", head.T)], ["logits"], "head")
+
+    def value_info(spec: dict) -> onnx.ValueInfoProto:
+        dtype = {"int64": TensorProto.INT64, "int32": TensorProto.INT32, "float32": TensorProto.FLOAT}
+        return helper.make_tensor_value_info(spec["name"], dtype[spec["dtype"]], spec["shape"])
+
+    io = graph_io(cfg)
+    graph = helper.make_graph(
+        g.nodes, "edgecraft-decoder", [value_info(s) for s in io["inputs"]],
+        [value_info(s) for s in io["outputs"]], initializer=g.inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
+        producer_name="edgecraft",
+    )
+    onnx.checker.check_model(model)
+    return model

@@ -1,0 +1,156 @@
+"""The decode engine: one onnxruntime session over a bundle's graph, driven through IO binding.
+
+A token of a 1M-parameter model costs ~100 µs, so every per-step microsecond counts. All state is
+allocated once per `reset()`: one KV buffer per layer and kind, (B, n_heads, block_size, head_size),
+bound as BOTH the graph's `past_key_values.i.*` input and its `present.i.*` output, so
+GroupQueryAttention appends the new positions in place (it shares the buffer when both point at
+the same memory). The decode step's small inputs (token ids, positions, `seqlens_k`, ...) are
+numpy arrays that onnxruntime reads directly (an OrtValue made from a CPU numpy array wraps its
+memory), so a step is: write B token ids, update four tiny int arrays, `run_with_iobinding`.
+
+Sequences in one batch may sit at different positions (`seqlens_k` is per row), which is what
+continuous batching needs. Imports only numpy, onnxruntime and the standard library.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+# Measured in benchmarks/decode_speed.py: a second intra-op thread makes batch-1 decode slower at
+# this model size (thread hand-off costs more than the halved arithmetic saves).
+DEFAULT_THREADS = 1
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    """Options for a bundle's graph, which was optimised at export: don't optimise it again."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.log_severity_level = 3
+    return so
+
+
+class Engine:
+    """Prefill and one-token decode steps over a preallocated, shared KV cache."""
+
+    def __init__(self, model_path: str | Path, manifest: dict, threads: int = 0, device: str = "cpu") -> None:
+        # a bundle's edgecraft.json keeps the model config under "config"; callers that build a
+        # manifest in memory for a bare graph (the int8 export's checks) use "model"
+        cfg = manifest["config"] if "config" in manifest else manifest["model"]
+        self.block_size: int = cfg["block_size"]
+        self.vocab_size: int = cfg["vocab_size"]
+        self._cache_shape = (cfg["n_heads"], self.block_size, cfg["d_model"] // cfg["n_heads"])
+        self._n_layers: int = cfg["n_layers"]
+        names = {spec["name"] for spec in manifest["onnx"]["inputs"]}
+        self._has_positions = "position_ids" in names
+        if device == "cpu":
+            providers = ["CPUExecutionProvider"]
+        elif device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise RuntimeError(
+                    "device 'cuda' needs onnxruntime-gpu (CUDAExecutionProvider is not available; "
+                    f"this onnxruntime has {', '.join(ort.get_available_providers())})"
+                )
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda'")
+        self._device = device
+        self.threads = threads or DEFAULT_THREADS
+        self.session = ort.InferenceSession(
+            str(model_path), session_options(self.threads), providers=providers
+        )
+        self.reset(1)
+
+    # ------------------------------------------------------------------------------------ state
+
+    def reset(self, batch_size: int) -> None:
+        """Allocate zeroed state for `batch_size` sequences, all empty."""
+        B = batch_size
+        if B < 1:
+            raise ValueError(f"batch_size must be >= 1, got {B}")
+        self.lengths = np.zeros(B, dtype=np.int64)  # (B,) tokens cached per sequence
+        self._kv = [self._zeros((B, *self._cache_shape)) for _ in range(2 * self._n_layers)]
+        # the decode step's buffers, written in place and read by onnxruntime through the binding
+        self._step_ids = np.zeros((B, 1), dtype=np.int64)  # (B, 1)
+        self._step_pos = np.zeros((B, 1), dtype=np.int64)  # (B, 1)
+        self._seqlens = np.zeros(B, dtype=np.int32)  # (B,) tokens cached after the step, minus 1
+        self._total = np.zeros((), dtype=np.int32)  # () longest sequence after the step
+        self._qlens = np.ones(B, dtype=np.int32)  # (B,) one real token per row
+        self._step_logits = np.zeros((B, 1, self.vocab_size), dtype=np.float32)  # (B, 1, V)
+        self._step_binding = self._binding(
+            self._step_ids, self._step_pos, self._seqlens, self._total, self._qlens, self._step_logits
+        )
+
+    def _zeros(self, shape: tuple[int, ...]) -> ort.OrtValue:
+        if self._device == "cuda":
+            return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32), "cuda", 0)
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32))
+
+    def _binding(self, ids, pos, seqlens, total, qlens, logits) -> ort.IOBinding:
+        """Bind the inputs (wrapping, not copying, the numpy arrays) and the shared KV buffers."""
+        binding = self.session.io_binding()
+        inputs = {"input_ids": ids, "seqlens_k": seqlens, "total_sequence_length": total, "query_seqlens": qlens}
+        if self._has_positions:
+            inputs["position_ids"] = pos
+        for name, array in inputs.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        for i in range(self._n_layers):
+            for j, kind in enumerate(("key", "value")):
+                buffer = self._kv[2 * i + j]
+                binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buffer)
+                binding.bind_ortvalue_output(f"present.{i}.{kind}", buffer)
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        return binding
+
+    # ------------------------------------------------------------------------------------ steps
+
+    def prefill(self, ids: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+        """Append right-padded chunks ids (B, S) of `lengths` (B,) real tokens -> logits (B, S, V).
+
+        Rows past a sequence's real length give garbage logits and are not cached.
+        """
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        B, S = ids.shape
+        if B != len(self.lengths):
+            raise ValueError(f"prefill got {B} rows for a batch of {len(self.lengths)}; call reset({B})")
+        n = np.full(B, S, dtype=np.int64) if lengths is None else np.asarray(lengths, dtype=np.int64)
+        if n.shape != (B,) or (n < 0).any() or (n > S).any():
+            raise ValueError(f"lengths must be (B,) = ({B},) values in 0..{S}, got {n.tolist()}")
+        past = self.lengths
+        if (past + S > self.block_size).any():
+            raise ValueError(
+                f"{int(past.max())} cached + {S} new positions exceed block_size {self.block_size}"
+            )
+        total = past + n  # (B,) cached after this call
+        pos = np.minimum(past[:, None] + np.arange(S), self.block_size - 1)  # (B, S)
+        # a row with nothing cached and nothing new stays empty; GroupQueryAttention needs seqlens_k >= 0
+        seqlens = np.maximum(total - 1, 0).astype(np.int32)
+        logits = np.empty((B, S, self.vocab_size), dtype=np.float32)  # (B, S, V)
+        binding = self._binding(
+            ids, pos, seqlens, np.array(max(int(total.max()), S), dtype=np.int32),
+            n.astype(np.int32), logits,
+        )
+        self.session.run_with_iobinding(binding)
+        self.lengths = total
+        return logits
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        """One new token per sequence, ids (B,) -> logits (B, V).
+
+        The returned array is a view of a buffer that the next `decode` call overwrites.
+        """
+        lengths = self.lengths
+        if lengths.max() >= self.block_size:
+            raise ValueError(f"a sequence already holds block_size {self.block_size} positions")
+        self._step_ids[:, 0] = ids
+        self._step_pos[:, 0] = lengths
+        self._seqlens[:] = lengths
+        self._total[...] = lengths.max() + 1
+        self.session.run_with_iobinding(self._step_binding)
+        lengths += 1
+        return self._step_logits[:, 0]

@@ -1,0 +1,229 @@
+"""export_run: the bundle's contents, its parity figures, driving it with nothing but onnxruntime
+and edgecraft.json, the traced baseline exporter, and the export's user errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from tokenizers import Tokenizer
+from typer.testing import CliRunner
+
+from edgecraft.checkpoint import save_model
+from edgecraft.cli import app
+from edgecraft.data import make_char_tokenizer
+from edgecraft.export import ExportOptions, export_run, export_traced
+from edgecraft.model import GPT, GPTConfig
+from edgecraft.recipe import to_toml, validate
+from edgecraft.runtime.bundle import sha256_file
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll:\nSpeak, speak.\n" * 12
+LLAMA = {"norm": "rmsnorm", "pos": "rope", "mlp": "swiglu", "bias": False}
+
+
+def make_run(root: Path, name: str = "tiny", **model) -> Path:
+    """A run directory as `edgecraft train` leaves it, with random weights (no training needed)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "corpus.txt").write_text(TEXT)
+    shape = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "block_size": 48, **model}
+    recipe = validate(
+        {"name": name, "data": {"source": str(root / "corpus.txt"), "cache_dir": str(root / "cache")},
+         "model": shape}, "test recipe",
+    )
+    run = root / "runs" / name
+    run.mkdir(parents=True)
+    (run / "recipe.toml").write_text(to_toml(recipe))
+    tokenizer = make_char_tokenizer([TEXT])
+    tokenizer.save(str(run / "tokenizer.json"))
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size(), **recipe.model.model_dump()))
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.normal_(0.0, 0.2)
+    save_model(gpt, run / "model.safetensors")
+    return run
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def bundle(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    run = make_run(root, **(LLAMA if request.param == "llama" else {}))
+    return run, export_run(run, root / "bundle", ExportOptions())
+
+
+def test_bundle_holds_exactly_the_documented_files_with_hashes(bundle):
+    run, path = bundle
+    assert sorted(p.name for p in path.iterdir()) == ["edgecraft.json", "model.onnx", "tokenizer.json"]
+    manifest = json.loads((path / "edgecraft.json").read_text())
+    assert manifest["format"] == "edgecraft-bundle/1"
+    assert set(manifest["files"]) == {"model.onnx", "tokenizer.json"}
+    for name, entry in manifest["files"].items():
+        assert entry == {"sha256": sha256_file(path / name), "bytes": (path / name).stat().st_size}
+    assert manifest["config"]["vocab_size"] == manifest["vocab_size"]
+    assert manifest["quantization"] == {"model.onnx": "none (float32)"}
+    assert manifest["runtime"]["threads"] == 1
+    assert not list(path.parent.glob(".tmp-*"))  # the temporary directory is gone
+
+
+def test_parity_figures_are_recorded_and_within_bounds(bundle):
+    manifest = json.loads((bundle[1] / "edgecraft.json").read_text())
+    checks = manifest["checks"]
+    assert checks["text"].startswith("validation split of")
+    assert checks["max_abs_logit_diff_prefill"] <= 1e-4
+    assert checks["max_abs_logit_diff_decode"] <= 1e-4
+    assert checks["top1_agreement"] == 1.0
+    assert 0 <= checks["kl_divergence_mean"] < 1e-9
+    assert abs(checks["perplexity_delta"]) < 1e-4 * checks["perplexity_pytorch"]
+
+
+def test_graph_is_valid_and_already_minimal(bundle, tmp_path):
+    path = bundle[1] / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    # onnxruntime's optimiser finds nothing to fuse: the shipped graph is what runs
+    assert len(onnx.load(so.optimized_model_filepath).graph.node) == len(onnx.load(str(path)).graph.node)
+
+
+def test_tokenizer_loads_in_plain_tokenizers(bundle):
+    run, path = bundle
+    ours = Tokenizer.from_file(str(path / "tokenizer.json"))
+    assert ours.encode("Speak, speak.").ids == Tokenizer.from_file(str(run / "tokenizer.json")).encode("Speak, speak.").ids
+    assert ours.decode(ours.encode("hear me").ids) == "hear me"
+
+
+def test_onnxruntime_alone_drives_the_graph_from_the_manifest(bundle):
+    """What an app without edgecraft does: read edgecraft.json, feed the graph, no IO binding."""
+    from edgecraft.checkpoint import load_model
+
+    run, path = bundle
+    manifest = json.loads((path / "edgecraft.json").read_text())
+    spec = manifest["onnx"]
+    session = ort.InferenceSession(str(path / spec["file"]), providers=["CPUExecutionProvider"])
+    dtypes = {s["name"]: np.dtype(s["dtype"]) for s in spec["inputs"]}
+    cache = spec["kv_cache"]
+    B = 2
+    shape = [B if d == "batch_size" else d for d in cache["shape"]]
+    past = {
+        cache["past"].format(layer=i, **{"key|value": kind}): np.zeros(shape, dtype=cache["dtype"])
+        for i in range(cache["n_layers"]) for kind in ("key", "value")
+    }
+
+    def step(ids: np.ndarray, past_len: np.ndarray, new_len: np.ndarray) -> np.ndarray:
+        S = ids.shape[1]
+        values = {
+            "input_ids": ids,
+            "position_ids": np.minimum(past_len[:, None] + np.arange(S), manifest["config"]["block_size"] - 1),
+            "seqlens_k": past_len + new_len - 1,
+            "total_sequence_length": np.array(max((past_len + new_len).max(), S)),
+            "query_seqlens": new_len,
+        }
+        feeds = {name: np.asarray(values[name], dtype=dt) for name, dt in dtypes.items() if name in values}
+        outputs = session.run(None, {**feeds, **past})
+        names = [o.name for o in session.get_outputs()]
+        for name, value in zip(names, outputs):
+            if name.startswith("present."):
+                past[name.replace("present.", "past_key_values.", 1)] = value
+        return outputs[names.index("logits")]
+
+    assert {s["name"] for s in spec["inputs"]} == {i.name for i in session.get_inputs()}
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    rows = [tok.encode("Before we proceed").ids, tok.encode("All:\nSp").ids]
+    lengths = np.array([len(r) for r in rows])
+    ids = np.zeros((B, lengths.max()), dtype=np.int64)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = r
+    logits = step(ids, np.zeros(B, dtype=np.int64), lengths)
+    nxt = logits[np.arange(B), lengths - 1].argmax(-1)
+    for b in range(B):
+        rows[b].append(int(nxt[b]))
+    for _ in range(5):  # greedy decode, rows at different positions
+        logits = step(nxt[:, None].astype(np.int64), lengths, np.ones(B, dtype=np.int64))
+        lengths = lengths + 1
+        nxt = logits[:, 0].argmax(-1)
+        for b in range(B):
+            rows[b].append(int(nxt[b]))
+
+    model = load_model(run / "model.safetensors")
+    for row in rows:
+        with torch.no_grad():
+            ref = model(torch.tensor([row[:-1]]))[0][0].argmax(-1).tolist()
+        assert row[-6:] == ref[-6:]
+
+
+def test_traced_exporter_gives_a_correct_dynamic_cache_graph(tmp_path):
+    """The baseline (torch.onnx.export, dynamo): empty past, batch 2, then cached decode."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=29, d_model=32, n_layers=2, n_heads=4, d_ff=64, block_size=32)).eval()
+    export_traced(model, tmp_path / "plain.onnx")
+    session = ort.InferenceSession(str(tmp_path / "plain.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()][1:]
+    ids = torch.randint(0, 29, (2, 12))
+    with torch.no_grad():
+        ref = model(ids)[0].numpy()
+    feeds = {"input_ids": ids[:, :5].numpy(), **{n: np.zeros((2, 4, 0, 8), np.float32) for n in names}}
+    out = session.run(None, feeds)
+    np.testing.assert_allclose(out[0], ref[:, :5], atol=1e-4, rtol=0)
+    for t in range(5, 12):
+        out = session.run(None, {"input_ids": ids[:, t : t + 1].numpy(), **dict(zip(names, out[1:]))})
+        np.testing.assert_allclose(out[0][:, 0], ref[:, t], atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ errors
+
+runner = CliRunner()
+
+
+def test_missing_run_is_exit_2_and_writes_nothing(tmp_path):
+    result = runner.invoke(app, ["export", str(tmp_path / "nope"), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2
+    assert "nope" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_or_missing_weights_name_the_file(tmp_path, damage):
+    run = make_run(tmp_path)
+    weights = run / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        weights.unlink()
+    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2, result.output
+    assert "model.safetensors" in result.output
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_damaged_recipe_names_the_file(tmp_path):
+    run = make_run(tmp_path)
+    (run / "recipe.toml").write_text("name = [")
+    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "recipe.toml" in result.output
+
+
+def test_existing_bundle_needs_force(tmp_path):
+    run = make_run(tmp_path)
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    result = runner.invoke(app, ["export", str(run), "--out", str(out)])
+    assert result.exit_code == 2 and "--force" in result.output
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    result = runner.invoke(app, ["export", str(run), "--out", str(out), "--force"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["edgecraft.json", "model.onnx", "tokenizer.json"]
+    assert not list(tmp_path.glob(".*"))  # no temporary or replaced bundle left behind
+
+
+def test_bad_opset_is_a_user_error(tmp_path):
+    run = make_run(tmp_path)
+    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "b"), "--opset", "9"])
+    assert result.exit_code == 2 and "--opset" in result.output
