@@ -55,12 +55,12 @@ def speed_table(report: dict) -> Table:
 def row_table(report: dict) -> Table:
     """Everything else per row: load, size, parameters, TTFT, step latency, memory, quality, checks."""
     header = [
-        "model", "prec", "threads", "batch", "load ms", "file MB", "params", "TTFT ms",
+        "model", "backend", "prec", "threads", "batch", "load ms", "file MB", "params", "TTFT ms",
         "step ms p50/p95/p99", "peak RSS MB", "ppl", "tokens checked", "greedy = fp32",
     ]
     lines = []
     for row in report["rows"]:
-        head = [row["name"], row["precision"], _threads(row), str(row["batch"])]
+        head = [row["name"], _backend(row), row["precision"], _threads(row), str(row["batch"])]
         if row["status"] != "ok":
             lines.append([*head] + ["–"] * (len(header) - len(head)))
             continue

@@ -103,7 +103,7 @@ def load_onnx(spec: dict) -> tuple[object, object, dict]:
         "load_s": load_s,
         "file": onnx.name,
         "file_bytes": sum(f.stat().st_size for f in files),
-        "params": meta.get("params") or meta.get("num_params"),
+        "params": meta.get("parameters"),
         "threads_used": model.engine.threads,
     }
     return model.engine, Tokenizer.from_file(str(path / "tokenizer.json")), facts
