@@ -68,7 +68,8 @@ def train(
     else:
         from edgecraft.recipe import load_recipe
 
-        run_dir = train_recipe(load_recipe(recipe, set_ or []), runs_dir=runs_dir, force=force)
+        loaded = load_recipe(recipe, set_ or [])
+        run_dir = train_recipe(loaded, runs_dir=runs_dir, force=force, origin=str(recipe))
     typer.echo(f"run written to {run_dir}")
 
 
@@ -101,21 +102,25 @@ def generate(
     if not path.exists():
         raise UserError(f"{path}: no such bundle or run directory")
     if is_bundle(path):
-        from edgecraft.runtime import load
+        from edgecraft.runtime import BundleError, load
 
-        model = load(path, int8=int8, threads=threads, device=device)
         kwargs = dict(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, stop=stop, seed=seed,
         )
-        if stream:
-            sys.stdout.write(prompt)
-            for piece in model.stream(prompt, **kwargs):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-        else:
-            typer.echo(prompt + model.generate(prompt, **kwargs))
+        try:  # bundle problems, bad option values and onnxruntime load errors each say what is wrong
+            model = load(path, int8=int8, threads=threads, device=device)
+            if not stream:
+                typer.echo(prompt + model.generate(prompt, **kwargs))
+                return
+            pieces = model.stream(prompt, **kwargs)  # checks the options now, generates lazily
+        except (BundleError, ValueError, RuntimeError) as err:
+            raise UserError(str(err)) from None
+        sys.stdout.write(prompt)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
         return
     from edgecraft.rundir import generate_from_run
 
@@ -164,9 +169,12 @@ def info(path: Annotated[Path, typer.Argument(help="A run directory or a bundle.
     if not path.exists():
         raise UserError(f"{path}: no such bundle or run directory")
     if is_bundle(path):
-        from edgecraft.runtime.bundle import describe_bundle
+        from edgecraft.runtime.bundle import BundleError, describe_bundle
 
-        typer.echo(describe_bundle(path))
+        try:
+            typer.echo(describe_bundle(path))
+        except BundleError as err:
+            raise UserError(str(err)) from None
     else:
         from edgecraft.rundir import describe_run
 

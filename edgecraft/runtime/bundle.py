@@ -95,18 +95,27 @@ def _flat(prefix: str, value) -> list[str]:
     """Nested manifest sections as `key.sub: value` lines, in the manifest's order."""
     if isinstance(value, dict):
         return [line for k, v in value.items() for line in _flat(f"{prefix}.{k}" if prefix else k, v)]
-    return [f"{prefix}: {value}"]
+    return [f"{prefix}: {value:.4g}" if isinstance(value, float) else f"{prefix}: {value}"]
 
 
 def describe_bundle(path: str | Path) -> str:
-    """A human summary for `edgecraft info`: format, config, sizes, quantization, export checks."""
+    """A human summary for `edgecraft info`: format, config, sizes, quantization, export checks
+    and the recommended runtime settings."""
     path = Path(path)
     manifest = read_manifest(path)
     lines = [f"bundle {path}", f"  format: {manifest['format']}"]
-    for key in ("name", "created", "edgecraft_version", "parameters"):
+    for key in ("name", "created", "edgecraft_version"):
         if key in manifest:
-            value = manifest[key]
-            lines.append(f"  {key}: {value:,}" if isinstance(value, int) else f"  {key}: {value}")
+            lines.append(f"  {key}: {manifest[key]}")
+    if isinstance(manifest.get("parameters"), int):
+        lines.append(f"  parameters: {manifest['parameters']:,}")
+    tokenizer = manifest.get("tokenizer")
+    if isinstance(tokenizer, dict):
+        lines.append(f"  tokenizer: {tokenizer.get('kind', '?')}, {tokenizer.get('tokens', '?')} tokens")
+    graph = manifest.get("onnx")
+    if isinstance(graph, dict) and "nodes" in graph:
+        opsets = ", ".join(f"{domain} {version}" for domain, version in graph.get("opset", {}).items())
+        lines.append(f"  onnx graph: {graph['nodes']} nodes (opsets: {opsets})")
     lines.append("config")
     lines += [f"  {line}" for line in _flat("", manifest["config"])]
     lines.append("files")

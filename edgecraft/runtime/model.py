@@ -94,7 +94,10 @@ class Model:
         """Yield each step's next tokens (B,) for all rows, up to max_new_tokens steps.
 
         The caller decides when a row is done and stops iterating when all are; finished rows keep
-        decoding (one batch, fixed shape) but their tokens are ignored.
+        decoding (one batch, fixed shape) but their tokens are ignored. Each row sees exactly the
+        context it would see alone, so a batch gives each prompt the same greedy text as generate().
+        The engine re-fill that slides one row re-fills the others too (the engine resets whole
+        batches), which costs one batched prefill per slide.
         """
         block, keep = self.block_size, max(1, self.block_size // 2)
         B = len(prompts)
@@ -118,8 +121,11 @@ class Model:
             yield tokens
             if step + 1 == max_new_tokens:
                 return
-            if cached == block:  # slide the window: keep the last `keep` tokens of every row
-                rows = [(prompts[b] + generated[b, : step + 1].tolist())[-keep:] for b in range(B)]
+            if cached == block:  # a row's window is full: it keeps its last `keep` tokens
+                rows = [
+                    (prompts[b] + generated[b, : step + 1].tolist())[-(keep if n == block else n + 1) :]
+                    for b, n in enumerate(self.engine.lengths.tolist())
+                ]  # the other rows re-fill exactly what they held, plus the new token
                 logits = self._prefill(rows)
                 cached = max(len(r) for r in rows)
             else:
