@@ -1,0 +1,364 @@
+"""The int8 graph: the fp32 decoder graph with its matrices rewritten to onnxruntime int8 kernels,
+checked against the fake-quant PyTorch model and gated on validation loss.
+
+Measured on this project's CPU (benchmarks/int8_quality.py): one DynamicQuantizeMatMul per linear
+layer is the fastest int8 form at decode batch 1 and 16 (a QDQ MatMul and MatMulNBits without
+int8 compute dequantize the weights on every call and are 5-10x slower than fp32). So:
+- scheme "dynamic": MatMul (+ Add bias) -> DynamicQuantizeMatMul(x, int8 W, per-column scale, bias)
+- scheme "static":  MatMul (+ Add bias) -> QuantizeLinear(x, a_scale, a_zp) ->
+                    MatMulIntegerToFloat(xq, int8 W, a_scale, w scale, a_zp, bias)
+- quantized embedding tables: DequantizeLinear(int8 table, per-row scale, axis 0) -> Gather
+Weights and activations are rounded by edgecraft.quant's functions, so a QAT run's int8 graph
+computes what its fake-quant model computed (checked at export: `parity`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from edgecraft.errors import UserError
+from edgecraft.model import GPT, GPTConfig
+from edgecraft.onnx_graph import MS, build_graph, graph_io
+from edgecraft.quant import (
+    QATHandle,
+    activation_qparams,
+    attach,
+    fake_quant_weight,
+    quantize_weight,
+    quantized_layers,
+)
+from edgecraft.recipe import QuantConfig, Recipe
+
+KEEP_FLOAT = ("embeddings", "head", "first", "last")
+QUANT_STATE = "quant.safetensors"  # a QAT run's handle state, beside model.safetensors
+GATE_WINDOWS = 8  # validation windows (of block_size tokens) for the fp32/int8 loss comparison
+# Post-training quantization leaves the embedding tables and the (tied) head in float: measured in
+# benchmarks/results/int8.md, quantizing them costs more loss than the bytes they save are worth.
+PTQ_EMBEDDINGS = False
+GATE_EXIT_CODE = 3
+PARITY_TOKENS = 48  # decode steps compared between the fake-quant model and the int8 graph
+# Bound on |logit difference| between the int8 graph and the fake-quant model. Both compute the
+# same integers except where a float32 reordering (fused LayerNorm, GELU) moves an activation across
+# a rounding boundary; one such flip changes a logit by about one activation step (~1e-2 here).
+PARITY_BOUND = 0.05
+
+
+@dataclass(frozen=True)
+class Int8Plan:
+    """What to quantize and how: the layer names (edgecraft.quant's), the scheme, static ranges."""
+
+    layers: frozenset[str]
+    scheme: str  # "dynamic" | "static"
+    ranges: dict[str, tuple[float, float]]  # static only: layer -> (lo, hi) of its input
+
+
+def plan_layers(model: GPT, embeddings: bool, keep_float: tuple[str, ...]) -> frozenset[str]:
+    """The layers an int8 export quantizes: every block linear, plus the tables and the head when
+    `embeddings`, minus what `keep_float` names."""
+    bad = [k for k in keep_float if k not in KEEP_FLOAT]
+    if bad:
+        raise UserError(f"--keep-float {bad[0]!r}: expected one of {', '.join(KEEP_FLOAT)}")
+    layers = set(quantized_layers(model, embeddings))
+    last = model.cfg.n_layers - 1
+    drop = {
+        "embeddings": lambda n: n in ("tok_emb", "pos_emb"),
+        "head": lambda n: n == "head",
+        "first": lambda n: n.startswith("blocks.0."),
+        "last": lambda n: n.startswith(f"blocks.{last}."),
+    }
+    for key in keep_float:
+        layers = {n for n in layers if not drop[key](n)}
+    return frozenset(layers)
+
+
+# --- the graph rewrite ------------------------------------------------------------------------
+
+
+def _graph_layer(init_name: str) -> str | None:
+    """The quant layer name a graph initializer belongs to ('blocks.0.attn.qkv.weight.T' ->
+    'blocks.0.attn.qkv'; the fused SwiGLU 'gate_up' stands for gate and up)."""
+    if not init_name.endswith(".weight.T"):
+        return None
+    return init_name.removesuffix(".weight.T").replace(".mlp.gate_up", ".mlp.gate")
+
+
+def _dequantized_tables(weights: dict[str, np.ndarray], layers: frozenset[str]) -> dict[str, np.ndarray]:
+    """Weights with the quantized embedding tables replaced by their int8 round trip, so tables the
+    graph derives from them (a tied head, rotary's normed lookup) see what QAT saw."""
+    out = dict(weights)
+    for name in ("tok_emb", "pos_emb"):
+        if name in layers and f"{name}.weight" in out:
+            w = torch.from_numpy(np.ascontiguousarray(out[f"{name}.weight"], dtype=np.float32))
+            out[f"{name}.weight"] = fake_quant_weight(w).numpy()
+    return out
+
+
+def build_int8_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], plan: Int8Plan, opset: int = 17) -> onnx.ModelProto:
+    """The fp32 graph of onnx_graph.build_graph with the plan's matrices and tables in int8."""
+    model = build_graph(cfg, _dequantized_tables(weights, plan.layers), opset)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    new_nodes, dropped, added = [], set(), []
+    skip: set[int] = set()  # ids of Add nodes folded into the matmul before them
+
+    for node in graph.node:
+        if id(node) in skip:
+            continue
+        layer = _graph_layer(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if layer is not None and layer in plan.layers and node.input[1] in inits:
+            w_t = numpy_helper.to_array(inits[node.input[1]])  # (K, N)
+            q, scale = quantize_weight(torch.from_numpy(np.ascontiguousarray(w_t.T)))  # (N, K), (N,)
+            base = node.input[1].removesuffix(".T")
+            wq = numpy_helper.from_array(np.ascontiguousarray(q.numpy().T), base + ".int8")  # (K, N)
+            ws = numpy_helper.from_array(scale.numpy(), base + ".scale")
+            added += [wq, ws]
+            dropped.add(node.input[1])
+            out, bias = node.output[0], ""
+            users = consumers.get(out, [])
+            if len(users) == 1 and users[0].op_type == "Add" and users[0].input[1] in inits:
+                bias, out = users[0].input[1], users[0].output[0]
+                skip.add(id(users[0]))
+            if plan.scheme == "dynamic":
+                new_nodes.append(helper.make_node(
+                    "DynamicQuantizeMatMul", [node.input[0], wq.name, ws.name, "", bias], [out],
+                    name=node.name, domain=MS,
+                ))
+            else:
+                lo, hi = plan.ranges[layer]
+                a_scale, a_zp = activation_qparams(torch.tensor(lo), torch.tensor(hi))
+                s = numpy_helper.from_array(np.array(a_scale.item(), dtype=np.float32), base + ".act_scale")
+                z = numpy_helper.from_array(np.array(int(a_zp.item()), dtype=np.uint8), base + ".act_zero_point")
+                added += [s, z]
+                xq = node.name + "/x_uint8"
+                new_nodes.append(helper.make_node(
+                    "QuantizeLinear", [node.input[0], s.name, z.name], [xq], name=node.name + "/quantize"
+                ))
+                new_nodes.append(helper.make_node(
+                    "MatMulIntegerToFloat", [xq, wq.name, s.name, ws.name, z.name, "", bias], [out],
+                    name=node.name, domain=MS,
+                ))
+            continue
+        if node.op_type == "Gather" and node.input[0] in ("tok_emb.weight", "pos_emb.weight"):
+            table = node.input[0].removesuffix(".weight")
+            if table in plan.layers:
+                q, scale = quantize_weight(torch.tensor(numpy_helper.to_array(inits[node.input[0]])))
+                tq = numpy_helper.from_array(q.numpy(), f"{table}.weight.int8")  # (V, D)
+                ts = numpy_helper.from_array(scale.numpy(), f"{table}.weight.scale")  # (V,)
+                added += [tq, ts]
+                dropped.add(node.input[0])
+                deq = f"{table}/dequantized"
+                new_nodes.append(helper.make_node(
+                    "DequantizeLinear", [tq.name, ts.name], [deq], name=f"{table}/dequantize", axis=0
+                ))
+                new_nodes.append(helper.make_node("Gather", [deq, node.input[1]], list(node.output), name=node.name))
+                continue
+        new_nodes.append(node)
+
+    still_used = {name for node in new_nodes for name in node.input}
+    kept = [t for t in graph.initializer if t.name not in dropped or t.name in still_used]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + added)
+    onnx.checker.check_model(model)
+    return model
+
+
+# --- plans from a run ---------------------------------------------------------------------------
+
+
+def calibrate_ranges(model: GPT, batches, embeddings: bool) -> dict[str, tuple[float, float]]:
+    """Static input ranges (min, max over all batches) of every quantizable linear layer."""
+    handle = attach(model, QuantConfig(qat=True, scheme="static", embeddings=embeddings))
+    handle.calibrating = True
+    try:
+        with torch.no_grad():
+            for x, _ in batches:
+                model(torch.as_tensor(x))
+    finally:
+        handle.detach()
+    return {name: (float(r[0]), float(r[1])) for name, r in handle.ranges.items()}
+
+
+def ranges_from_state(state: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+    return {k.removesuffix(".act_range"): (float(v[0]), float(v[1])) for k, v in state.items()}
+
+
+def fake_quant_model(model: GPT, plan: Int8Plan) -> QATHandle:
+    """Hooks on `model` that compute what the plan's int8 graph computes (for the parity check)."""
+    embeddings = bool({"tok_emb", "pos_emb", "head"} & plan.layers)
+    handle = attach(model, QuantConfig(qat=True, scheme=plan.scheme, embeddings=embeddings), set(plan.layers))
+    for name, (lo, hi) in plan.ranges.items():
+        if name in handle.ranges:
+            handle.ranges[name] = torch.tensor([lo, hi])
+    return handle
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def _engine(path: Path, cfg: GPTConfig):
+    from edgecraft.runtime.engine import Engine
+
+    return Engine(path, {"config": cfg.to_dict(), "onnx": graph_io(cfg)}, threads=1)
+
+
+def decode_logits(path: Path, cfg: GPTConfig, ids: np.ndarray) -> np.ndarray:
+    """Logits (T, V) of decoding ids (T,) one token at a time, batch 1: the generation path."""
+    engine = _engine(path, cfg)
+    engine.reset(1)
+    return np.stack([engine.decode(np.array([t])).copy()[0] for t in ids])
+
+
+def decode_loss(path: Path, cfg: GPTConfig, windows: np.ndarray) -> float:
+    """Mean next-token cross-entropy over windows (W, T + 1), decoding each at batch 1."""
+    engine = _engine(path, cfg)
+    total, count = 0.0, 0
+    for row in windows:
+        engine.reset(1)
+        for t in range(len(row) - 1):
+            logits = engine.decode(np.array([row[t]]))[0].astype(np.float64)  # (V,)
+            m = logits.max()
+            total += m + math.log(np.exp(logits - m).sum()) - logits[row[t + 1]]
+            count += 1
+    return float(total / count)
+
+
+def torch_decode_logits(model: GPT, ids: np.ndarray) -> np.ndarray:
+    """The same decode in PyTorch, one token per call with the KV cache."""
+    out, cache = [], None
+    with torch.no_grad():
+        for t in ids:
+            logits, _, cache = model(torch.tensor([[int(t)]]), cache=cache)
+            out.append(logits[0, -1].numpy())
+    return np.stack(out)
+
+
+def val_windows(tokens: np.ndarray, block_size: int, n: int) -> np.ndarray:
+    """n windows of block_size + 1 tokens spread evenly over the validation split."""
+    length = min(block_size, len(tokens) - 1)
+    starts = np.linspace(0, len(tokens) - length - 1, n).astype(np.int64)
+    return np.stack([tokens[s : s + length + 1] for s in starts]).astype(np.int64)
+
+
+def int8_report(
+    model: GPT, plan: Int8Plan, int8_path: Path, fp32_path: Path, windows: np.ndarray,
+    max_loss_increase: float | None,
+) -> dict:
+    """Parity with the fake-quant model and the fp32/int8 validation losses; raises UserError
+    (exit code 3) when int8 loses more than `max_loss_increase` percent."""
+    cfg = model.cfg
+    probe = windows[0][:-1][:PARITY_TOKENS]  # (T,) within block_size
+    handle = fake_quant_model(model, plan)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one-token steps: more threads only contend (30x slower on a busy CPU)
+    try:
+        expected = torch_decode_logits(model.eval(), probe)
+    finally:
+        torch.set_num_threads(threads)
+        handle.detach()
+    got = decode_logits(int8_path, cfg, probe)
+    parity = float(np.abs(got - expected).max())
+    if parity > PARITY_BOUND:
+        raise UserError(
+            f"int8 graph does not match the fake-quant model (max logit difference {parity:.3g} > "
+            f"{PARITY_BOUND}); this is a bug in edgecraft's int8 export"
+        )
+    loss_fp32 = decode_loss(fp32_path, cfg, windows)
+    loss_int8 = decode_loss(int8_path, cfg, windows)
+    increase = float(100.0 * (loss_int8 - loss_fp32) / loss_fp32)
+    report = {
+        "scheme": plan.scheme,
+        "kernel": "DynamicQuantizeMatMul" if plan.scheme == "dynamic" else "MatMulIntegerToFloat",
+        "weights": "int8 symmetric per output channel",
+        "activations": "uint8 asymmetric, " + (
+            "range per call" if plan.scheme == "dynamic" else "static ranges"
+        ),
+        "quantized_layers": sorted(plan.layers),
+        "parity_max_abs_logit_diff": parity,
+        "parity_bound": PARITY_BOUND,
+        "val_loss_fp32": loss_fp32,
+        "val_loss_int8": loss_int8,
+        "val_ppl_fp32": math.exp(loss_fp32),
+        "val_ppl_int8": math.exp(loss_int8),
+        "val_loss_increase_pct": increase,
+        "val_tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
+        "eval": "decode, batch 1",
+    }
+    print(
+        f"int8 ({plan.scheme}): val loss {loss_fp32:.4f} fp32 -> {loss_int8:.4f} int8 "
+        f"({increase:+.2f}%), perplexity {math.exp(loss_fp32):.3f} -> {math.exp(loss_int8):.3f}; "
+        f"parity with the fake-quant model {parity:.2g}"
+    )
+    if max_loss_increase is not None and increase > max_loss_increase:
+        raise UserError(
+            f"int8 validation loss is {increase:.2f}% above fp32 ({loss_int8:.4f} vs {loss_fp32:.4f}), "
+            f"more than --max-loss-increase {max_loss_increase}%; nothing written. Try a QAT run "
+            f"(quant.qat = true) or --keep-float",
+            exit_code=GATE_EXIT_CODE,
+        )
+    return report
+
+
+# --- the export step ----------------------------------------------------------------------------
+
+
+def export_int8(
+    run_dir: Path, model: GPT, recipe: Recipe, val: np.ndarray, fp32_path: Path, int8_path: Path,
+    keep_float: tuple[str, ...] = (), calibrate: int = 0, max_loss_increase: float | None = None,
+    opset: int = 17,
+) -> dict:
+    """Write the run's int8 graph to `int8_path` and return the manifest's quantization section.
+
+    A QAT run is exported with the scheme it trained with (and, for static, the ranges it
+    observed); a plain run gets post-training quantization: dynamic, or static from `calibrate`
+    validation batches. Raises the gate's UserError (exit code 3) when int8 loses too much.
+    """
+    quant = recipe.quant
+    if quant.qat:
+        if calibrate:
+            raise UserError(
+                f"--calibrate: {run_dir} was trained with QAT (quant.qat = true) and exports with the "
+                f"ranges it learned; --calibrate is for runs trained in float"
+            )
+        scheme, embeddings, ranges = quant.scheme, quant.embeddings, {}
+        if scheme == "static":
+            from edgecraft.quant import load_state
+
+            if not (run_dir / QUANT_STATE).is_file():
+                raise UserError(f"{run_dir / QUANT_STATE}: not found; a static QAT run keeps its ranges there")
+            ranges = ranges_from_state(load_state(run_dir / QUANT_STATE)[1])
+    else:
+        scheme, embeddings, ranges = ("static" if calibrate else "dynamic"), PTQ_EMBEDDINGS, {}
+        if calibrate:
+            from edgecraft.data import eval_batches
+
+            batches = eval_batches(val, recipe.train.batch_size, model.cfg.block_size, calibrate, recipe.seed)
+            ranges = calibrate_ranges(model, batches, embeddings)
+    plan = Int8Plan(plan_layers(model, embeddings, keep_float), scheme, ranges)
+    weights = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
+    onnx.save(build_int8_graph(model.cfg, weights, plan, opset), str(int8_path))
+    windows = val_windows(val, model.cfg.block_size, GATE_WINDOWS)
+    report = int8_report(model, plan, int8_path, fp32_path, windows, max_loss_increase)
+    fp32_bytes, int8_bytes = fp32_path.stat().st_size, int8_path.stat().st_size
+    return {
+        "file": int8_path.name,
+        "method": "qat" if quant.qat else ("ptq-static" if calibrate else "ptq-dynamic"),
+        "calibration_batches": calibrate,
+        "keep_float": list(keep_float),
+        "bytes": int8_bytes,
+        "fp32_bytes": fp32_bytes,
+        "size_ratio": int8_bytes / fp32_bytes,
+        **report,
+    }

@@ -1,0 +1,146 @@
+"""The int8 graph: structure (which kernels, which dtypes), parity with the fake-quant model within
+the stated bound, keep-float choices, and the validation-loss gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+
+from edgecraft.errors import UserError
+from edgecraft.int8 import (
+    PARITY_BOUND,
+    Int8Plan,
+    build_int8_graph,
+    calibrate_ranges,
+    int8_report,
+    plan_layers,
+    ranges_from_state,
+    val_windows,
+)
+from edgecraft.model import GPT, GPTConfig
+from edgecraft.onnx_graph import build_graph
+from edgecraft.quant import attach
+from edgecraft.recipe import QuantConfig
+
+BASE = dict(vocab_size=19, d_model=32, n_layers=2, n_heads=4, d_ff=64, block_size=24)
+VARIANTS = {
+    "gpt2": {},
+    "llama": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, tie_embeddings=False),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny tensors: a second thread only contends (30x slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def trained_model(seed: int = 0, **overrides) -> GPT:
+    """A tiny model after a few real optimizer steps (so weights and activations are not init noise)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**BASE, **overrides}))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pattern = torch.arange(BASE["block_size"] + 1) % 7  # a learnable sequence
+    idx = torch.stack([torch.roll(pattern, s) for s in range(8)])  # (8, T + 1)
+    for _ in range(30):
+        _, loss, _ = model(idx[:, :-1], targets=idx[:, 1:].contiguous())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def weights(model: GPT) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def windows(n: int = 2) -> np.ndarray:
+    tokens = np.random.default_rng(0).integers(0, BASE["vocab_size"], 400)
+    tokens[::3] = 5  # some structure
+    return val_windows(tokens, BASE["block_size"], n)
+
+
+@pytest.mark.parametrize("scheme", ["dynamic", "static"])
+def test_structure(scheme):
+    model = trained_model()
+    ranges = calibrate_ranges(model, [(windows()[:, :-1], None)], embeddings=True) if scheme == "static" else {}
+    plan = Int8Plan(plan_layers(model, embeddings=True, keep_float=()), scheme, ranges)
+    graph = build_int8_graph(model.cfg, weights(model), plan)
+    kernel = "DynamicQuantizeMatMul" if scheme == "dynamic" else "MatMulIntegerToFloat"
+    assert ops(graph).count(kernel) == 4 * 2 + 1  # every block linear and the head
+    assert "MatMul" not in ops(graph) and ops(graph).count("DequantizeLinear") == 2  # both tables
+    assert ops(graph).count("QuantizeLinear") == (9 if scheme == "static" else 0)
+    assert "Add" not in ops(graph)  # the qkv bias folded into the kernel
+    dtypes = {t.name: t.data_type for t in graph.graph.initializer}
+    assert dtypes["blocks.0.attn.qkv.weight.int8"] == TensorProto.INT8
+    assert dtypes["tok_emb.weight.int8"] == TensorProto.INT8 and "tok_emb.weight" not in dtypes
+    fp32 = build_graph(model.cfg, weights(model))
+    assert graph.ByteSize() < 0.45 * fp32.ByteSize()  # scales, norms and biases weigh more at this size
+
+
+def test_keep_float():
+    model = trained_model()
+    every = plan_layers(model, embeddings=True, keep_float=())
+    assert {"tok_emb", "pos_emb", "head", "blocks.0.attn.qkv", "blocks.1.mlp.proj"} <= every
+    kept = plan_layers(model, embeddings=True, keep_float=("embeddings", "head", "first"))
+    assert kept == {n for n in every if n.startswith("blocks.1.")}
+    assert not any(n.startswith("blocks.1.") for n in plan_layers(model, True, ("last",)))
+    assert "head" not in plan_layers(model, embeddings=False, keep_float=())
+    graph = build_int8_graph(model.cfg, weights(model), Int8Plan(kept, "dynamic", {}))
+    assert ops(graph).count("DynamicQuantizeMatMul") == 4 and ops(graph).count("MatMul") == 4 + 1
+    with pytest.raises(UserError, match="--keep-float 'tail'"):
+        plan_layers(model, embeddings=False, keep_float=("tail",))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("scheme", ["dynamic", "static"])
+def test_int8_graph_computes_what_the_fake_quant_model_computes(tmp_path, variant, scheme):
+    model = trained_model(1, **VARIANTS[variant])
+    win = windows()
+    ranges = calibrate_ranges(model, [(win[:, :-1], None)], embeddings=True) if scheme == "static" else {}
+    plan = Int8Plan(plan_layers(model, embeddings=True, keep_float=()), scheme, ranges)
+    onnx.save(build_graph(model.cfg, weights(model)), tmp_path / "fp32.onnx")
+    onnx.save(build_int8_graph(model.cfg, weights(model), plan), tmp_path / "int8.onnx")
+    report = int8_report(model, plan, tmp_path / "int8.onnx", tmp_path / "fp32.onnx", win, None)
+    assert report["parity_max_abs_logit_diff"] <= PARITY_BOUND
+    assert report["val_tokens"] == 2 * BASE["block_size"]
+    assert abs(report["val_loss_increase_pct"]) < 5  # int8 of a trained model stays close
+    assert report["scheme"] == scheme and "blocks.0.attn.qkv" in report["quantized_layers"]
+
+
+def test_qat_state_exports_static_ranges(tmp_path):
+    """A static QAT run's observed ranges become the graph's activation scales."""
+    model = trained_model(2)
+    handle = attach(model, QuantConfig(qat=True, scheme="static"))
+    model.train()
+    with torch.no_grad():
+        model(torch.as_tensor(windows(4)[:, :-1]))
+    model.eval()
+    state = handle.state_dict()
+    handle.detach()
+    plan = Int8Plan(plan_layers(model, embeddings=False, keep_float=()), "static", ranges_from_state(state))
+    onnx.save(build_graph(model.cfg, weights(model)), tmp_path / "fp32.onnx")
+    onnx.save(build_int8_graph(model.cfg, weights(model), plan), tmp_path / "int8.onnx")
+    report = int8_report(model, plan, tmp_path / "int8.onnx", tmp_path / "fp32.onnx", windows(), None)
+    assert report["parity_max_abs_logit_diff"] <= PARITY_BOUND
+
+
+def test_loss_gate_fails_with_exit_code_3(tmp_path):
+    model = trained_model(3)
+    plan = Int8Plan(plan_layers(model, embeddings=True, keep_float=()), "dynamic", {})
+    onnx.save(build_graph(model.cfg, weights(model)), tmp_path / "fp32.onnx")
+    onnx.save(build_int8_graph(model.cfg, weights(model), plan), tmp_path / "int8.onnx")
+    with pytest.raises(UserError, match="max-loss-increase") as err:
+        int8_report(model, plan, tmp_path / "int8.onnx", tmp_path / "fp32.onnx", windows(), -100.0)
+    assert err.value.exit_code == 3
