@@ -128,12 +128,17 @@ def bpe_model(tmp_path_factory, byte_bpe):
 
 
 @torch.no_grad()
-def reference_greedy(torch_model, ids: list[int], n: int) -> list[int]:
-    """PyTorch greedy decoding with the runtime's documented window: full cache -> keep block // 2."""
+def reference_greedy(torch_model, ids: list[int], n: int, penalty: float = 1.0) -> list[int]:
+    """PyTorch greedy decoding with the runtime's documented window (full cache -> keep block // 2)
+    and CTRL repetition penalty over every token of the prompt and the output so far."""
     block = torch_model.cfg.block_size
     ctx, out = ids[-block:], []
     for _ in range(n):
-        tok = int(torch_model(torch.tensor([ctx]))[0][0, -1].argmax())
+        logits = torch_model(torch.tensor([ctx]))[0][0, -1]
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        seen[ids + out] = True
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        tok = int(torch.where(seen, penalized, logits).argmax())
         out.append(tok)
         ctx = (ctx + [tok])[-(block // 2) :] if len(ctx) == block else ctx + [tok]
     return out
@@ -152,6 +157,20 @@ def test_long_prompt_keeps_its_last_block(tiny):
     prompt = CORPUS * 3  # longer than block_size
     expected = model.decode(reference_greedy(torch_model, model.encode(prompt), 20))
     assert model.generate(prompt, max_new_tokens=20, temperature=0) == expected
+
+
+def test_repetition_penalty_matches_pytorch(tiny):
+    _, torch_model, model = tiny
+    ids = model.encode("The cat")
+    expected = model.decode(reference_greedy(torch_model, ids, 40, penalty=1.5))
+    got = model.generate("The cat", max_new_tokens=40, temperature=0, repetition_penalty=1.5)
+    assert got == expected
+    assert got != model.generate("The cat", max_new_tokens=40, temperature=0)
+
+
+def test_thread_count_is_an_option(tiny):
+    assert load(tiny[0], threads=2).engine.threads == 2
+    assert load(tiny[0]).engine.threads == 1  # the bundle's recommendation
 
 
 def test_same_seed_same_text(tiny):
