@@ -32,6 +32,8 @@ NOTES = (
     "Latency p50/p95/p99: one decode step, which yields one token for each of the batch's sequences.",
     "Load: opening the bundle (sha256 checks, session creation) or the run (weights, model build); "
     "library import time is recorded apart (import_s).",
+    "CPU/wall: CPU seconds the row's process got per second while decoding; well below its thread "
+    "count means other processes took the cores (a shared machine) and the speeds are pessimistic.",
     "Peak RSS: the row's own process (Python, libraries, model, timed runs), before the perplexity pass.",
     "Perplexity: exp(mean next-token loss) over non-overlapping block_size windows of the quality text, "
     "each row with its own tokenizer.",

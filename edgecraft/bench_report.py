@@ -56,7 +56,7 @@ def row_table(report: dict) -> Table:
     """Everything else per row: load, size, parameters, TTFT, step latency, memory, quality, checks."""
     header = [
         "model", "backend", "prec", "threads", "batch", "load ms", "file MB", "params", "TTFT ms",
-        "step ms p50/p95/p99", "peak RSS MB", "ppl", "tokens checked", "greedy = fp32",
+        "step ms p50/p95/p99", "CPU/wall", "peak RSS MB", "ppl", "tokens checked", "greedy = fp32",
     ]
     lines = []
     for row in report["rows"]:
@@ -73,6 +73,7 @@ def row_table(report: dict) -> Table:
             "–" if row.get("params") is None else f"{row['params']:,}",
             f"{row['ttft_ms']['median']:.2f}",
             f"{lat['p50']:.3f} / {lat['p95']:.3f} / {lat['p99']:.3f}",
+            f"{row['decode_cpu_per_wall']:.2f}",
             f"{row['peak_rss_mb']:,.0f}",
             "–" if quality is None else f"{quality['ppl']:.3f}",
             f"{checks['tokens_produced']:,} ok" if checks["ok"] else "FAILED",

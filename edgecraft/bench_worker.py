@@ -150,7 +150,7 @@ def run_once(engine, prompt: np.ndarray, new_tokens: int) -> dict:
     t0 = time.perf_counter()
     logits = engine.prefill(prompt)  # (B, P, V)
     t1 = time.perf_counter()
-    first = logits[:, -1].argmax(-1)  # (B,)
+    logits[:, -1].argmax(-1)  # (B,) the first new token
     t2 = time.perf_counter()
     if logits.shape[:2] != (B, P) or not np.isfinite(logits[:, -1]).all():
         raise RuntimeError(f"prefill returned logits of shape {logits.shape} or non-finite values")
@@ -159,6 +159,7 @@ def run_once(engine, prompt: np.ndarray, new_tokens: int) -> dict:
     nxt = engine.prefill(prompt[:, :1])[:, -1].argmax(-1)  # (B,)
     tokens = np.empty((B, new_tokens), dtype=np.int64)  # (B, N) what greedy decoding produced
     steps = []
+    cpu0 = time.process_time()
     for i in range(new_tokens):
         s = time.perf_counter()
         logits = engine.decode(nxt)  # (B, V)
@@ -167,7 +168,8 @@ def run_once(engine, prompt: np.ndarray, new_tokens: int) -> dict:
         if logits.shape[0] != B or not np.isfinite(logits).all():
             raise RuntimeError(f"decode step {i} returned logits of shape {logits.shape} or non-finite values")
         tokens[:, i] = nxt
-    return {"prefill_s": t1 - t0, "ttft_s": t2 - t0, "step_s": steps, "tokens": tokens, "first": first}
+    cpu_s = time.process_time() - cpu0
+    return {"prefill_s": t1 - t0, "ttft_s": t2 - t0, "step_s": steps, "cpu_s": cpu_s, "tokens": tokens}
 
 
 def measure(engine, prompt: np.ndarray, new_tokens: int, warmup: int, runs: int) -> dict:
@@ -195,6 +197,9 @@ def measure(engine, prompt: np.ndarray, new_tokens: int, warmup: int, runs: int)
         },
         "ttft_ms": summarize([r["ttft_s"] * 1e3 for r in results]),
         "step_latency_ms": {**percentiles(steps_ms), "mean": float(np.mean(steps_ms))},
+        # CPU seconds the process got per wall second while decoding: well under the thread count
+        # means other processes took the cores and the speeds above are pessimistic
+        "decode_cpu_per_wall": sum(r["cpu_s"] for r in results) / sum(decode_s),
         "checks": {
             "tokens_produced": produced,
             "tokens_expected": runs * B * new_tokens,

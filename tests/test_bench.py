@@ -88,7 +88,7 @@ threads = 1
 ROW_KEYS = {
     "name", "path", "kind", "precision", "threads", "batch", "status", "backend", "load_s", "file",
     "file_bytes", "params", "prefill", "decode", "ttft_ms", "step_latency_ms", "peak_rss_mb",
-    "quality", "checks", "greedy_tokens",
+    "quality", "checks", "greedy_tokens", "decode_cpu_per_wall",
 }
 
 
