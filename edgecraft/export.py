@@ -42,7 +42,7 @@ from edgecraft.errors import UserError
 from edgecraft.model import GPT
 from edgecraft.onnx_graph import build_graph, graph_io
 from edgecraft.recipe import Recipe, load_recipe
-from edgecraft.runtime.bundle import FORMAT, FP32_MODEL, MANIFEST, TOKENIZER, sha256_file
+from edgecraft.runtime.bundle import FORMAT, FP32_MODEL, INT8_MODEL, MANIFEST, TOKENIZER, sha256_file
 from edgecraft.runtime.engine import DEFAULT_THREADS, Engine
 
 PARITY_BOUND = 1e-4  # max |logit difference| fp32 ONNX vs PyTorch; measured ~1e-6 on trained runs
@@ -273,9 +273,12 @@ def onnx_section(model: GPT, graph: onnx.ModelProto) -> dict:
 
 
 def _manifest(model: GPT, tokenizer: Tokenizer, recipe: Recipe, graph: onnx.ModelProto,
-              checks: dict, root: Path) -> dict:
+              checks: dict, root: Path, int8: dict | None = None) -> dict:
     cfg = model.cfg
-    files = [FP32_MODEL, TOKENIZER]
+    files = [name for name in (FP32_MODEL, INT8_MODEL, TOKENIZER) if (root / name).is_file()]
+    quantization = {FP32_MODEL: "none (float32)"} if FP32_MODEL in files else {}
+    if int8 is not None:  # int8 step (edgecraft/int8.py): scheme, sizes, parity, fp32/int8 val loss
+        quantization[INT8_MODEL] = int8
     return {
         "format": FORMAT,
         "name": recipe.name,
@@ -285,7 +288,7 @@ def _manifest(model: GPT, tokenizer: Tokenizer, recipe: Recipe, graph: onnx.Mode
         "config": cfg.to_dict(),
         "vocab_size": cfg.vocab_size,
         "tokenizer": {"file": TOKENIZER, "kind": recipe.data.tokenizer, "tokens": tokenizer.get_vocab_size()},
-        "quantization": {FP32_MODEL: "none (float32)"},
+        "quantization": quantization,
         "files": {
             name: {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
             for name in files
@@ -319,11 +322,12 @@ def _publish(tmp: Path, out: Path) -> None:
 def export_run(run_dir: Path, out: Path | None, options: ExportOptions) -> Path:
     """Export `run_dir` to a bundle at `out` (default export/NAME) and return its path."""
     run_dir = Path(run_dir)
-    if options.int8 or options.int8_only:
-        raise UserError("--int8: int8 export is not available yet")
     top = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= options.opset <= top:
         raise UserError(f"--opset {options.opset}: expected {MIN_OPSET} to {top}")
+    from edgecraft.int8 import check_options  # int8 step (edgecraft/int8.py)
+
+    check_options(options.int8, options.keep_float, options.calibrate, options.max_loss_increase)
     model, tokenizer, recipe = _load_run(run_dir)
     out = Path(out) if out is not None else Path("export") / recipe.name
     if out.exists() and not options.force:
@@ -338,7 +342,17 @@ def export_run(run_dir: Path, out: Path | None, options: ExportOptions) -> Path:
         manifest = {"config": model.cfg.to_dict(), "onnx": graph_io(model.cfg)}
         engine = Engine(tmp / FP32_MODEL, manifest, threads=1)
         checks = {"text": source, **parity_checks(model, engine, val)}
-        manifest = _manifest(model, tokenizer, recipe, graph, checks, tmp)
+        int8 = None
+        if options.int8:  # int8 step (edgecraft/int8.py); its quality gate raises before anything is kept
+            from edgecraft.int8 import export_int8
+
+            int8 = export_int8(
+                run_dir, model, recipe, val, tmp / FP32_MODEL, tmp / INT8_MODEL, options.keep_float,
+                options.calibrate, options.max_loss_increase, options.opset,
+            )
+            if options.int8_only:
+                (tmp / FP32_MODEL).unlink()
+        manifest = _manifest(model, tokenizer, recipe, graph, checks, tmp, int8)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _publish(tmp, out)
     finally:

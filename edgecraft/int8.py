@@ -314,6 +314,18 @@ def int8_report(
 # --- the export step ----------------------------------------------------------------------------
 
 
+def check_options(int8: bool, keep_float: tuple[str, ...], calibrate: int, max_loss_increase: float | None) -> None:
+    """Refuse int8 flags that would be ignored or are unknown, before any work starts."""
+    if not int8:
+        given = [flag for flag, on in (("--keep-float", keep_float), ("--calibrate", calibrate),
+                                       ("--max-loss-increase", max_loss_increase is not None)) if on]
+        if given:
+            raise UserError(f"{given[0]} applies to the int8 export; add --int8")
+    bad = [k for k in keep_float if k not in KEEP_FLOAT]
+    if bad:
+        raise UserError(f"--keep-float {bad[0]!r}: expected one of {', '.join(KEEP_FLOAT)}")
+
+
 def export_int8(
     run_dir: Path, model: GPT, recipe: Recipe, val: np.ndarray, fp32_path: Path, int8_path: Path,
     keep_float: tuple[str, ...] = (), calibrate: int = 0, max_loss_increase: float | None = None,

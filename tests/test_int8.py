@@ -3,6 +3,9 @@ the stated bound, keep-float choices, and the validation-loss gate."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -81,7 +84,8 @@ def test_structure(scheme):
     assert ops(graph).count(kernel) == 4 * 2 + 1  # every block linear and the head
     assert "MatMul" not in ops(graph) and ops(graph).count("DequantizeLinear") == 2  # both tables
     assert ops(graph).count("QuantizeLinear") == (9 if scheme == "static" else 0)
-    assert "Add" not in ops(graph)  # the qkv bias folded into the kernel
+    qkv = next(n for n in graph.graph.node if n.name == "blocks.0.attn.qkv/MatMul")
+    assert qkv.op_type == kernel and qkv.input[-1] == "blocks.0.attn.qkv.bias"  # bias folded in
     dtypes = {t.name: t.data_type for t in graph.graph.initializer}
     assert dtypes["blocks.0.attn.qkv.weight.int8"] == TensorProto.INT8
     assert dtypes["tok_emb.weight.int8"] == TensorProto.INT8 and "tok_emb.weight" not in dtypes
@@ -144,3 +148,83 @@ def test_loss_gate_fails_with_exit_code_3(tmp_path):
     with pytest.raises(UserError, match="max-loss-increase") as err:
         int8_report(model, plan, tmp_path / "int8.onnx", tmp_path / "fp32.onnx", windows(), -100.0)
     assert err.value.exit_code == 3
+
+
+# --- end to end: `edgecraft export --int8` on trained runs ---------------------------------------
+
+
+def export_cli(*args: str):
+    from typer.testing import CliRunner
+
+    from edgecraft.cli import app
+
+    return CliRunner().invoke(app, ["export", *map(str, args)])
+
+
+def manifest(bundle: Path) -> dict:
+    return json.loads((bundle / "edgecraft.json").read_text())
+
+
+def test_export_int8_beside_fp32(trained_run, tmp_path):
+    from edgecraft.runtime import load
+
+    result = export_cli(trained_run, "--int8", "--out", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    assert "int8 (dynamic): val loss" in result.output
+    m = manifest(tmp_path / "b")
+    assert set(m["files"]) == {"model.onnx", "model.int8.onnx", "tokenizer.json"}
+    q = m["quantization"]["model.int8.onnx"]
+    assert q["method"] == "ptq-dynamic" and q["kernel"] == "DynamicQuantizeMatMul"
+    assert q["bytes"] == (tmp_path / "b" / "model.int8.onnx").stat().st_size < q["fp32_bytes"]
+    assert q["parity_max_abs_logit_diff"] <= q["parity_bound"]
+    assert {"val_loss_fp32", "val_loss_int8", "val_ppl_int8", "val_loss_increase_pct"} <= set(q)
+    text = load(tmp_path / "b", int8=True).generate("The", max_new_tokens=8, temperature=0)
+    assert isinstance(text, str)
+
+
+def test_export_int8_only_static_calibrated(trained_run, tmp_path):
+    result = export_cli(trained_run, "--int8-only", "--calibrate", "2", "--keep-float", "last",
+                        "--out", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["edgecraft.json", "model.int8.onnx", "tokenizer.json"]
+    q = manifest(tmp_path / "b")["quantization"]
+    assert list(q) == ["model.int8.onnx"]
+    q = q["model.int8.onnx"]
+    assert q["method"] == "ptq-static" and q["calibration_batches"] == 2 and q["keep_float"] == ["last"]
+    assert not any(n.startswith("blocks.1.") for n in q["quantized_layers"])
+
+
+def test_loss_gate_keeps_nothing(trained_run, tmp_path):
+    result = export_cli(trained_run, "--int8", "--max-loss-increase", "-100", "--out", tmp_path / "b")
+    assert result.exit_code == 3
+    assert "--max-loss-increase" in result.output and "nothing written" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--calibrate", "2"], "add --int8"),
+    (["--int8", "--keep-float", "tail"], "--keep-float 'tail'"),
+])
+def test_bad_int8_flags(trained_run, tmp_path, args, message):
+    result = export_cli(trained_run, *args, "--out", tmp_path / "b")
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("scheme", ["dynamic", "static"])
+def test_qat_run_exports_what_it_trained(tmp_path, scheme):
+    from conftest import write_tiny_recipe
+
+    from edgecraft.recipe import load_recipe
+    from edgecraft.train import train_recipe
+
+    extra = f'\n[quant]\nqat = true\nstart_step = 20\nscheme = "{scheme}"\nembeddings = true\n'
+    run = train_recipe(load_recipe(write_tiny_recipe(tmp_path, extra)), runs_dir=tmp_path / "runs")
+    result = export_cli(run, "--int8-only", "--out", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    q = manifest(tmp_path / "b")["quantization"]["model.int8.onnx"]
+    assert q["method"] == "qat" and q["scheme"] == scheme
+    assert {"tok_emb", "head"} <= set(q["quantized_layers"])
+    assert q["parity_max_abs_logit_diff"] <= PARITY_BOUND
+    result = export_cli(run, "--int8", "--calibrate", "2", "--out", tmp_path / "c")
+    assert result.exit_code == 2 and "trained with QAT" in result.output
