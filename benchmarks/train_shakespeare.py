@@ -1,0 +1,316 @@
+"""Training benchmark: edgecraft vs. nanoGPT's CPU "baby" Shakespeare run, side by side.
+
+    python benchmarks/train_shakespeare.py [--corpus PATH] [--threads 2] [--nanogpt] [--repeats 1]
+
+edgecraft trains recipes/shakespeare-baby.toml through the real `edgecraft train` command; with
+--nanogpt the same machine then runs nanoGPT's training loop on the same corpus with the same
+hyperparameters (4 layers, 4 heads, width 128, block 64, batch 12, 2000 iterations, lr 1e-3 ->
+1e-4, warmup 100, AdamW betas (0.9, 0.99), weight decay 0.1, clip 1.0, no dropout, bias=False).
+Each run is a fresh process; runs alternate between the two when --repeats > 1.
+
+Reported: the final validation loss (nanoGPT's README: about 1.88 for this run), the median
+milliseconds per training iteration and tokens/s (evaluation excluded, as nanoGPT prints them),
+and the wall time of the whole run.
+
+The nanoGPT side (`_nanogpt`) is a faithful minimal re-implementation of Andrej Karpathy's
+nanoGPT (https://github.com/karpathy/nanoGPT, MIT license): model.py's GPT, configure_optimizers
+and train.py's get_batch, get_lr and loop, with only what this configuration uses (no DDP, no
+checkpoints, no AMP: on CPU its autocast context is a no-op and its GradScaler is disabled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+RECIPE = REPO / "recipes" / "shakespeare-baby.toml"
+
+# the baby run, as nanoGPT's README runs it on CPU (config/train_shakespeare_char.py + flags)
+BABY = dict(
+    n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0, bias=False,
+    learning_rate=1e-3, max_iters=2000, lr_decay_iters=2000, min_lr=1e-4, warmup_iters=100,
+    weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0, eval_interval=250, eval_iters=200,
+)
+
+
+# ---------------------------------------------------------------------------- edgecraft
+
+
+def run_edgecraft(corpus: Path, threads: int, steps: int, workdir: Path) -> dict:
+    exe = Path(sys.executable).with_name("edgecraft")
+    cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "edgecraft.cli"])]
+    cmd += [
+        "train", str(RECIPE), "--runs-dir", str(workdir / "runs"), "--force",
+        "--set", f"data.source={json.dumps(str(corpus))}",
+        "--set", f"data.cache_dir={json.dumps(str(workdir / 'cache'))}",
+        "--set", f"train.threads={threads}",
+        "--set", f"train.max_steps={steps}",
+    ]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"edgecraft train failed:\n{done.stderr[-3000:]}")
+    wall = time.perf_counter() - t0
+    events = [json.loads(line) for line in (workdir / "runs" / "shakespeare-baby" / "metrics.jsonl").open()]
+    speeds = [e["tokens_per_s"] for e in events if e["event"] == "train"][1:]  # first window warms up
+    tok_s = statistics.median(speeds)
+    val = [e["loss"] for e in events if e["event"] == "eval"][-1]
+    tokens_per_iter = BABY["batch_size"] * BABY["block_size"]
+    return {"val_loss": val, "tok_s": tok_s, "ms_per_iter": 1000 * tokens_per_iter / tok_s, "wall_s": wall}
+
+
+# ---------------------------------------------------------------------------- nanoGPT
+
+
+def _nanogpt(corpus: Path, threads: int, steps: int) -> dict:
+    """nanoGPT's baby run (see the module docstring); returns the same figures as run_edgecraft."""
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    from torch.nn import functional as F
+
+    torch.set_num_threads(threads)
+    cfg = dict(BABY, max_iters=steps, lr_decay_iters=steps)
+
+    # data/shakespeare_char/prepare.py: sorted characters, first 90% train, uint16
+    text = corpus.read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+    n = int(len(ids) * 0.9)
+    splits = {"train": ids[:n], "val": ids[n:]}
+
+    class LayerNorm(nn.Module):
+        def __init__(self, ndim, bias):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(ndim))
+            self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+        def forward(self, x):
+            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+    class CausalSelfAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            d = cfg["n_embd"]
+            self.c_attn = nn.Linear(d, 3 * d, bias=cfg["bias"])
+            self.c_proj = nn.Linear(d, d, bias=cfg["bias"])
+            self.resid_dropout = nn.Dropout(cfg["dropout"])
+
+        def forward(self, x):
+            B, T, C = x.size()
+            nh = cfg["n_head"]
+            q, k, v = self.c_attn(x).split(C, dim=2)
+            k = k.view(B, T, nh, C // nh).transpose(1, 2)  # (B, nh, T, hs)
+            q = q.view(B, T, nh, C // nh).transpose(1, 2)
+            v = v.view(B, T, nh, C // nh).transpose(1, 2)
+            drop = cfg["dropout"] if self.training else 0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=drop, is_causal=True)
+            y = y.transpose(1, 2).contiguous().view(B, T, C)
+            return self.resid_dropout(self.c_proj(y))
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            d = cfg["n_embd"]
+            self.c_fc = nn.Linear(d, 4 * d, bias=cfg["bias"])
+            self.gelu = nn.GELU()
+            self.c_proj = nn.Linear(4 * d, d, bias=cfg["bias"])
+            self.dropout = nn.Dropout(cfg["dropout"])
+
+        def forward(self, x):
+            return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1 = LayerNorm(cfg["n_embd"], cfg["bias"])
+            self.attn = CausalSelfAttention()
+            self.ln_2 = LayerNorm(cfg["n_embd"], cfg["bias"])
+            self.mlp = MLP()
+
+        def forward(self, x):
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+
+    class GPT(nn.Module):
+        def __init__(self, vocab_size):
+            super().__init__()
+            d = cfg["n_embd"]
+            self.transformer = nn.ModuleDict(dict(
+                wte=nn.Embedding(vocab_size, d),
+                wpe=nn.Embedding(cfg["block_size"], d),
+                drop=nn.Dropout(cfg["dropout"]),
+                h=nn.ModuleList([Block() for _ in range(cfg["n_layer"])]),
+                ln_f=LayerNorm(d, cfg["bias"]),
+            ))
+            self.lm_head = nn.Linear(d, vocab_size, bias=False)
+            self.transformer.wte.weight = self.lm_head.weight
+            self.apply(self._init_weights)
+            for pn, p in self.named_parameters():
+                if pn.endswith("c_proj.weight"):
+                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg["n_layer"]))
+
+        def _init_weights(self, module):
+            if isinstance(module, nn.Linear):
+                torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+        def forward(self, idx, targets):
+            t = idx.size(1)
+            pos = torch.arange(0, t, dtype=torch.long)
+            x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+            for block in self.transformer.h:
+                x = block(x)
+            logits = self.lm_head(self.transformer.ln_f(x))
+            return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+        def configure_optimizers(self):
+            params = [p for p in self.parameters() if p.requires_grad]
+            groups = [
+                {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ]
+            # fused AdamW only when device_type == "cuda"
+            return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]))
+
+    def get_batch(split):
+        data = splits[split]
+        ix = torch.randint(len(data) - cfg["block_size"], (cfg["batch_size"],))
+        x = torch.stack([torch.from_numpy(data[i : i + cfg["block_size"]].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + cfg["block_size"]].astype(np.int64)) for i in ix])
+        return x, y
+
+    @torch.no_grad()
+    def estimate_loss():
+        out = {}
+        model.eval()
+        for split in ("train", "val"):
+            losses = torch.zeros(cfg["eval_iters"])
+            for k in range(cfg["eval_iters"]):
+                losses[k] = model(*get_batch(split))[1].item()
+            out[split] = losses.mean().item()
+        model.train()
+        return out
+
+    def get_lr(it):
+        if it < cfg["warmup_iters"]:
+            return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
+        if it > cfg["lr_decay_iters"]:
+            return cfg["min_lr"]
+        ratio = (it - cfg["warmup_iters"]) / (cfg["lr_decay_iters"] - cfg["warmup_iters"])
+        return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
+
+    torch.manual_seed(1337)
+    model = GPT(len(chars))
+    optimizer = model.configure_optimizers()
+    start = time.perf_counter()
+    X, Y = get_batch("train")
+    t0 = time.time()
+    dts, val = [], float("nan")
+    for iter_num in range(cfg["max_iters"] + 1):  # nanoGPT's loop stops after iter_num > max_iters
+        lr = get_lr(iter_num)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        evaluated = iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]
+        if evaluated:
+            val = estimate_loss()["val"]
+        if iter_num == cfg["max_iters"]:
+            break  # the last eval reports the model after max_iters updates
+        _, loss = model(X, Y)
+        X, Y = get_batch("train")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        loss.item()  # log_interval = 1 in the README's CPU command
+        if not evaluated and iter_num > 0:
+            dts.append(dt)
+    ms = 1000 * statistics.median(dts)
+    return {
+        "val_loss": val,
+        "tok_s": cfg["batch_size"] * cfg["block_size"] / (ms / 1000),
+        "ms_per_iter": ms,
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def run_nanogpt(corpus: Path, threads: int, steps: int) -> dict:
+    """In a fresh process, as edgecraft's run is."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", "--corpus", str(corpus), "--threads", str(threads), "--steps", str(steps)],
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def machine() -> str:
+    import torch
+
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2000, help="iterations (2000 = the published run)")
+    parser.add_argument("--nanogpt", action="store_true", help="also run nanoGPT's loop on the same machine")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each, alternating")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if not args.corpus.is_file():
+        sys.exit(f"error: corpus {args.corpus} not found; pass --corpus PATH (tinyshakespeare's input.txt)")
+    if args.worker:
+        print(json.dumps(_nanogpt(args.corpus, args.threads, args.steps)))
+        return
+
+    print(f"machine: {machine()}")
+    print(f"corpus: {args.corpus}, {args.steps} iterations, {args.threads} threads, {args.repeats} repeat(s)")
+    results: dict[str, list[dict]] = {"edgecraft": [], "nanoGPT": []}
+    for i in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            results["edgecraft"].append(run_edgecraft(args.corpus, args.threads, args.steps, Path(tmp)))
+        print(f"  edgecraft run {i + 1}: {json.dumps(results['edgecraft'][-1])}", flush=True)
+        if args.nanogpt:
+            results["nanoGPT"].append(run_nanogpt(args.corpus, args.threads, args.steps))
+            print(f"  nanoGPT   run {i + 1}: {json.dumps(results['nanoGPT'][-1])}", flush=True)
+
+    print("\n| trainer | final val loss | ms/iteration | tokens/s | wall s |")
+    print("|---|---|---|---|---|")
+    for name, runs in results.items():
+        if runs:
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            print(
+                f"| {name} | {med['val_loss']:.4f} | {med['ms_per_iter']:.1f} | {med['tok_s']:,.0f} | {med['wall_s']:.0f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Reading a run directory (runs/NAME/): load its model, generate from it, describe it.
+
+`load_run` is the one way export, bench and `generate` get a trained model out of a run, so a
+missing or damaged piece is reported the same way everywhere: one UserError naming the file.
+A run still in training (or stopped by Ctrl-C) has no model.safetensors yet; its newest
+checkpoint's weights stand in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from edgecraft.errors import UserError
+from edgecraft.recipe import Recipe, load_recipe
+
+
+def _weights_path(run_dir: Path) -> Path:
+    from edgecraft.checkpoint import list_checkpoints
+
+    final = run_dir / "model.safetensors"
+    if final.is_file():
+        return final
+    found = list_checkpoints(run_dir / "checkpoints")
+    if found:
+        return found[-1] / "model.safetensors"
+    raise UserError(f"{final}: weights file not found (and no checkpoint to fall back on)")
+
+
+def load_run(run_dir: str | Path, device: str = "cpu"):
+    """(GPT in eval mode, Tokenizer, Recipe) of a run; UserError naming any missing/damaged file."""
+    from edgecraft.checkpoint import load_model
+    from edgecraft.data import load_tokenizer
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    if not (run_dir / "recipe.toml").is_file():
+        raise UserError(f"{run_dir}/recipe.toml: not found; is {run_dir} a run directory?")
+    recipe = load_recipe(run_dir / "recipe.toml")
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    weights = _weights_path(run_dir)
+    model = load_model(weights, device=device)
+    if model.cfg.vocab_size != tokenizer.get_vocab_size():
+        raise UserError(
+            f"{weights}: vocabulary of {model.cfg.vocab_size} does not match "
+            f"{run_dir / 'tokenizer.json'} ({tokenizer.get_vocab_size()})"
+        )
+    return model, tokenizer, recipe
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """Prompt -> ids; characters the tokenizer never saw become its <unk> token."""
+    return tokenizer.encode(prompt).ids
+
+
+def generate_from_run(
+    run_dir: str | Path,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    device: str = "cpu",
+) -> str:
+    """Continue `prompt` with the run's PyTorch model; returns only the new text.
+
+    Same seed, same text; temperature 0 is greedy. An empty prompt starts from token 0.
+    """
+    import torch
+
+    from edgecraft.model import sample
+
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: expected cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: PyTorch sees no CUDA device")
+    if temperature < 0:
+        raise UserError(f"--temperature {temperature}: must be >= 0 (0 = greedy)")
+    model, tokenizer, _ = load_run(run_dir, device=device)
+    ids = encode_prompt(tokenizer, prompt) or [0]
+    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    generator = torch.Generator(device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    out = sample(model, idx, max_new_tokens, temperature, top_k, top_p, generator=generator)
+    new = out[0, idx.shape[1] :].tolist() if prompt else out[0, 1:].tolist()
+    return tokenizer.decode(new)
+
+
+def _size(path: Path) -> str:
+    n = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _last_metrics(path: Path) -> dict[str, dict]:
+    """The last event of each kind in metrics.jsonl (a torn last line from a kill is skipped)."""
+    last: dict[str, dict] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            last[event.get("event", "?")] = event
+    return last
+
+
+def describe_run(run_dir: str | Path) -> str:
+    """`edgecraft info` for a run: recipe, parameters, files and sizes, last metrics, checkpoints."""
+    from edgecraft.checkpoint import list_checkpoints, read_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.toml").is_file():
+        raise UserError(f"{run_dir}: not a run directory or bundle (no recipe.toml or edgecraft.json)")
+    recipe: Recipe = load_recipe(run_dir / "recipe.toml")
+    weights = _weights_path(run_dir)
+    cfg = read_config(weights)
+    lines = [f"run {run_dir}  (recipe name {recipe.name!r}, seed {recipe.seed})"]
+    lines.append(f"  data: {recipe.data.source}, {recipe.data.tokenizer} tokenizer, vocab {cfg.vocab_size}")
+    lines.append(
+        "  model: "
+        + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items() if k != "vocab_size")
+    )
+    lines.append(f"  parameters: {_count_params(weights):,}")
+    t = recipe.train
+    lines.append(
+        f"  train: {t.max_steps} steps of {t.batch_size}x{t.grad_accum} x {cfg.block_size} tokens, "
+        f"lr {t.lr:g} -> {t.min_lr:g}, warmup {t.warmup_steps}"
+        + (f", QAT from step {recipe.quant.start_step}" if recipe.quant.qat else "")
+    )
+    last = _last_metrics(run_dir / "metrics.jsonl")
+    if "train" in last:
+        ev = last["train"]
+        lines.append(f"  last train: step {ev['step']}, loss {ev['loss']:.4f}, {ev['tokens_per_s']:,.0f} tokens/s")
+    if "eval" in last:
+        lines.append(f"  last val: step {last['eval']['step']}, loss {last['eval']['loss']:.4f}")
+    status = "finished" if (run_dir / "model.safetensors").is_file() else f"not finished (weights from {weights.parent.name})"
+    lines.append(f"  status: {status}")
+    lines.append("  files:")
+    for name in ("recipe.toml", "tokenizer.json", "model.safetensors", "metrics.jsonl", "samples.txt", "tb"):
+        if (run_dir / name).exists():
+            lines.append(f"    {name:<18} {_size(run_dir / name):>10}")
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    names = ", ".join(p.name for p in ckpts) if ckpts else "none"
+    lines.append(f"  checkpoints: {names}")
+    return "\n".join(lines)
+
+
+def _count_params(weights: Path) -> int:
+    """Parameters stored in a weights file (a tied head is stored, and counted, once)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
