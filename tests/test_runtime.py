@@ -386,3 +386,11 @@ def test_cli_generate_rejects_bad_option_values_in_one_line(tiny):
 
     result = CliRunner().invoke(app, ["generate", str(tiny[0]), "hi", "--top-p", "0"])
     assert result.exit_code == 2 and result.output.startswith("error: top_p")
+
+
+def test_int8_bundles_load_and_an_int8_only_bundle_is_used_without_asking(trained_run, tmp_path):
+    only = export_run(trained_run, tmp_path / "int8", ExportOptions(int8=True, int8_only=True))
+    assert not (only / "model.onnx").exists()
+    greedy = load(only, int8=True).generate("The cat", max_new_tokens=20, temperature=0)
+    assert len(greedy) > 0
+    assert load(only).generate("The cat", max_new_tokens=20, temperature=0) == greedy

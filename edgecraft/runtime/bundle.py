@@ -91,11 +91,23 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-def _flat(prefix: str, value) -> list[str]:
-    """Nested manifest sections as `key.sub: value` lines, in the manifest's order."""
-    if isinstance(value, dict):
-        return [line for k, v in value.items() for line in _flat(f"{prefix}.{k}" if prefix else k, v)]
-    return [f"{prefix}: {value:.4g}" if isinstance(value, float) else f"{prefix}: {value}"]
+def _value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list) and len(value) > 6:
+        return f"[{', '.join(map(str, value[:3]))}, … ({len(value)} items)]"
+    return str(value)
+
+
+def _tree(section: dict, indent: str = "  ") -> list[str]:
+    """A manifest section as indented `key: value` lines, in the manifest's order."""
+    lines = []
+    for key, value in section.items():
+        if isinstance(value, dict):
+            lines += [f"{indent}{key}:", *_tree(value, indent + "  ")]
+        else:
+            lines.append(f"{indent}{key}: {_value(value)}")
+    return lines
 
 
 def describe_bundle(path: str | Path) -> str:
@@ -116,14 +128,13 @@ def describe_bundle(path: str | Path) -> str:
     if isinstance(graph, dict) and "nodes" in graph:
         opsets = ", ".join(f"{domain} {version}" for domain, version in graph.get("opset", {}).items())
         lines.append(f"  onnx graph: {graph['nodes']} nodes (opsets: {opsets})")
-    lines.append("config")
-    lines += [f"  {line}" for line in _flat("", manifest["config"])]
+    lines += ["config", *_tree(manifest["config"])]
     lines.append("files")
     for name, entry in manifest["files"].items():
         present = "" if (path / name).is_file() else "  (MISSING)"
         lines.append(f"  {name}: {_size(entry.get('bytes', 0))}  sha256 {str(entry.get('sha256'))[:12]}…{present}")
     for section in ("quantization", "checks", "runtime"):
         if manifest.get(section) is not None:
-            lines.append(section)
-            lines += [f"  {line}" for line in _flat("", manifest[section])]
+            section_value = manifest[section]
+            lines += [section, *(_tree(section_value) if isinstance(section_value, dict) else [f"  {section_value}"])]
     return "\n".join(lines)
