@@ -64,16 +64,21 @@ class Engine:
         self.session = ort.InferenceSession(
             str(model_path), session_options(self.threads), providers=providers
         )
+        self.lengths = np.zeros(0, dtype=np.int64)  # (B,) tokens cached per sequence
         self.reset(1)
 
     # ------------------------------------------------------------------------------------ state
 
     def reset(self, batch_size: int) -> None:
-        """Allocate zeroed state for `batch_size` sequences, all empty."""
+        """Start `batch_size` empty sequences; buffers are reallocated only when the size changes
+        (positions past a sequence's length are never read, so old contents need no clearing)."""
         B = batch_size
         if B < 1:
             raise ValueError(f"batch_size must be >= 1, got {B}")
-        self.lengths = np.zeros(B, dtype=np.int64)  # (B,) tokens cached per sequence
+        if B == len(self.lengths):
+            self.lengths[:] = 0
+            return
+        self.lengths = np.zeros(B, dtype=np.int64)
         self._kv = [self._zeros((B, *self._cache_shape)) for _ in range(2 * self._n_layers)]
         # the decode step's buffers, written in place and read by onnxruntime through the binding
         self._step_ids = np.zeros((B, 1), dtype=np.int64)  # (B, 1)
