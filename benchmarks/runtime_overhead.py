@@ -16,6 +16,8 @@ machine slows every row alike:
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import tempfile
 import time
@@ -136,7 +138,10 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
             f"# Runtime overhead per token\n\n`python benchmarks/runtime_overhead.py --runs {args.runs}`, "
-            f"medians, {time.strftime('%Y-%m-%d')}.\n\n{table}\n", encoding="utf-8"
+            f"medians, {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end "
+            "(a shared machine: compare rows with each other, not with other files).\n\n"
+            f"{table}\n", encoding="utf-8"
         )
 
 
