@@ -2,9 +2,8 @@
 
     python examples/autocomplete.py export/shakespeare
     > ROMEO: I
-      1. ROMEO: I will not be the duke
-      2. ROMEO: I have a man of the world
-      3. ROMEO: I am the king
+      1. ROMEO: I ...        (up to three different endings of the line, as the model writes them)
+      2. ROMEO: I ...
 
 An app embedding edgecraft's runtime needs only `pip install edgecraft` (numpy, onnxruntime,
 tokenizers; no PyTorch). All suggestions for a line come from one batched decode loop, and each

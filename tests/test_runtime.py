@@ -308,6 +308,14 @@ def test_a_truncated_or_missing_file_is_named(bundle_copy):
         load(bundle_copy)
 
 
+def test_verify_false_skips_the_hashes(bundle_copy):
+    tok = bundle_copy / "tokenizer.json"
+    tok.write_text(tok.read_text() + "\n")  # still a valid tokenizer, no longer the recorded bytes
+    with pytest.raises(BundleError, match="tokenizer.json"):
+        load(bundle_copy)
+    assert load(bundle_copy, verify=False).generate("The", max_new_tokens=5, temperature=0)
+
+
 def test_an_unknown_format_version_is_refused(bundle_copy):
     manifest_path = bundle_copy / "edgecraft.json"
     manifest = json.loads(manifest_path.read_text())
