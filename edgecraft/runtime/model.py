@@ -12,7 +12,8 @@ Conventions an app can rely on:
   engine is reset and re-filled with the last block_size // 2 tokens, so the re-fill costs one
   prefill every block_size // 2 tokens rather than one per token. A prompt longer than block_size
   keeps its last block_size tokens.
-- A Model holds one engine with one KV cache: use it from one thread at a time.
+- A Model holds one engine with one KV cache: use it from one thread at a time, and finish (or
+  drop) a stream before the next call on the same Model.
 """
 
 from __future__ import annotations
