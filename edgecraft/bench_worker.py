@@ -104,6 +104,7 @@ def load_onnx(spec: dict) -> tuple[object, object, dict]:
         "file": onnx.name,
         "file_bytes": sum(f.stat().st_size for f in files),
         "params": meta.get("parameters"),
+        "export_checks": meta.get("checks"),  # what the exporter measured (parity, its perplexity)
         "threads_used": model.engine.threads,
     }
     return model.engine, Tokenizer.from_file(str(path / "tokenizer.json")), facts
