@@ -186,10 +186,10 @@ def info(path: Annotated[Path, typer.Argument(help="A run directory or a bundle.
 def bench(
     paths: Annotated[list[Path], typer.Argument(help="Bundles and/or run directories.")],
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
-    threads: Annotated[str, typer.Option(help="Thread counts, e.g. 1 or 1,2.")] = "1",
-    batch: Annotated[int, typer.Option(min=1)] = 1,
-    prompt_len: Annotated[int, typer.Option(min=1)] = 64,
-    new_tokens: Annotated[int, typer.Option(min=1)] = 200,
+    threads: Annotated[str, typer.Option(help="Thread counts, one row each, e.g. 1 or 1,2 (0 = default).")] = "1",
+    batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together.")] = 1,
+    prompt_len: Annotated[int, typer.Option(min=1, help="pp P: prompt tokens prefilled (and TTFT).")] = 64,
+    new_tokens: Annotated[int, typer.Option(min=1, help="tg N: tokens decoded one step at a time.")] = 200,
     runs: Annotated[int, typer.Option(min=1, help="Measured repetitions per row.")] = 5,
     warmup: Annotated[int, typer.Option(min=0, help="Unmeasured repetitions before them.")] = 1,
     text: Annotated[Optional[Path], typer.Option(help="Text for perplexity (default: validation split).")] = None,
@@ -197,7 +197,7 @@ def bench(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results as JSON.")] = None,
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write results as CSV.")] = None,
     markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write a markdown table.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG chart.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG chart (needs edgecraft[bench]).")] = None,
 ) -> None:
     """Measure load time, prefill/decode tokens/s, latency, memory, size and perplexity.
 
