@@ -1,9 +1,21 @@
 """The embeddable runtime: text streaming, stop strings, bundles, generation over a real exported model."""
 
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from edgecraft.checkpoint import load_model, save_model
+from edgecraft.export import ExportOptions, export_run
+from edgecraft.model import GPT, GPTConfig
+from edgecraft.recipe import to_toml, validate
+from edgecraft.runtime import BundleError, describe_bundle, load
 from edgecraft.runtime.text import REPLACEMENT, IncrementalDecoder, StopFilter, TextStream
 
 MIXED = "café crème, 中文字 naïve — ok"
@@ -85,20 +97,6 @@ def test_text_stream_with_stop_inside_a_multibyte_run(byte_bpe):
 
 
 # ------------------------------------------------------------------------------- a real bundle
-
-import json  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-from edgecraft.checkpoint import load_model, save_model  # noqa: E402
-from edgecraft.export import ExportOptions, export_run  # noqa: E402
-from edgecraft.model import GPT, GPTConfig  # noqa: E402
-from edgecraft.recipe import to_toml, validate  # noqa: E402
-from edgecraft.runtime import BundleError, describe_bundle, load  # noqa: E402
 
 CORPUS = "the quick brown fox jumps over the lazy dog.\nhello world, said the cat.\n"
 
