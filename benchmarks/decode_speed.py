@@ -156,19 +156,84 @@ def measure(runners: dict, prompts: dict, runs: int) -> dict:
     }
 
 
-def step_breakdown(runner: EdgecraftRunner, reps: int = 2000) -> dict:
-    """Where one batch-1 decode step's time goes (µs, best of 5 blocks of `reps`)."""
+def _cpu_best(fn, reps: int) -> float:
+    """µs per call of fn: CPU time of this process (less sensitive to other processes than the
+    wall clock), best of 5 blocks of `reps` calls."""
+    times = []
+    for _ in range(5):
+        t0 = time.process_time()
+        for _ in range(reps):
+            fn()
+        times.append((time.process_time() - t0) / reps * 1e6)
+    return min(times)
+
+
+def _bound(session: ort.InferenceSession, values: dict) -> ort.IOBinding:
+    """Inputs bound from `values`; present.* bound to their past buffers, as the Engine does."""
+    binding = session.io_binding()
+    bound = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in values.items()}
+    for name, value in bound.items():
+        binding.bind_ortvalue_input(name, value)
+    for out in session.get_outputs():
+        past = out.name.replace("present.", "past_key_values.", 1)
+        if past in bound:
+            binding.bind_ortvalue_output(out.name, bound[past])
+        else:
+            binding.bind_output(out.name)
+    return binding
+
+
+def _subgraph(model: onnx.ModelProto, op_type: str, block: int) -> tuple[onnx.ModelProto, dict]:
+    """Only the `op_type` nodes of `model`, each fed from fresh inputs: the same weights and
+    kernels, none of the rest. Returns the graph and input values for a batch-1 step at 100."""
+    from onnx import helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    declared = {i.name: i for i in g.input}
+    nodes, inputs, values, outputs, used = [], {}, {}, [], set()
+    for k, node in enumerate(n for n in g.node if n.op_type == op_type):
+        ins = list(node.input)
+        for j, name in enumerate(ins):
+            if not name or name in inits:
+                used.add(name)
+                continue
+            if name in declared:
+                inputs[name] = declared[name]
+                continue
+            width = (inits[ins[1]].dims[0] if op_type == "MatMul" else 3 * model_width(model))
+            ins[j] = f"x{width}"
+            inputs[ins[j]] = helper.make_tensor_value_info(ins[j], onnx.TensorProto.FLOAT, [1, 1, width])
+        outs = [f"out{k}_{j}" if o else "" for j, o in enumerate(node.output)]
+        if op_type == "GroupQueryAttention":  # the cache stays shared: present = past, bound alike
+            outs[1:3] = list(node.output[1:3])
+        nodes.append(helper.make_node(node.op_type, ins, outs, name=node.name, domain=node.domain))
+        nodes[-1].attribute.extend(node.attribute)
+        outputs += [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outs if o]
+    graph = helper.make_graph(nodes, op_type, list(inputs.values()), outputs,
+                              initializer=[inits[n] for n in used if n])
+    sub = helper.make_model(graph, opset_imports=model.opset_import)
+    step = {"seqlens_k": np.array([100], np.int32), "total_sequence_length": np.array(101, np.int32),
+            "query_seqlens": np.ones(1, np.int32)}
+    for name, info in inputs.items():
+        if name in step:
+            values[name] = step[name]
+        elif name.startswith("x"):
+            values[name] = np.random.default_rng(0).random((1, 1, int(name[1:])), dtype=np.float32)
+        else:  # a KV buffer
+            sizes = {"batch_size": 1, "max_sequence_length": block}
+            dims = [d.dim_value or sizes[d.dim_param] for d in info.type.tensor_type.shape.dim]
+            values[name] = np.zeros(dims, np.float32)
+    return sub, values
+
+
+def model_width(model: onnx.ModelProto) -> int:
+    return next(t.dims[1] for t in model.graph.initializer if t.name == "tok_emb.weight")
+
+
+def step_breakdown(runner: EdgecraftRunner, path: Path, reps: int = 1000) -> dict:
+    """Where one batch-1 decode step's time goes at position 100 (CPU µs per step)."""
     e = runner.engine
-
-    def best(fn) -> float:
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            times.append((time.perf_counter() - t0) / reps * 1e6)
-        return min(times)
-
     e.reset(1)
     e.prefill(np.zeros((1, 100), dtype=np.int64))
     ids = np.zeros(1, dtype=np.int64)
@@ -177,31 +242,50 @@ def step_breakdown(runner: EdgecraftRunner, reps: int = 2000) -> dict:
         e.lengths[:] = 100
         e.decode(ids).argmax(-1)
 
-    def bound_run():
-        e.session.run_with_iobinding(e._step_binding)
-
-    # the same step through InferenceSession.run: inputs copied in, outputs allocated and copied out
-    feeds = {"input_ids": np.zeros((1, 1), np.int64), "seqlens_k": np.array([100], np.int32),
-             "total_sequence_length": np.array(101, np.int32), "query_seqlens": np.ones(1, np.int32)}
-    names = {i.name for i in e.session.get_inputs()}
-    if "position_ids" in names:
-        feeds["position_ids"] = np.full((1, 1), 100, np.int64)
-    kv = {f"past_key_values.{i}.{k}": e._kv[2 * i + j].numpy()
-          for i in range(e._n_layers) for j, k in enumerate(("key", "value"))}
-
-    def plain_run():
-        e.session.run(["logits"], {**feeds, **kv})
-
+    figures = {"decode() + argmax: the whole step": _cpu_best(step, reps)}
     e._seqlens[:] = 100
     e._total[...] = 101
     e._step_pos[:] = 100
-    figures = {
-        "decode() + argmax, position 100": best(step),
-        "run_with_iobinding alone": best(bound_run),
-        "session.run with numpy feeds (copies the 12 cache buffers in)": best(plain_run),
-    }
-    figures["Python around the call (decode + argmax - bound run)"] = (
-        figures["decode() + argmax, position 100"] - figures["run_with_iobinding alone"]
+    figures["run_with_iobinding: the graph"] = _cpu_best(lambda: e.session.run_with_iobinding(e._step_binding), reps)
+    session = e.session
+
+    class NoGraph:  # the step's Python alone: decode() with the graph call stubbed out
+        def run_with_iobinding(self, binding):
+            pass
+
+    e.session = NoGraph()
+    figures["Python in decode() + argmax"] = _cpu_best(step, reps * 10)
+    e.session = session
+
+    feeds = {"input_ids": np.zeros((1, 1), np.int64), "seqlens_k": np.array([100], np.int32),
+             "total_sequence_length": np.array(101, np.int32), "query_seqlens": np.ones(1, np.int32)}
+    if "position_ids" in {i.name for i in session.get_inputs()}:
+        feeds["position_ids"] = np.full((1, 1), 100, np.int64)
+    kv = {f"past_key_values.{i}.{k}": np.zeros(e._kv[0].shape(), np.float32)
+          for i in range(e._n_layers) for k in ("key", "value")}
+    figures["InferenceSession.run instead (numpy in, cache copied in and out)"] = _cpu_best(
+        lambda: session.run(None, {**feeds, **kv}), reps // 4
+    )
+
+    model = onnx.load(str(path))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    for op_type, label in (("MatMul", "the 25 MatMuls alone (same weights)"),
+                           ("GroupQueryAttention", "the 6 GroupQueryAttention alone")):
+        sub, values = _subgraph(model, op_type, e.block_size)
+        s = ort.InferenceSession(sub.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        binding = _bound(s, values)
+        figures[label] = _cpu_best(lambda: s.run_with_iobinding(binding), reps)
+    figures["the other nodes and the session (by difference)"] = (
+        figures["run_with_iobinding: the graph"] - figures["the 25 MatMuls alone (same weights)"]
+        - figures["the 6 GroupQueryAttention alone"]
+    )
+    weights = sum(np.prod(t.dims) * 4 for t in model.graph.initializer if t.name.endswith(".weight.T"))
+    matrix = np.random.default_rng(0).random((int(weights // 512), 128), dtype=np.float32)
+    vector = np.ones(128, np.float32)
+    figures[f"floor: numpy gemv over all matrix weights ({weights / 1e6:.2f} MB)"] = _cpu_best(
+        lambda: matrix @ vector, reps // 4
     )
     return figures
 
@@ -319,9 +403,9 @@ def measure_all(graphs: Path, args: argparse.Namespace) -> str:
                   f"Per-round batch-1 tok/s, edgecraft: {[round(x) for x in results['edgecraft']['b1_all']]}; "
                   f"plain: {[round(x) for x in results['plain torch.onnx.export + session.run']['b1_all']]}.", ""]
         if threads == 1:
-            lines += ["Where one edgecraft batch-1 decode step goes (µs, best of 5 x 2,000 steps):", "",
-                      "| part | µs |", "|---|---|"]
-            lines += [f"| {k} | {v:.1f} |" for k, v in step_breakdown(ours).items()]
+            lines += ["Where one edgecraft batch-1 decode step goes at position 100 (CPU µs of this "
+                      "process, best of 5 blocks):", "", "| part | µs |", "|---|---|"]
+            lines += [f"| {k} | {v:.1f} |" for k, v in step_breakdown(ours, graphs / "edgecraft.onnx").items()]
             lines.append("")
         print("\n".join(lines), file=sys.stderr)
     return "\n".join(lines) + "\n"

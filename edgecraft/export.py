@@ -37,11 +37,11 @@ import torch
 from tokenizers import Tokenizer
 
 import edgecraft
-from edgecraft.checkpoint import load_model
 from edgecraft.errors import UserError
 from edgecraft.model import GPT
 from edgecraft.onnx_graph import build_graph, graph_io
-from edgecraft.recipe import Recipe, load_recipe
+from edgecraft.recipe import Recipe
+from edgecraft.rundir import load_run
 from edgecraft.runtime.bundle import FORMAT, FP32_MODEL, INT8_MODEL, MANIFEST, TOKENIZER, sha256_file
 from edgecraft.runtime.engine import DEFAULT_THREADS, Engine
 
@@ -62,27 +62,6 @@ class ExportOptions:
 
 
 # ------------------------------------------------------------------------------------ the run
-
-
-def _load_run(run_dir: Path) -> tuple[GPT, Tokenizer, Recipe]:
-    """The trained model, its tokenizer and its recipe; anything missing or damaged is a UserError
-    naming the file."""
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: no such run directory")
-    recipe = load_recipe(run_dir / "recipe.toml")
-    model = load_model(run_dir / "model.safetensors")
-    path = run_dir / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"{path}: tokenizer file not found")
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as err:  # tokenizers raises a bare Exception for any parse problem
-        raise UserError(f"{path}: damaged tokenizer file ({str(err).splitlines()[0]})") from None
-    if tokenizer.get_vocab_size() > model.cfg.vocab_size:
-        raise UserError(
-            f"{path}: {tokenizer.get_vocab_size()} tokens but the model has {model.cfg.vocab_size}"
-        )
-    return model, tokenizer, recipe
 
 
 def _validation_tokens(recipe: Recipe, model: GPT) -> tuple[np.ndarray, str]:
@@ -328,7 +307,7 @@ def export_run(run_dir: Path, out: Path | None, options: ExportOptions) -> Path:
     from edgecraft.int8 import check_options  # int8 step (edgecraft/int8.py)
 
     check_options(options.int8, options.keep_float, options.calibrate, options.max_loss_increase)
-    model, tokenizer, recipe = _load_run(run_dir)
+    model, tokenizer, recipe = load_run(run_dir)  # UserError naming a missing/damaged file
     out = Path(out) if out is not None else Path("export") / recipe.name
     if out.exists() and not options.force:
         raise UserError(f"{out}: already exists; use --force to replace it")

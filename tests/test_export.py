@@ -227,3 +227,24 @@ def test_bad_opset_is_a_user_error(tmp_path):
     run = make_run(tmp_path)
     result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "b"), "--opset", "9"])
     assert result.exit_code == 2 and "--opset" in result.output
+
+
+def test_trained_run_exports_within_the_parity_bound(trained_run, tmp_path):
+    """Real trained weights (sharper logits than random ones): the bound still holds, on the run's
+    own validation text, and the bundle's greedy text is PyTorch's."""
+    from edgecraft.rundir import load_run
+    from edgecraft.runtime import load
+
+    bundle = export_run(trained_run, tmp_path / "bundle", ExportOptions())
+    checks = json.loads((bundle / "edgecraft.json").read_text())["checks"]
+    assert checks["text"].startswith("validation split of")
+    assert max(checks["max_abs_logit_diff_prefill"], checks["max_abs_logit_diff_decode"]) <= 1e-4
+    assert checks["top1_agreement"] == 1.0
+    model, tokenizer, _ = load_run(trained_run)
+    ids = tokenizer.encode("The cat").ids
+    n = model.cfg.block_size - len(ids)  # stay inside one context window
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    text = load(bundle).generate("The cat", max_new_tokens=n, temperature=0)
+    assert text == tokenizer.decode(ids[len(tokenizer.encode("The cat").ids) :])
