@@ -241,7 +241,7 @@ def sample(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Extend idx (B, T) by max_new_tokens with the KV cache; re-prefills when the window is full.
+    """Extend idx (B, T) by max_new_tokens with the KV cache; slides the window when it is full.
 
     temperature 0 means greedy. Used for training-time samples and `generate` on a run directory.
     """
@@ -270,8 +270,9 @@ def sample(
         out.append(nxt)
         n_cached = cache[0][0].shape[2]
         if n_cached >= block:
-            # window full: slide and re-prefill the last block - 1 tokens plus the new one
-            window = torch.cat(out, dim=1)[:, -block:]
+            # window full: keep the last block // 2 tokens (the new one included) and re-prefill,
+            # the same rule as edgecraft.runtime, so a run and its bundle agree past the context
+            window = torch.cat(out, dim=1)[:, -max(1, block // 2) :]
             logits, _, cache = model(window)
         else:
             logits, _, cache = model(nxt, cache=cache)
