@@ -21,7 +21,7 @@ Appends a markdown report to benchmarks/results/int8.md (or --out).
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -204,6 +204,19 @@ def decode_speed(paths: dict[str, Path], cfg, batch: int, steps: int = 200, roun
     return {name: batch * steps / float(np.median(v)) for name, v in times.items()}
 
 
+def bundle_sizes(run: Path, tmp: Path) -> list[str]:
+    from edgecraft.export import ExportOptions, export_run
+
+    sizes = {}
+    for name, options in (("fp32 only", ExportOptions()), ("int8 only (default PTQ)", ExportOptions(int8=True, int8_only=True))):
+        bundle = export_run(run, tmp / name.split()[0], options)
+        sizes[name] = sum(p.stat().st_size for p in bundle.iterdir())
+    fp32 = sizes["fp32 only"]
+    return ["| bundle | bytes | vs fp32 bundle |", "|---|---|---|"] + [
+        f"| {name} | {size:,} | {size / fp32:.1%} |" for name, size in sizes.items()
+    ]
+
+
 def runs(float_run: Path, qat_runs: list[Path], n_windows: int, tmp: Path) -> str:
     torch.set_num_threads(1)
     model = load_model(float_run / "model.safetensors")
@@ -270,6 +283,8 @@ def runs(float_run: Path, qat_runs: list[Path], n_windows: int, tmp: Path) -> st
         lines.append(f"| {run} | {name} | {pct(loss)} | {pct(pre)} | {pct(b16)} | {size:,} | {size / rows[0][5]:.1%} |")
 
     speed_paths = {"fp32": fp32, **{n: p for n, (p, _) in graphs.items() if "QAT" in n or "default" in n or "static" in n or "quantize_dynamic" in n}}
+    lines += ["", "Bundles written by `edgecraft export` of float run A (model, tokenizer.json, edgecraft.json):", ""]
+    lines += bundle_sizes(float_run, tmp)
     lines += ["", "Decode tokens/s (engine, IO binding, 1 thread, median of 5 interleaved rounds of 200 steps):", "",
               "| graph | batch 1 | batch 16 |", "|---|---|---|"]
     s1, s16 = decode_speed(speed_paths, cfg, 1), decode_speed(speed_paths, cfg, 16)
@@ -290,7 +305,9 @@ def main() -> None:
         p.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    machine = f"onnxruntime {ort.__version__}, torch {torch.__version__}, {sys.platform}"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    machine = (f"onnxruntime {ort.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+               f"load average {load} at the end (a shared machine: compare rows, not runs)")
     if args.cmd == "kernels":
         body = kernels()
         title = "int8 MatMul forms, six layers of the 1M model's matrices, 1 thread (µs per call, median of 7)"

@@ -7,7 +7,10 @@ int8 compute dequantize the weights on every call and are 5-10x slower than fp32
 - scheme "dynamic": MatMul (+ Add bias) -> DynamicQuantizeMatMul(x, int8 W, per-column scale, bias)
 - scheme "static":  MatMul (+ Add bias) -> QuantizeLinear(x, a_scale, a_zp) ->
                     MatMulIntegerToFloat(xq, int8 W, a_scale, w scale, a_zp, bias)
-- quantized embedding tables: DequantizeLinear(int8 table, per-row scale, axis 0) -> Gather
+- quantized embedding tables: GatherBlockQuantized (8-bit, one scale per row, repeated per block):
+  it dequantizes only the gathered rows, where DequantizeLinear -> Gather redoes the whole table
+  on every call (onnxruntime does not fold it); its blocks need d_model % 16 == 0, else the tables
+  stay float
 Weights and activations are rounded by edgecraft.quant's functions, so a QAT run's int8 graph
 computes what its fake-quant model computed (checked at export: `parity`).
 """
@@ -43,6 +46,7 @@ GATE_WINDOWS = 8  # validation windows (of block_size tokens) for the fp32/int8 
 # benchmarks/results/int8.md, quantizing them costs more loss than the bytes they save are worth.
 PTQ_EMBEDDINGS = False
 GATE_EXIT_CODE = 3
+TABLE_BLOCK = 16  # GatherBlockQuantized's smallest block (a power of two)
 PARITY_TOKENS = 48  # decode steps compared between the fake-quant model and the int8 graph
 # Bound on |logit difference| between the int8 graph and the fake-quant model. Both compute the
 # same integers except where a float32 reordering (fused LayerNorm, GELU) moves an activation across
@@ -73,6 +77,8 @@ def plan_layers(model: GPT, embeddings: bool, keep_float: tuple[str, ...]) -> fr
         "first": lambda n: n.startswith("blocks.0."),
         "last": lambda n: n.startswith(f"blocks.{last}."),
     }
+    if model.cfg.d_model % TABLE_BLOCK:
+        keep_float = (*keep_float, "embeddings")  # GatherBlockQuantized cannot hold these rows
     for key in keep_float:
         layers = {n for n in layers if not drop[key](n)}
     return frozenset(layers)
@@ -153,15 +159,18 @@ def build_int8_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], plan: Int8P
             table = node.input[0].removesuffix(".weight")
             if table in plan.layers:
                 q, scale = quantize_weight(torch.tensor(numpy_helper.to_array(inits[node.input[0]])))
-                tq = numpy_helper.from_array(q.numpy(), f"{table}.weight.int8")  # (V, D)
-                ts = numpy_helper.from_array(scale.numpy(), f"{table}.weight.scale")  # (V,)
+                D = q.shape[1]
+                block = max(b for b in (2**k for k in range(4, D.bit_length())) if D % b == 0)
+                stored = (q.numpy().astype(np.int16) + 128).astype(np.uint8)  # (V, D), zero point 128
+                scales = np.repeat(scale.numpy()[:, None], D // block, axis=1)  # (V, D / block)
+                tq = numpy_helper.from_array(stored, f"{table}.weight.uint8")
+                ts = numpy_helper.from_array(scales, f"{table}.weight.scale")
                 added += [tq, ts]
                 dropped.add(node.input[0])
-                deq = f"{table}/dequantized"
                 new_nodes.append(helper.make_node(
-                    "DequantizeLinear", [tq.name, ts.name], [deq], name=f"{table}/dequantize", axis=0
+                    "GatherBlockQuantized", [tq.name, node.input[1], ts.name], list(node.output),
+                    name=node.name, domain=MS, gather_axis=0, quantize_axis=1, block_size=block, bits=8,
                 ))
-                new_nodes.append(helper.make_node("Gather", [deq, node.input[1]], list(node.output), name=node.name))
                 continue
         new_nodes.append(node)
 

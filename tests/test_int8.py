@@ -82,13 +82,13 @@ def test_structure(scheme):
     graph = build_int8_graph(model.cfg, weights(model), plan)
     kernel = "DynamicQuantizeMatMul" if scheme == "dynamic" else "MatMulIntegerToFloat"
     assert ops(graph).count(kernel) == 4 * 2 + 1  # every block linear and the head
-    assert "MatMul" not in ops(graph) and ops(graph).count("DequantizeLinear") == 2  # both tables
+    assert "MatMul" not in ops(graph) and ops(graph).count("GatherBlockQuantized") == 2  # both tables
     assert ops(graph).count("QuantizeLinear") == (9 if scheme == "static" else 0)
     qkv = next(n for n in graph.graph.node if n.name == "blocks.0.attn.qkv/MatMul")
     assert qkv.op_type == kernel and qkv.input[-1] == "blocks.0.attn.qkv.bias"  # bias folded in
     dtypes = {t.name: t.data_type for t in graph.graph.initializer}
     assert dtypes["blocks.0.attn.qkv.weight.int8"] == TensorProto.INT8
-    assert dtypes["tok_emb.weight.int8"] == TensorProto.INT8 and "tok_emb.weight" not in dtypes
+    assert dtypes["tok_emb.weight.uint8"] == TensorProto.UINT8 and "tok_emb.weight" not in dtypes
     fp32 = build_graph(model.cfg, weights(model))
     assert graph.ByteSize() < 0.45 * fp32.ByteSize()  # scales, norms and biases weigh more at this size
 
@@ -103,6 +103,8 @@ def test_keep_float():
     assert "head" not in plan_layers(model, embeddings=False, keep_float=())
     graph = build_int8_graph(model.cfg, weights(model), Int8Plan(kept, "dynamic", {}))
     assert ops(graph).count("DynamicQuantizeMatMul") == 4 and ops(graph).count("MatMul") == 4 + 1
+    odd = GPT(GPTConfig(**{**BASE, "d_model": 24}))  # GatherBlockQuantized needs d_model % 16 == 0
+    assert "head" in plan_layers(odd, True, ()) and not {"tok_emb", "pos_emb"} & plan_layers(odd, True, ())
     with pytest.raises(UserError, match="--keep-float 'tail'"):
         plan_layers(model, embeddings=False, keep_float=("tail",))
 
