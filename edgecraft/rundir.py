@@ -9,6 +9,7 @@ checkpoint's weights stand in.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -95,11 +96,13 @@ def generate_from_run(
 
 def _size(path: Path) -> str:
     n = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    if n < 1000:
+        return f"{n} B"
+    for unit in ("KB", "MB"):
         n /= 1000
-    raise AssertionError("unreachable")
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1000:.1f} GB"
 
 
 def _last_metrics(path: Path) -> dict[str, dict]:
@@ -161,11 +164,4 @@ def _count_params(weights: Path) -> int:
     from safetensors import safe_open
 
     with safe_open(str(weights), framework="pt") as f:
-        return sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())

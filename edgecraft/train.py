@@ -176,6 +176,14 @@ def _sigint_to(flag: _StopFlag) -> Iterator[None]:
 # ---------------------------------------------------------------------------- logging
 
 
+def _event_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line torn by a kill counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class _Log:
     """The run's three records: metrics.jsonl, TensorBoard events and samples.txt.
 
@@ -192,7 +200,7 @@ class _Log:
             kept = [
                 line
                 for line in self.metrics.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                if _event_step(line) <= resume_step
             ]
             atomic_write_text(self.metrics, "".join(line + "\n" for line in kept))
         purge = None if resume_step is None else resume_step + 1
@@ -232,8 +240,8 @@ def _fit(run_dir: Path, recipe: Recipe, prepared, checkpoint: Path | None) -> Pa
         torch.set_num_threads(threads)
 
 
-def _loop(run_dir: Path, recipe: Recipe, prepared, checkpoint: Path | None, device: torch.device) -> Path:
-    cfg, B, T = recipe.train, recipe.train.batch_size, recipe.model.block_size
+def _restore(recipe: Recipe, prepared, checkpoint: Path | None, device: torch.device):
+    """A fresh model and optimizer (seeded), or both exactly as `checkpoint` left them, RNG too."""
     if checkpoint is None:
         torch.manual_seed(recipe.seed)
         model = GPT(GPTConfig(vocab_size=prepared.vocab_size, **recipe.model.model_dump()))
@@ -243,16 +251,22 @@ def _loop(run_dir: Path, recipe: Recipe, prepared, checkpoint: Path | None, devi
         model = load_model(checkpoint / "model.safetensors")
         state, tensors = load_checkpoint_state(checkpoint)
     model.to(device).train()
-    optimizer, param_names = _optimizer(model, cfg, device)
+    optimizer, param_names = _optimizer(model, recipe.train)
+    qat = None
     if checkpoint is not None:
         load_optimizer(optimizer, param_names, checkpoint / "optimizer.safetensors")
         torch.set_rng_state(tensors["rng/torch_cpu"])
         if device.type == "cuda" and "rng/torch_cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng/torch_cuda"], device)
-    qat = None
-    if checkpoint is not None and state.get("qat_attached"):
-        qat = quant.attach(model, recipe.quant)
-        qat.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("qat/")})
+        if state.get("qat_attached"):
+            qat = quant.attach(model, recipe.quant)
+            qat.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("qat/")})
+    return model, optimizer, param_names, state, qat
+
+
+def _loop(run_dir: Path, recipe: Recipe, prepared, checkpoint: Path | None, device: torch.device) -> Path:
+    cfg, B, T = recipe.train, recipe.train.batch_size, recipe.model.block_size
+    model, optimizer, param_names, state, qat = _restore(recipe, prepared, checkpoint, device)
     forward = _compiled(model) if cfg.compile else model
 
     step = state["step"]
@@ -335,7 +349,7 @@ def _loop(run_dir: Path, recipe: Recipe, prepared, checkpoint: Path | None, devi
     return run_dir
 
 
-def _optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> tuple[torch.optim.AdamW, list[str]]:
+def _optimizer(model: GPT, cfg: TrainConfig) -> tuple[torch.optim.AdamW, list[str]]:
     """AdamW over the model's decay/no-decay groups; fused (one kernel for all tensors) is the
     fastest on CPU and GPU alike. Returns the parameter names in the optimizer's order."""
     groups = model.optimizer_groups(cfg.weight_decay)

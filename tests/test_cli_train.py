@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import json
 import signal
 import subprocess
 import sys
@@ -109,3 +109,26 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_matches_a_straight_one(tm
     straight = train_recipe(load_recipe(recipe, overrides), runs_dir=tmp_path / "straight")
     a, b = load_file(str(run / "model.safetensors")), load_file(str(straight / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_killed_run_stays_resumable(tmp_path):
+    """SIGKILL at an arbitrary moment (maybe mid-checkpoint): resume picks the newest whole
+    checkpoint, ignores a torn metrics line, and finishes."""
+    recipe = write_tiny_recipe(tmp_path)
+    overrides = ["train.max_steps=300", "train.checkpoint_every=3", "train.log_every=1", "train.eval_every=1000"]
+    args = [*EDGECRAFT, "train", str(recipe), *sum((["--set", o] for o in overrides), [])]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "runs" / "tiny"
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "step-000006").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait(timeout=60)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"event": "train", "st')  # as if killed mid-write
+    assert not (run / "model.safetensors").exists()
+    resume_run(run)
+    assert (run / "model.safetensors").is_file()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 301)) + [300]  # one train event per step, then the final eval
