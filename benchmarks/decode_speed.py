@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import argparse
 import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # the numpy floor row: one core, like the graphs at 1 thread
 import platform
 import statistics
 import sys

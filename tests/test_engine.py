@@ -151,3 +151,28 @@ def test_cuda_without_provider_is_a_clear_error(pair):
 def test_engine_imports_no_torch():
     code = "import sys, edgecraft.runtime.engine; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_sequence_joins_a_running_batch(pair):
+    """Continuous batching: slot 1 restarts with a new prompt (lengths[1] = 0) while the other
+    rows, mid-sequence, sit out that prefill (length 0) and keep their caches."""
+    model, engine = pair
+    rng = np.random.default_rng(5)
+    rows = [rng.integers(0, 29, 40) for _ in range(3)]
+    engine.reset(3)
+    engine.prefill(np.stack([r[:6] for r in rows]))
+    for t in range(6, 9):
+        engine.decode(np.array([r[t] for r in rows]))
+    newcomer = rng.integers(0, 29, 40)
+    engine.lengths[1] = 0
+    chunk = np.zeros((3, 5), dtype=np.int64)
+    chunk[1] = newcomer[:5]
+    got = engine.prefill(chunk, np.array([0, 5, 0]))
+    np.testing.assert_allclose(got[1], reference(model, newcomer[None, :5])[0], atol=TOL, rtol=0)
+    assert engine.lengths.tolist() == [9, 5, 9]
+    rows[1] = newcomer
+    for step in range(4):
+        pos = engine.lengths.copy()
+        out = engine.decode(np.array([r[p] for r, p in zip(rows, pos)]))
+        for b, p in enumerate(pos):
+            np.testing.assert_allclose(out[b], reference(model, rows[b][None, : p + 1])[0, -1], atol=TOL, rtol=0)

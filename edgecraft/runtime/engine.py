@@ -9,7 +9,9 @@ numpy arrays that onnxruntime reads directly (an OrtValue made from a CPU numpy 
 memory), so a step is: write B token ids, update four tiny int arrays, `run_with_iobinding`.
 
 Sequences in one batch may sit at different positions (`seqlens_k` is per row), which is what
-continuous batching needs. Imports only numpy, onnxruntime and the standard library.
+continuous batching needs: to start a new sequence in slot b, set `lengths[b] = 0` and prefill
+with length 0 for the other rows, which sit that call out with their caches untouched.
+Imports only numpy, onnxruntime and the standard library.
 """
 
 from __future__ import annotations
@@ -120,7 +122,8 @@ class Engine:
     def prefill(self, ids: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
         """Append right-padded chunks ids (B, S) of `lengths` (B,) real tokens -> logits (B, S, V).
 
-        Rows past a sequence's real length give garbage logits and are not cached.
+        Each row's chunk goes after what that row already holds. Rows past a sequence's real
+        length give garbage logits and are not cached; a row of length 0 is left as it is.
         """
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         B, S = ids.shape
