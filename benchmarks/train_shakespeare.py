@@ -21,10 +21,12 @@ checkpoints, no AMP: on CPU its autocast context is a no-op and its GradScaler i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -57,17 +59,28 @@ def run_edgecraft(corpus: Path, threads: int, steps: int, workdir: Path) -> dict
         "--set", f"train.threads={threads}",
         "--set", f"train.max_steps={steps}",
     ]
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    with _measured(threads) as usage:
+        done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"edgecraft train failed:\n{done.stderr[-3000:]}")
-    wall = time.perf_counter() - t0
     events = [json.loads(line) for line in (workdir / "runs" / "shakespeare-baby" / "metrics.jsonl").open()]
     speeds = [e["tokens_per_s"] for e in events if e["event"] == "train"][1:]  # first window warms up
     tok_s = statistics.median(speeds)
     val = [e["loss"] for e in events if e["event"] == "eval"][-1]
     tokens_per_iter = BABY["batch_size"] * BABY["block_size"]
-    return {"val_loss": val, "tok_s": tok_s, "ms_per_iter": 1000 * tokens_per_iter / tok_s, "wall_s": wall}
+    return {"val_loss": val, "tok_s": tok_s, "ms_per_iter": 1000 * tokens_per_iter / tok_s, **usage}
+
+
+@contextlib.contextmanager
+def _measured(threads: int):
+    """Wall time of a child process, and the share of `threads` cores it got (CPU s / wall s):
+    well below 1 means other processes were competing for the cores."""
+    usage: dict = {}
+    before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    yield usage
+    after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - t0
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    usage.update(wall_s=wall, cpu_share=cpu / (wall * threads))
 
 
 # ---------------------------------------------------------------------------- nanoGPT
@@ -218,7 +231,6 @@ def _nanogpt(corpus: Path, threads: int, steps: int) -> dict:
     torch.manual_seed(1337)
     model = GPT(len(chars))
     optimizer = model.configure_optimizers()
-    start = time.perf_counter()
     X, Y = get_batch("train")
     t0 = time.time()
     dts, val = [], float("nan")
@@ -247,17 +259,17 @@ def _nanogpt(corpus: Path, threads: int, steps: int) -> dict:
         "val_loss": val,
         "tok_s": cfg["batch_size"] * cfg["block_size"] / (ms / 1000),
         "ms_per_iter": ms,
-        "wall_s": time.perf_counter() - start,
     }
 
 
 def run_nanogpt(corpus: Path, threads: int, steps: int) -> dict:
     """In a fresh process, as edgecraft's run is."""
-    out = subprocess.run(
-        [sys.executable, __file__, "--worker", "--corpus", str(corpus), "--threads", str(threads), "--steps", str(steps)],
-        check=True, capture_output=True, text=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    with _measured(threads) as usage:
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", "--corpus", str(corpus), "--threads", str(threads), "--steps", str(steps)],
+            check=True, capture_output=True, text=True,
+        )
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), **usage}
 
 
 # ---------------------------------------------------------------------------- report
@@ -302,13 +314,14 @@ def main() -> None:
             results["nanoGPT"].append(run_nanogpt(args.corpus, args.threads, args.steps))
             print(f"  nanoGPT   run {i + 1}: {json.dumps(results['nanoGPT'][-1])}", flush=True)
 
-    print("\n| trainer | final val loss | ms/iteration | tokens/s | wall s |")
-    print("|---|---|---|---|---|")
+    print("\n| trainer | final val loss | ms/iteration | tokens/s | wall s | CPU share |")
+    print("|---|---|---|---|---|---|")
     for name, runs in results.items():
         if runs:
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             print(
-                f"| {name} | {med['val_loss']:.4f} | {med['ms_per_iter']:.1f} | {med['tok_s']:,.0f} | {med['wall_s']:.0f} |"
+                f"| {name} | {med['val_loss']:.4f} | {med['ms_per_iter']:.1f} | {med['tok_s']:,.0f} "
+                f"| {med['wall_s']:.0f} | {med['cpu_share']:.0%} |"
             )
 
 

@@ -59,6 +59,10 @@ def test_short_training_run_lowers_the_loss_and_writes_the_run_directory(trained
     assert all(e["tokens_per_s"] > 0 and e["grad_norm"] > 0 for e in train)
     assert (run / "samples.txt").read_text().count("===== step") == 3
     assert load_recipe(run / "recipe.toml").train.max_steps == 30
+    steps, tags = _tb_scalars(run, "val/loss")
+    assert steps == [10, 20, 30]
+    assert {"train/loss", "val/loss", "lr", "tokens_per_s", "grad_norm"} <= set(tags["scalars"])
+    assert tags["tensors"] == ["samples/text_summary"]
 
 
 def test_grad_accum_counts_optimizer_steps(tmp_path):
@@ -76,6 +80,14 @@ def test_grad_accum_counts_optimizer_steps(tmp_path):
 
 def _weights(path):
     return load_file(str(path))
+
+
+def _tb_scalars(run, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)], events.Tags()
 
 
 def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
@@ -104,6 +116,9 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
     # metrics read as one run: no step logged twice
     steps = [e["step"] for e in _events(run, "train")]
     assert steps == sorted(set(steps)) == [5, 10, 15, 20]
+    # TensorBoard: the resumed process appends a second event file to the same log directory
+    assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 2
+    assert _tb_scalars(run, "train/loss")[0] == [5, 10, 15, 20]
 
 
 def test_existing_run_directory_needs_force(tmp_path, trained_run):
