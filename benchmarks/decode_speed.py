@@ -6,8 +6,8 @@
 
 The model is the 1M-parameter character shape (recipes/char-1m: d_model 128, 6 layers, 8 heads,
 d_ff 512, block 256, vocab 65, GPT-2 style) with random weights, or a trained run's weights with
---run. Rows, all measured in this one process, interleaved round by round so that a busy machine
-slows every row alike:
+--run. Rows, all measured in this one process, interleaved round by round (thread counts included) so
+that a busy machine slows every row alike:
 
 - edgecraft: the direct-built graph (edgecraft.onnx_graph) driven by edgecraft.runtime.Engine
   (IO binding, KV buffers shared between past and present)
@@ -142,7 +142,8 @@ class PlainRunner:
 
 
 def measure(runners: dict, prompts: dict, runs: int) -> dict:
-    """Median figures per runner, rounds interleaved across runners."""
+    """Median figures per runner, rounds interleaved across runners (and thread counts), so a
+    machine that gets busier or quieter during the run shifts every row alike."""
     raw = {name: {"b1": [], "ttft": [], "b16": []} for name in runners}
     for r in range(runs + 1):  # round 0 is the warm-up
         for name, runner in runners.items():
@@ -386,31 +387,35 @@ def measure_all(graphs: Path, args: argparse.Namespace) -> str:
         path = graphs / file
         lines.append(f"| {name} | {len(onnx.load(str(path)).graph.node)} | {node_count(path, 'ORT_ENABLE_ALL')} |")
     lines.append("")
-    for threads in [int(t) for t in args.threads.split(",")]:
-        runners, prompts = load_graphs(graphs, threads)
-        ours, plain = runners["edgecraft"], runners["plain torch.onnx.export + session.run"]
-        same = ours.decode(prompts["b1"], 50)[1] == plain.decode(prompts["b1"], 50)[1]
-        results = measure(runners, prompts, args.runs)
-        base = results["plain torch.onnx.export + session.run"]["b1"]
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    runners, prompts = {}, None
+    for threads in thread_counts:  # every (graph, threads) pair, measured interleaved
+        by_name, prompts = load_graphs(graphs, threads)
+        runners.update({(name, threads): runner for name, runner in by_name.items()})
+    ours, plain = runners[("edgecraft", 1)], runners[("plain torch.onnx.export + session.run", 1)]
+    same = ours.decode(prompts["b1"], 50)[1] == plain.decode(prompts["b1"], 50)[1]
+    results = measure(runners, prompts, args.runs)
+    for threads in thread_counts:
+        base = results[("plain torch.onnx.export + session.run", threads)]["b1"]
         lines += [
             f"## {threads} thread{'s' if threads > 1 else ''}", "",
             "| graph | batch-1 decode tok/s | vs plain | TTFT, 64-token prompt (ms) | batch-16 aggregate tok/s | batch 16 / batch 1 |",
             "|---|---|---|---|---|---|",
         ]
-        for name, r in results.items():
-            lines.append(
-                f"| {name} | {r['b1']:,.0f} | {r['b1'] / base:.2f}x | {r['ttft']:.2f} | "
-                f"{r['b16']:,.0f} | {r['b16'] / r['b1']:.1f}x |"
-            )
-        lines += ["", f"Greedy tokens of edgecraft and plain identical for 50 steps: {same}. "
-                  f"Per-round batch-1 tok/s, edgecraft: {[round(x) for x in results['edgecraft']['b1_all']]}; "
-                  f"plain: {[round(x) for x in results['plain torch.onnx.export + session.run']['b1_all']]}.", ""]
-        if threads == 1:
-            lines += ["Where one edgecraft batch-1 decode step goes at position 100 (CPU µs of this "
-                      "process, best of 5 blocks):", "", "| part | µs |", "|---|---|"]
-            lines += [f"| {k} | {v:.1f} |" for k, v in step_breakdown(ours, graphs / "edgecraft.onnx").items()]
-            lines.append("")
-        print("\n".join(lines), file=sys.stderr)
+        for (name, t), r in results.items():
+            if t == threads:
+                lines.append(
+                    f"| {name} | {r['b1']:,.0f} | {r['b1'] / base:.2f}x | {r['ttft']:.2f} | "
+                    f"{r['b16']:,.0f} | {r['b16'] / r['b1']:.1f}x |"
+                )
+        lines += ["", f"Per-round batch-1 tok/s, edgecraft: "
+                  f"{[round(x) for x in results[('edgecraft', threads)]['b1_all']]}; plain: "
+                  f"{[round(x) for x in results[('plain torch.onnx.export + session.run', threads)]['b1_all']]}.", ""]
+    lines += [f"Greedy tokens of edgecraft and plain identical for 50 steps: {same}.", "",
+              "Where one edgecraft batch-1 decode step goes at position 100, 1 thread (CPU µs of "
+              "this process, best of 5 blocks):", "", "| part | µs |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in step_breakdown(ours, graphs / "edgecraft.onnx").items()]
+    lines.append("")
     return "\n".join(lines) + "\n"
 
 

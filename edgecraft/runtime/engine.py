@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-# Measured in benchmarks/decode_speed.py: a second intra-op thread makes batch-1 decode slower at
-# this model size (thread hand-off costs more than the halved arithmetic saves).
+# One intra-op thread: robust wherever an app runs. benchmarks/results/decode_speed.md: on an idle
+# Xeon 2 threads give +10% batch-1 decode and -30% time to first token (4 threads: prompts and
+# batches gain more), but on a busy 2-core machine every extra thread costs 2-3x. Callers that
+# own an idle machine pass threads=N.
 DEFAULT_THREADS = 1
 
 
