@@ -69,7 +69,7 @@ def row_table(report: dict) -> Table:
         lines.append([
             *head,
             f"{row['load_s'] * 1e3:,.0f}",
-            f"{row['file_bytes'] / 1e6:.2f}",
+            "–" if row["file_bytes"] is None else f"{row['file_bytes'] / 1e6:.2f}",
             "–" if row.get("params") is None else f"{row['params']:,}",
             f"{row['ttft_ms']['median']:.2f}",
             f"{lat['p50']:.3f} / {lat['p95']:.3f} / {lat['p99']:.3f}",

@@ -79,7 +79,6 @@ def load_onnx(spec: dict) -> tuple[object, object, dict]:
     """(engine, tokenizer, facts) for a bundle row, through edgecraft.runtime."""
     start = time.perf_counter()
     import onnxruntime as ort
-    from tokenizers import Tokenizer
 
     from edgecraft.runtime import load
 
@@ -107,7 +106,7 @@ def load_onnx(spec: dict) -> tuple[object, object, dict]:
         "export_checks": meta.get("checks"),  # what the exporter measured (parity, its perplexity)
         "threads_used": model.engine.threads,
     }
-    return model.engine, Tokenizer.from_file(str(path / "tokenizer.json")), facts
+    return model.engine, model.tokenizer, facts
 
 
 def load_torch(spec: dict) -> tuple[object, object, dict]:
@@ -126,14 +125,14 @@ def load_torch(spec: dict) -> tuple[object, object, dict]:
     model, tokenizer, _ = load_run(Path(spec["path"]))
     model = model.to(spec["device"]).eval()
     load_s = time.perf_counter() - start
-    weights = Path(spec["path"]) / "model.safetensors"
+    weights = Path(spec["path"]) / "model.safetensors"  # absent while a run is still training
     facts = {
         "backend": f"torch {torch.__version__} eager",
         "import_s": import_s,
         "rss_after_import_mb": rss_baseline,
         "load_s": load_s,
-        "file": weights.name,
-        "file_bytes": weights.stat().st_size,
+        "file": weights.name if weights.is_file() else "newest checkpoint",
+        "file_bytes": weights.stat().st_size if weights.is_file() else None,
         "params": model.num_params(),
         "threads_used": torch.get_num_threads(),
     }
