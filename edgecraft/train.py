@@ -13,6 +13,7 @@ cosine decay are measured in steps, so changing `grad_accum` never stretches the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import shutil
@@ -123,13 +124,22 @@ def resume_run(run_dir: str | Path) -> Path:
         return run_dir
     with _interruptible():
         prepared = data.prepare(recipe.data, recipe.model.block_size)
-    saved = data.load_tokenizer(run_dir / "tokenizer.json")
-    if saved.get_vocab() != prepared.tokenizer.get_vocab():
+    state, _ = load_checkpoint_state(found[-1])
+    if state.get("data") != _fingerprint(prepared):
         raise UserError(
-            f"{run_dir}/tokenizer.json: the corpus {recipe.data.source} now gives a different "
-            "vocabulary than when this run started, so it cannot be resumed"
+            f"{run_dir}: the corpus {recipe.data.source} is not the one this run was trained on "
+            "(its tokens changed), so the run cannot be resumed exactly"
         )
     return _fit(run_dir, recipe, prepared, checkpoint=found[-1])
+
+
+def _fingerprint(prepared) -> dict:
+    """What identifies the token arrays: their lengths and a hash of their bytes."""
+    digest = hashlib.sha256()
+    for tokens in (prepared.train, prepared.val):
+        for start in range(0, len(tokens), 1 << 24):
+            digest.update(np.ascontiguousarray(tokens[start : start + (1 << 24)]).tobytes())
+    return {"train_tokens": len(prepared.train), "val_tokens": len(prepared.val), "sha256": digest.hexdigest()}
 
 
 # ---------------------------------------------------------------------------- Ctrl-C
@@ -245,7 +255,10 @@ def _restore(recipe: Recipe, prepared, checkpoint: Path | None, device: torch.de
     if checkpoint is None:
         torch.manual_seed(recipe.seed)
         model = GPT(GPTConfig(vocab_size=prepared.vocab_size, **recipe.model.model_dump()))
-        state: dict = {"step": 0, "best_val_loss": None, "last_val_loss": None, "last_train_loss": None}
+        state: dict = {
+            "step": 0, "best_val_loss": None, "last_val_loss": None, "last_train_loss": None,
+            "data": _fingerprint(prepared),
+        }
         tensors: dict[str, torch.Tensor] = {}
     else:
         model = load_model(checkpoint / "model.safetensors")

@@ -175,3 +175,13 @@ def test_qat_run_attaches_at_start_step_and_resumes_exactly(tmp_path):
     resumed = _weights(run / "model.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert all(torch.equal(ranges[k], v) for k, v in _weights(run / "quant.safetensors").items())
+
+
+def test_resume_refuses_a_changed_corpus(tmp_path):
+    recipe_path = write_tiny_recipe(tmp_path)
+    run = train_recipe(load_recipe(recipe_path, ["train.max_steps=20"]), runs_dir=tmp_path / "runs")
+    (run / "model.safetensors").unlink()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(corpus.read_text()[::-1])  # same characters, different text
+    with pytest.raises(UserError, match="not the one this run was trained on"):
+        resume_run(run)
