@@ -215,12 +215,13 @@ def parity_checks(model: GPT, engine: Engine, val: np.ndarray) -> dict:
 # ------------------------------------------------------------------------------------ manifest
 
 
-def onnx_section(model: GPT, graph: onnx.ModelProto) -> dict:
-    """What a program that knows only onnxruntime needs to drive the graph."""
+def onnx_section(model: GPT, graph: onnx.ModelProto, model_files: list[str]) -> dict:
+    """What a program that knows only onnxruntime needs to drive the graph (all `model_files`
+    share its inputs and outputs; nodes and op types are the float32 graph's)."""
     cfg = model.cfg
     io = graph_io(cfg)
     return {
-        "file": FP32_MODEL,
+        "files": model_files,
         "opset": {imp.domain or "ai.onnx": imp.version for imp in graph.opset_import},
         "nodes": len(graph.graph.node),
         "op_types": dict(Counter(n.op_type for n in graph.graph.node)),
@@ -275,7 +276,7 @@ def _manifest(model: GPT, tokenizer: Tokenizer, recipe: Recipe, graph: onnx.Mode
             name: {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
             for name in files
         },
-        "onnx": onnx_section(model, graph),
+        "onnx": onnx_section(model, graph, [name for name in files if name != TOKENIZER]),
         "runtime": {
             "threads": DEFAULT_THREADS,
             "why": (

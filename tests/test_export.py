@@ -106,7 +106,8 @@ def test_onnxruntime_alone_drives_the_graph_from_the_manifest(bundle):
     run, path = bundle
     manifest = json.loads((path / "edgecraft.json").read_text())
     spec = manifest["onnx"]
-    session = ort.InferenceSession(str(path / spec["file"]), providers=["CPUExecutionProvider"])
+    assert spec["files"] == ["model.onnx"]
+    session = ort.InferenceSession(str(path / spec["files"][0]), providers=["CPUExecutionProvider"])
     dtypes = {s["name"]: np.dtype(s["dtype"]) for s in spec["inputs"]}
     cache = spec["kv_cache"]
     B = 2
