@@ -50,7 +50,7 @@ from edgecraft.runtime.engine import DEFAULT_THREADS, Engine
 
 PARITY_BOUND = 1e-4  # max |logit difference| fp32 ONNX vs PyTorch; measured ~1e-6 on trained runs
 CHECK_WINDOWS = 8  # validation windows for the perplexity / KL / top-1 figures
-MIN_OPSET = 13  # Split with a `split` input, Gather/MatMul semantics used by the graph
+MIN_OPSET = 17  # LayerNormalization
 
 
 @dataclass(frozen=True)

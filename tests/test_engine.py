@@ -124,7 +124,7 @@ def test_reset_starts_fresh_sequences(pair):
         np.testing.assert_allclose(engine.prefill(ids), reference(model, ids), atol=TOL, rtol=0)
 
 
-def test_bad_calls_raise_clear_errors(pair, tmp_path):
+def test_bad_calls_raise_clear_errors(pair):
     model, engine = pair
     engine.reset(2)
     with pytest.raises(ValueError, match="call reset"):
@@ -133,6 +133,8 @@ def test_bad_calls_raise_clear_errors(pair, tmp_path):
         engine.prefill(np.zeros((2, 49), dtype=np.int64))
     with pytest.raises(ValueError, match="lengths"):
         engine.prefill(np.zeros((2, 4), dtype=np.int64), np.array([5, 1]))
+    with pytest.raises(ValueError, match="3 token ids for a batch of 2"):
+        engine.decode(np.zeros(3, dtype=np.int64))
     with pytest.raises(ValueError, match="batch_size"):
         engine.reset(0)
 

@@ -226,7 +226,7 @@ def test_existing_bundle_needs_force(tmp_path):
 
 def test_bad_opset_is_a_user_error(tmp_path):
     run = make_run(tmp_path)
-    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "b"), "--opset", "9"])
+    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "b"), "--opset", "16"])
     assert result.exit_code == 2 and "--opset" in result.output
 
 

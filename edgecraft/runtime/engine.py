@@ -158,6 +158,8 @@ class Engine:
         The returned array is a view of a buffer that the next `decode` call overwrites.
         """
         lengths = self.lengths
+        if len(ids) != len(lengths):
+            raise ValueError(f"decode got {len(ids)} token ids for a batch of {len(lengths)}")
         if lengths.max() >= self.block_size:
             raise ValueError(f"a sequence already holds block_size {self.block_size} positions")
         self._step_ids[:, 0] = ids
