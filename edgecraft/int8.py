@@ -47,11 +47,18 @@ GATE_WINDOWS = 8  # validation windows (of block_size tokens) for the fp32/int8 
 PTQ_EMBEDDINGS = False
 GATE_EXIT_CODE = 3
 TABLE_BLOCK = 16  # GatherBlockQuantized's smallest block (a power of two)
-PARITY_TOKENS = 48  # decode steps compared between the fake-quant model and the int8 graph
-# Bound on |logit difference| between the int8 graph and the fake-quant model. Both compute the
-# same integers except where a float32 reordering (fused LayerNorm, GELU) moves an activation across
-# a rounding boundary; one such flip changes a logit by about one activation step (~1e-2 here).
-PARITY_BOUND = 0.05
+PARITY_TOKENS = 64  # decode steps compared between the fake-quant model and the int8 graph
+# Parity of the int8 graph with the fake-quant model. Both round the same numbers the same way,
+# except where float32 differences between onnxruntime's fused LayerNorm/GELU/attention and
+# PyTorch's (~1e-6) put an activation on the other side of a rounding boundary; such a flip moves
+# that element by one step and persists through the KV cache. Measured on the char-1m model
+# (benchmarks/results/int8.md): mean |logit difference| 0.002-0.012 against the fake-quant model,
+# 0.03-0.04 against fp32, top-1 agreement 100%. The check: the int8 graph agrees with the
+# fake-quant model on the top token and is at least twice as close to it as to fp32 (or within
+# float noise), which a wrong scale, layout or activation scheme fails.
+PARITY_TOP1 = 0.98
+PARITY_RATIO = 0.5
+PARITY_FLOOR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -277,12 +284,16 @@ def int8_report(
     finally:
         torch.set_num_threads(threads)
         handle.detach()
-    got = decode_logits(int8_path, cfg, probe)
-    parity = float(np.abs(got - expected).max())
-    if parity > PARITY_BOUND:
+    got = decode_logits(int8_path, cfg, probe)  # (T, V)
+    parity = float(np.abs(got - expected).mean())
+    noise = float(np.abs(got - decode_logits(fp32_path, cfg, probe)).mean())  # int8 vs fp32
+    top1 = float((got.argmax(-1) == expected.argmax(-1)).mean())
+    bound = max(PARITY_FLOOR, PARITY_RATIO * noise)
+    if not (parity <= bound and top1 >= PARITY_TOP1):  # also catches NaN
         raise UserError(
-            f"int8 graph does not match the fake-quant model (max logit difference {parity:.3g} > "
-            f"{PARITY_BOUND}); this is a bug in edgecraft's int8 export"
+            f"int8 graph does not match the fake-quant model (mean logit difference {parity:.3g}, "
+            f"bound {bound:.3g}; top-1 agreement {top1:.3f}); this is a bug in edgecraft's int8 "
+            f"export, please report it", exit_code=1,
         )
     loss_fp32 = decode_loss(fp32_path, cfg, windows)
     loss_int8 = decode_loss(int8_path, cfg, windows)
@@ -295,8 +306,11 @@ def int8_report(
             "range per call" if plan.scheme == "dynamic" else "static ranges"
         ),
         "quantized_layers": sorted(plan.layers),
-        "parity_max_abs_logit_diff": parity,
-        "parity_bound": PARITY_BOUND,
+        "parity_mean_abs_logit_diff": parity,
+        "parity_max_abs_logit_diff": float(np.abs(got - expected).max()),
+        "parity_bound": bound,
+        "parity_top1_agreement": top1,
+        "int8_vs_fp32_mean_abs_logit_diff": noise,
         "val_loss_fp32": loss_fp32,
         "val_loss_int8": loss_int8,
         "val_ppl_fp32": math.exp(loss_fp32),
@@ -308,7 +322,7 @@ def int8_report(
     print(
         f"int8 ({plan.scheme}): val loss {loss_fp32:.4f} fp32 -> {loss_int8:.4f} int8 "
         f"({increase:+.2f}%), perplexity {math.exp(loss_fp32):.3f} -> {math.exp(loss_int8):.3f}; "
-        f"parity with the fake-quant model {parity:.2g}"
+        f"parity with the fake-quant model {parity:.2g} (bound {bound:.2g}, top-1 {top1:.3f})"
     )
     if max_loss_increase is not None and increase > max_loss_increase:
         raise UserError(
