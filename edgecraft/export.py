@@ -243,7 +243,11 @@ def onnx_section(model: GPT, graph: onnx.ModelProto, model_files: list[str]) -> 
         },
         "drive": {
             "input_ids": "(B, S) token ids of the new chunk per sequence, right-padded",
-            "position_ids": "learned positions only: past_length[b] + s for s in 0..S-1 (clip padding to block_size - 1)",
+            "position_ids": (
+                "only when listed in inputs (learned positions; rotary with a head size that is "
+                "not a multiple of 16): past_length[b] + s for s in 0..S-1, padding clipped to "
+                "block_size - 1"
+            ),
             "seqlens_k": "int32 (B,): past_length[b] + new_length[b] - 1, the last cached position after this call",
             "total_sequence_length": "int32 scalar: max over b of past_length[b] + new_length[b], and at least S",
             "query_seqlens": "int32 (B,): new_length[b], real tokens in row b of the chunk (S for an unpadded chunk, 1 when decoding)",

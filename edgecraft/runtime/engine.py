@@ -149,7 +149,7 @@ class Engine:
             n.astype(np.int32), logits,
         )
         self.session.run_with_iobinding(binding)
-        self.lengths = total
+        self.lengths[:] = total
         return logits
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
