@@ -236,12 +236,12 @@ def runs(float_run: Path, qat_runs: list[Path], n_windows: int, tmp: Path) -> st
 
     blocks = plan_layers(model, False, ())
     every = plan_layers(model, True, ())
-    add("PTQ dynamic, blocks (default)", model, Int8Plan(blocks, "dynamic", {}))
-    add("PTQ dynamic, blocks + tables", model, Int8Plan(every - {"head"}, "dynamic", {}))
-    add("PTQ dynamic, blocks + head", model, Int8Plan(blocks | {"head"}, "dynamic", {}))
-    add("PTQ dynamic, everything", model, Int8Plan(every, "dynamic", {}))
+    add("PTQ dynamic (default: blocks, tables, head)", model, Int8Plan(every, "dynamic", {}))
+    add("PTQ dynamic, --keep-float head", model, Int8Plan(every - {"head"}, "dynamic", {}))
+    add("PTQ dynamic, --keep-float embeddings", model, Int8Plan(blocks | {"head"}, "dynamic", {}))
+    add("PTQ dynamic, --keep-float embeddings --keep-float head", model, Int8Plan(blocks, "dynamic", {}))
     batches = eval_batches(val, recipe.train.batch_size, cfg.block_size, 8, recipe.seed)
-    add("PTQ static, --calibrate 8", model, Int8Plan(blocks, "static", calibrate_ranges(model, batches, False)))
+    add("PTQ static, --calibrate 8", model, Int8Plan(every, "static", calibrate_ranges(model, batches, True)))
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     ortq = tmp / "ort_quantize_dynamic.onnx"
@@ -282,7 +282,8 @@ def runs(float_run: Path, qat_runs: list[Path], n_windows: int, tmp: Path) -> st
     for run, name, loss, pre, b16, size in rows:
         lines.append(f"| {run} | {name} | {pct(loss)} | {pct(pre)} | {pct(b16)} | {size:,} | {size / rows[0][5]:.1%} |")
 
-    speed_paths = {"fp32": fp32, **{n: p for n, (p, _) in graphs.items() if "QAT" in n or "default" in n or "static" in n or "quantize_dynamic" in n}}
+    speed_paths = {"fp32": fp32, **{n: p for n, (p, _) in graphs.items()
+                                  if n not in ("PTQ dynamic, --keep-float head", "PTQ dynamic, --keep-float embeddings")}}
     lines += ["", "Bundles written by `edgecraft export` of float run A (model, tokenizer.json, edgecraft.json):", ""]
     lines += bundle_sizes(float_run, tmp)
     lines += ["", "Decode tokens/s (engine, IO binding, 1 thread, median of 5 interleaved rounds of 200 steps):", "",
