@@ -34,6 +34,8 @@ NOTES = (
     "library import time is recorded apart (import_s).",
     "CPU/wall: CPU seconds the row's process got per second while decoding; well below its thread "
     "count means other processes took the cores (a shared machine) and the speeds are pessimistic.",
+    "t per CPU-s (tg only): the same tokens per CPU-second the process got; at 1 thread, the speed "
+    "the row would reach on an idle core.",
     "Peak RSS: the row's own process (Python, libraries, model, timed runs), before the perplexity pass.",
     "Perplexity: exp(mean next-token loss) over non-overlapping block_size windows of the quality text, "
     "each row with its own tokenizer.",

@@ -39,16 +39,17 @@ def _median_range(summary: dict) -> str:
 
 def speed_table(report: dict) -> Table:
     """llama-bench style: one line per (row, test), pp P and tg N, tokens/s."""
-    header = ["model", "backend", "prec", "threads", "batch", "test", "t/s mean ± sd", "median [min–max]"]
+    header = ["model", "backend", "prec", "threads", "batch", "test", "t/s mean ± sd", "median [min–max]", "t per CPU-s"]
     lines = []
     for row in report["rows"]:
         head = [row["name"], _backend(row), row["precision"], _threads(row), str(row["batch"])]
         if row["status"] != "ok":
-            lines.append([*head, row["status"], row.get("reason") or row.get("error", ""), ""])
+            lines.append([*head, row["status"], row.get("reason") or row.get("error", ""), "", ""])
             continue
         for test in ("prefill", "decode"):
-            rate = row[test]["tok_s"]
-            lines.append([*head, row[test]["test"], _mean_sd(rate), _median_range(rate)])
+            rate, per_cpu = row[test]["tok_s"], row[test].get("tok_per_cpu_s")
+            cpu = "" if per_cpu is None else f"{per_cpu['median']:,.1f}"
+            lines.append([*head, row[test]["test"], _mean_sd(rate), _median_range(rate), cpu])
     return header, lines
 
 

@@ -194,6 +194,8 @@ def measure(engine, prompt: np.ndarray, new_tokens: int, warmup: int, runs: int)
             "test": f"tg{new_tokens}", "tokens_per_run": B * new_tokens,
             "tok_s": summarize(rates([r["tokens"].size for r in results], decode_s)),
             "seconds": summarize(decode_s),
+            # tokens per CPU-second the process got: at 1 thread, the speed on an otherwise idle core
+            "tok_per_cpu_s": summarize(rates([r["tokens"].size for r in results], [r["cpu_s"] for r in results])),
         },
         "ttft_ms": summarize([r["ttft_s"] * 1e3 for r in results]),
         "step_latency_ms": {**percentiles(steps_ms), "mean": float(np.mean(steps_ms))},
