@@ -272,9 +272,9 @@ def prompts(run: Path, batch: int, length: int) -> list[list[int]]:
     """`batch` prompts of `length` tokens: consecutive slices of the run's validation text."""
     from tokenizers import Tokenizer
 
-    from edgecraft.bench import _validation_text
+    from edgecraft.bench import validation_text
 
-    text = _validation_text(run, batch * length * 4) or ""
+    text = validation_text(run, batch * length * 4)[0] or ""
     ids = Tokenizer.from_file(str(run / "tokenizer.json")).encode(text).ids
     if len(ids) < batch * length:
         raise SystemExit(f"{run}: validation split too short for {batch} prompts of {length} tokens")

@@ -111,21 +111,21 @@ def row_specs(paths: list[Path], options: BenchOptions, eval_text: Path | None) 
     return specs
 
 
-def _validation_text(run_dir: Path, max_tokens: int) -> str | None:
-    """The run's validation split (the last val_fraction of its token stream) as text, or None when
-    it cannot be had here (the training extra is missing or the corpus moved)."""
+def validation_text(run_dir: Path, max_tokens: int) -> tuple[str | None, str]:
+    """(text, where from): the first max_tokens + 1 tokens (0 = all) of the run's validation split
+    (the last val_fraction of its token stream), or (None, why not)."""
     try:
         from edgecraft.data import prepare
         from edgecraft.recipe import load_recipe
-    except ImportError:
-        return None
+    except ImportError as err:
+        return None, f"none: reading {run_dir}'s validation split needs edgecraft[train] ({err.name} missing)"
     try:
         recipe = load_recipe(run_dir / "recipe.toml", [])
         data = prepare(recipe.data, recipe.model.block_size)
-    except UserError:
-        return None
+    except UserError as err:
+        return None, f"none: {run_dir}'s validation split is unreadable here ({err}); pass --text FILE"
     ids = data.val if max_tokens == 0 else data.val[: max_tokens + 1]
-    return data.tokenizer.decode([int(i) for i in ids])
+    return data.tokenizer.decode([int(i) for i in ids]), f"validation split of {run_dir}"
 
 
 def quality_text(paths: list[Path], options: BenchOptions) -> tuple[str | None, str]:
@@ -137,9 +137,9 @@ def quality_text(paths: list[Path], options: BenchOptions) -> tuple[str | None, 
             raise UserError(f"--text {options.text}: no such file") from None
         except (OSError, UnicodeDecodeError) as err:
             raise UserError(f"--text {options.text}: not readable UTF-8 text ({err})") from None
-    for path in paths:
-        if _kind(path) == "run" and (text := _validation_text(path, options.ppl_tokens)):
-            return text, f"validation split of {path}"
+    runs = [path for path in paths if _kind(path) == "run"]
+    if runs:
+        return validation_text(runs[0], options.ppl_tokens)
     return None, "none (pass --text FILE, or bench a run directory, to measure perplexity)"
 
 
