@@ -217,8 +217,7 @@ def _subgraph(model: onnx.ModelProto, op_type: str, block: int) -> tuple[onnx.Mo
     graph = helper.make_graph(nodes, op_type, list(inputs.values()), outputs,
                               initializer=[inits[n] for n in used if n])
     sub = helper.make_model(graph, opset_imports=model.opset_import)
-    step = {"seqlens_k": np.array([100], np.int32), "total_sequence_length": np.array(101, np.int32),
-            "query_seqlens": np.ones(1, np.int32)}
+    step = {"seqlens_k": np.array([100], np.int32), "total_sequence_length": np.array(101, np.int32)}
     for name, info in inputs.items():
         if name in step:
             values[name] = step[name]
@@ -262,7 +261,7 @@ def step_breakdown(runner: EdgecraftRunner, path: Path, reps: int = 1000) -> dic
     e.session = session
 
     feeds = {"input_ids": np.zeros((1, 1), np.int64), "seqlens_k": np.array([100], np.int32),
-             "total_sequence_length": np.array(101, np.int32), "query_seqlens": np.ones(1, np.int32)}
+             "total_sequence_length": np.array(101, np.int32)}
     if "position_ids" in {i.name for i in session.get_inputs()}:
         feeds["position_ids"] = np.full((1, 1), 100, np.int64)
     kv = {f"past_key_values.{i}.{k}": np.zeros(e._kv[0].shape(), np.float32)

@@ -249,12 +249,16 @@ def onnx_section(model: GPT, graph: onnx.ModelProto, model_files: list[str]) -> 
                 "block_size - 1"
             ),
             "seqlens_k": "int32 (B,): past_length[b] + new_length[b] - 1, the last cached position after this call",
-            "total_sequence_length": "int32 scalar: max over b of past_length[b] + new_length[b], and at least S",
-            "query_seqlens": "int32 (B,): new_length[b], real tokens in row b of the chunk (S for an unpadded chunk, 1 when decoding)",
+            "total_sequence_length": "int32 scalar: max over b of past_length[b] + new_length[b]; exactly S for a prompt",
             "logits": "(B, S, V) float32; rows past new_length[b] are garbage",
+            "prompt": (
+                "every past_length = 0: one call for the whole batch, rows right-padded to S, "
+                "total_sequence_length = S; padding positions are written to the cache and "
+                "overwritten by the next tokens, never read"
+            ),
+            "decode": "S = 1, new_length = 1, past_length[b] = tokens cached in row b (rows may differ)",
+            "chunk": "S > 1 after cached tokens: one sequence per call (batch 1, no padding)",
             "limits": "past_length[b] + S <= block_size for every row",
-            "prefill": "past_length = 0, the prompt as the chunk",
-            "decode": "S = 1, new_length = 1, past_length = tokens cached so far",
         },
     }
 

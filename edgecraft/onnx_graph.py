@@ -12,8 +12,11 @@ operators, 11 nodes per GPT-2-style layer (71 for char-1m):
 
 The KV cache is a preallocated buffer per layer, (batch, n_heads, block_size, head_size), bound
 as both `past_key_values.i.*` and `present.i.*`; the caller says where each sequence stands with
-`seqlens_k` (tokens cached after this step, minus one) and which rows of a right-padded chunk are
-real with `query_seqlens`. `graph_io()` describes all of it for the bundle manifest.
+`seqlens_k` (tokens cached after this step, minus one). `graph_io()` describes all of it for the
+bundle manifest. GroupQueryAttention's newer `query_seqlens` input (right-padded chunks appended
+to caches of different lengths in one call) is left out on purpose: it arrived in onnxruntime
+1.32 and a graph that names it does not load in 1.30 or 1.31; the engine runs such chunks row
+by row instead.
 
 Only numpy and onnx here (and the model's config class): the exporter hands in a state dict
 of numpy arrays.
@@ -48,7 +51,6 @@ def graph_io(cfg: GPTConfig) -> dict:
     inputs += [
         {"name": "seqlens_k", "dtype": "int32", "shape": ["batch_size"]},
         {"name": "total_sequence_length", "dtype": "int32", "shape": []},
-        {"name": "query_seqlens", "dtype": "int32", "shape": ["batch_size"]},
     ]
     outputs = [
         {"name": "logits", "dtype": "float32", "shape": ["batch_size", "sequence_length", cfg.vocab_size]}
@@ -156,8 +158,7 @@ def build_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], opset: int = 17)
                                 f"{p}.attn.rotary_{'qk'[j]}", MS, num_heads=nh)[0]
         gqa_inputs = q_k_v + [f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                               "seqlens_k", "total_sequence_length"]
-        gqa_inputs += rope if fused_rope else ["", ""]
-        gqa_inputs += ["", "", "", "", "", "", "", "query_seqlens"]  # position_ids .. k_norm_weight unused
+        gqa_inputs += rope if fused_rope else []
         attn = g.op(
             "GroupQueryAttention", gqa_inputs, [f"{p}/attn", f"present.{i}.key", f"present.{i}.value"],
             f"{p}.attn", MS, num_heads=nh, kv_num_heads=nh, do_rotary=int(fused_rope),
@@ -198,9 +199,12 @@ def build_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], opset: int = 17)
         g.nodes, "edgecraft-decoder", [value_info(s) for s in io["inputs"]],
         [value_info(s) for s in io["outputs"]], initializer=g.inits,
     )
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)]
+    # the oldest IR version the opset allows, not the onnx package's newest: onnxruntime 1.30
+    # refuses IR 14, which onnx 1.23 writes by default
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
-        producer_name="edgecraft",
+        graph, opset_imports=opsets, producer_name="edgecraft",
+        ir_version=helper.find_min_ir_version_for(opsets, ignore_unknown=True),
     )
     onnx.checker.check_model(model)
     return model

@@ -1,16 +1,20 @@
 """The decode engine: one onnxruntime session over a bundle's graph, driven through IO binding.
 
-A token of a 1M-parameter model costs ~100 µs, so every per-step microsecond counts. All state is
-allocated once per `reset()`: one KV buffer per layer and kind, (B, n_heads, block_size, head_size),
-bound as BOTH the graph's `past_key_values.i.*` input and its `present.i.*` output, so
-GroupQueryAttention appends the new positions in place (it shares the buffer when both point at
-the same memory). The decode step's small inputs (token ids, positions, `seqlens_k`, ...) are
-numpy arrays that onnxruntime reads directly (an OrtValue made from a CPU numpy array wraps its
-memory), so a step is: write B token ids, update four tiny int arrays, `run_with_iobinding`.
+A token of a 1M-parameter model costs a few hundred µs, so every per-step microsecond counts.
+All state is allocated once per `reset()`: one KV buffer per layer and kind, (B, n_heads,
+block_size, head_size), bound as BOTH the graph's `past_key_values.i.*` input and its
+`present.i.*` output, so GroupQueryAttention appends the new positions in place (it shares the
+buffer when both point at the same memory). The decode step's small inputs (token ids, positions,
+`seqlens_k`, ...) are numpy arrays that onnxruntime reads directly (an OrtValue made from a CPU
+numpy array wraps its memory), so a step is: write B token ids, update three tiny int arrays,
+`run_with_iobinding`.
 
 Sequences in one batch may sit at different positions (`seqlens_k` is per row), which is what
-continuous batching needs: to start a new sequence in slot b, set `lengths[b] = 0` and prefill
-with length 0 for the other rows, which sit that call out with their caches untouched.
+continuous batching needs. A prefill of fresh sequences is one call however ragged the rows
+(GroupQueryAttention's prompt path takes each row's length from `seqlens_k`); a chunk appended to
+caches that already hold tokens runs one call per row, over that row's slice of the buffers. So
+to start a new sequence in slot b of a running batch, set `lengths[b] = 0` and prefill with
+length 0 for the other rows, which sit that call out with their caches untouched.
 Imports only numpy, onnxruntime and the standard library.
 """
 
@@ -84,36 +88,32 @@ class Engine:
             self.lengths[:] = 0
             return
         self.lengths = np.zeros(B, dtype=np.int64)
-        self._kv = [self._zeros((B, *self._cache_shape)) for _ in range(2 * self._n_layers)]
+        # (B, n_heads, block_size, head_size) per layer and kind; the OrtValues wrap this memory
+        self._kv = [np.zeros((B, *self._cache_shape), dtype=np.float32) for _ in range(2 * self._n_layers)]
         # the decode step's buffers, written in place and read by onnxruntime through the binding
         self._step_ids = np.zeros((B, 1), dtype=np.int64)  # (B, 1)
         self._step_pos = np.zeros((B, 1), dtype=np.int64)  # (B, 1)
         self._seqlens = np.zeros(B, dtype=np.int32)  # (B,) tokens cached after the step, minus 1
         self._total = np.zeros((), dtype=np.int32)  # () longest sequence after the step
-        self._qlens = np.ones(B, dtype=np.int32)  # (B,) one real token per row
         self._step_logits = np.zeros((B, 1, self.vocab_size), dtype=np.float32)  # (B, 1, V)
         self._step_binding = self._binding(
-            self._step_ids, self._step_pos, self._seqlens, self._total, self._qlens, self._step_logits
+            self._step_ids, self._step_pos, self._seqlens, self._total, self._step_logits, self._kv
         )
 
-    @staticmethod
-    def _zeros(shape: tuple[int, ...]) -> ort.OrtValue:
-        """A KV buffer in host memory, also with device="cuda": onnxruntime's CUDA
-        GroupQueryAttention runs only float16/bfloat16, so a float32 graph's attention (which owns
-        the cache) stays on the CPU provider while the CUDA provider takes the matrix products."""
-        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=np.float32))
-
-    def _binding(self, ids, pos, seqlens, total, qlens, logits) -> ort.IOBinding:
-        """Bind the inputs (wrapping, not copying, the numpy arrays) and the shared KV buffers."""
+    def _binding(self, ids, pos, seqlens, total, logits, kv: list[np.ndarray]) -> ort.IOBinding:
+        """Bind the inputs and outputs, wrapping (not copying) the numpy arrays; each KV buffer
+        is both the past input and the present output. The KV buffers stay in host memory also
+        with device="cuda": onnxruntime's CUDA GroupQueryAttention runs only float16/bfloat16, so
+        a float32 graph's attention (which owns the cache) stays on the CPU provider."""
         binding = self.session.io_binding()
-        inputs = {"input_ids": ids, "seqlens_k": seqlens, "total_sequence_length": total, "query_seqlens": qlens}
+        inputs = {"input_ids": ids, "seqlens_k": seqlens, "total_sequence_length": total}
         if self._has_positions:
             inputs["position_ids"] = pos
         for name, array in inputs.items():
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
         for i in range(self._n_layers):
             for j, kind in enumerate(("key", "value")):
-                buffer = self._kv[2 * i + j]
+                buffer = ort.OrtValue.ortvalue_from_numpy(kv[2 * i + j])
                 binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buffer)
                 binding.bind_ortvalue_output(f"present.{i}.{kind}", buffer)
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
@@ -140,17 +140,29 @@ class Engine:
                 f"{int(past.max())} cached + {S} new positions exceed block_size {self.block_size}"
             )
         total = past + n  # (B,) cached after this call
-        pos = np.minimum(past[:, None] + np.arange(S), self.block_size - 1)  # (B, S)
-        # a row with nothing cached and nothing new stays empty; GroupQueryAttention needs seqlens_k >= 0
-        seqlens = np.maximum(total - 1, 0).astype(np.int32)
         logits = np.empty((B, S, self.vocab_size), dtype=np.float32)  # (B, S, V)
-        binding = self._binding(
-            ids, pos, seqlens, np.array(max(int(total.max()), S), dtype=np.int32),
-            n.astype(np.int32), logits,
-        )
-        self.session.run_with_iobinding(binding)
+        if not past.any():  # fresh sequences: one call, each row's length from seqlens_k
+            pos = np.broadcast_to(np.minimum(np.arange(S), self.block_size - 1), (B, S))  # (B, S)
+            # a row with nothing new still computes one (unused) position: seqlens_k must be >= 0
+            seqlens = np.maximum(total - 1, 0).astype(np.int32)
+            self._run(ids, np.ascontiguousarray(pos), seqlens, S, logits, self._kv)
+        else:  # chunks after cached tokens: one call per row, over that row's slice of the buffers
+            for b in np.flatnonzero(n):
+                k, p = int(n[b]), int(past[b])
+                self._run(
+                    ids[b : b + 1, :k], p + np.arange(k)[None, :], np.array([p + k - 1], dtype=np.int32),
+                    p + k, logits[b : b + 1, :k], [buffer[b : b + 1] for buffer in self._kv],
+                )
         self.lengths[:] = total
         return logits
+
+    def _run(self, ids, pos, seqlens, total: int, logits, kv: list[np.ndarray]) -> None:
+        """One prefill call; the arrays are contiguous, so every binding wraps their memory."""
+        binding = self._binding(
+            np.ascontiguousarray(ids), np.ascontiguousarray(pos, dtype=np.int64), seqlens,
+            np.array(total, dtype=np.int32), logits, kv,
+        )
+        self.session.run_with_iobinding(binding)
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """One new token per sequence, ids (B,) -> logits (B, V).
