@@ -264,7 +264,7 @@ def step_breakdown(runner: EdgecraftRunner, path: Path, reps: int = 1000) -> dic
              "total_sequence_length": np.array(101, np.int32)}
     if "position_ids" in {i.name for i in session.get_inputs()}:
         feeds["position_ids"] = np.full((1, 1), 100, np.int64)
-    kv = {f"past_key_values.{i}.{k}": np.zeros(e._kv[0].shape(), np.float32)
+    kv = {f"past_key_values.{i}.{k}": np.zeros(e._kv[0].shape, np.float32)
           for i in range(e._n_layers) for k in ("key", "value")}
     figures["InferenceSession.run instead (numpy in, cache copied in and out)"] = _cpu_best(
         lambda: session.run(None, {**feeds, **kv}), reps // 4
