@@ -248,7 +248,7 @@ def onnx_section(model: GPT, graph: onnx.ModelProto, model_files: list[str]) -> 
                 "not a multiple of 16): past_length[b] + s for s in 0..S-1, padding clipped to "
                 "block_size - 1"
             ),
-            "seqlens_k": "int32 (B,): past_length[b] + new_length[b] - 1, the last cached position after this call",
+            "seqlens_k": "int32 (B,): past_length[b] + new_length[b] - 1 (at least 0), the last cached position after this call",
             "total_sequence_length": "int32 scalar: max over b of past_length[b] + new_length[b]; exactly S for a prompt",
             "logits": "(B, S, V) float32; rows past new_length[b] are garbage",
             "prompt": (
