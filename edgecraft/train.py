@@ -98,9 +98,12 @@ def train_recipe(
         raise UserError(f"{run_dir} exists and is not a directory; remove it first")
     with _interruptible():
         prepared = data.prepare(recipe.data, recipe.model.block_size)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    try:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+    except OSError as err:
+        raise UserError(f"{run_dir}: cannot create the run directory ({err.strerror})") from None
     atomic_write_text(run_dir / "recipe.toml", to_toml(recipe))
     prepared.tokenizer.save(str(run_dir / "tokenizer.json"))
     return _fit(run_dir, recipe, prepared, checkpoint=None)
@@ -281,6 +284,7 @@ def _loop(run_dir: Path, recipe: Recipe, prepared, checkpoint: Path | None, devi
     cfg, B, T = recipe.train, recipe.train.batch_size, recipe.model.block_size
     model, optimizer, param_names, state, qat = _restore(recipe, prepared, checkpoint, device)
     forward = _compiled(model) if cfg.compile else model
+    autocast = _autocast(cfg, device)
 
     step = state["step"]
     log = _Log(run_dir, resume_step=None if checkpoint is None else step)
@@ -307,13 +311,15 @@ def _loop(run_dir: Path, recipe: Recipe, prepared, checkpoint: Path | None, devi
                 for micro in range(cfg.grad_accum):
                     x, y = _to_device(data.get_batch(prepared.train, B, T, recipe.seed, step, micro), device)
                     try:
-                        _, loss, _ = forward(x, y)
+                        with autocast:
+                            _, loss, _ = forward(x, y)
                     except Exception as err:  # torch.compile fails lazily, on the first call
                         if forward is model:
                             raise
                         warnings.warn(f"train.compile: torch.compile failed ({err}); training uncompiled")
                         forward = model
-                        _, loss, _ = forward(x, y)
+                        with autocast:
+                            _, loss, _ = forward(x, y)
                     (loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach()
                 clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -372,6 +378,11 @@ def _optimizer(model: GPT, cfg: TrainConfig) -> tuple[torch.optim.AdamW, list[st
     return optimizer, param_names
 
 
+def _autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
+    """Matmuls in bfloat16 when asked (AMX / tensor cores); a no-op context for float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+
+
 def _compiled(model: GPT):
     try:
         return torch.compile(model)
@@ -399,7 +410,8 @@ def _evaluate(model: GPT, tokens, recipe: Recipe, device: torch.device) -> float
     model.eval()
     cfg = recipe.train
     batches = data.eval_batches(tokens, cfg.batch_size, recipe.model.block_size, cfg.eval_batches, recipe.seed)
-    losses = [model(*_to_device(batch, device))[1] for batch in batches]
+    with _autocast(cfg, device):
+        losses = [model(*_to_device(batch, device))[1].float() for batch in batches]
     model.train()
     return torch.stack(losses).mean().item()
 

@@ -185,3 +185,11 @@ def test_resume_refuses_a_changed_corpus(tmp_path):
     corpus.write_text(corpus.read_text()[::-1])  # same characters, different text
     with pytest.raises(UserError, match="not the one this run was trained on"):
         resume_run(run)
+
+
+def test_bfloat16_autocast_trains_float32_weights(tmp_path):
+    recipe = load_recipe(write_tiny_recipe(tmp_path), ["train.dtype=bfloat16", "train.max_steps=20"])
+    run = train_recipe(recipe, runs_dir=tmp_path / "runs")
+    train = _events(run, "train")
+    assert train[-1]["loss"] < train[0]["loss"] - 0.3
+    assert all(t.dtype == torch.float32 for t in _weights(run / "model.safetensors").values())
