@@ -1,6 +1,7 @@
 """int8 for edgecraft's decoder: which onnxruntime kernel, how much quality, how big, how fast.
 
     python benchmarks/int8_quality.py kernels                       # int8 MatMul forms, 6-layer chain
+    python benchmarks/int8_quality.py qat-cost                      # training step with/without hooks
     python benchmarks/int8_quality.py runs --float runs/A --qat runs/B [--qat runs/C] [--windows 16]
 
 `kernels` times every int8 MatMul form onnxruntime offers on the 1M model's matrix shapes
@@ -146,6 +147,42 @@ def kernels(rounds: int = 7, calls: int = 200) -> str:
     lines = [head, "|---" * (len(rows) + 1) + "|"]
     for f in KERNEL_FORMS:
         lines.append(f"| {f} | " + " | ".join(f"{r[f]:.0f}" for _, r in rows) + " |")
+    return "\n".join(lines)
+
+
+# --- QAT cost -------------------------------------------------------------------------------------
+
+
+def qat_cost(rounds: int = 5, steps: int = 3) -> str:
+    """Training step time of the char-1m shape (batch 12 x 256) with and without the QAT hooks."""
+    from edgecraft.model import GPT, GPTConfig
+    from edgecraft.quant import attach
+    from edgecraft.recipe import QuantConfig
+
+    torch.set_num_threads(1)  # two threads on a shared 2-core machine made the rounds incomparable
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=65))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, 65, (12, 257))
+    rows = {"float": None, "QAT dynamic": QuantConfig(qat=True), "QAT static": QuantConfig(qat=True, scheme="static"),
+            "QAT dynamic, embeddings": QuantConfig(qat=True, embeddings=True)}
+    times = {name: [] for name in rows}
+    for _ in range(rounds):
+        for name, cfg in rows.items():
+            handle = attach(model, cfg) if cfg else None
+            t = time.perf_counter()
+            for _ in range(steps):
+                _, loss, _ = model(x[:, :-1], targets=x[:, 1:].contiguous())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            times[name].append((time.perf_counter() - t) / steps)
+            if handle:
+                handle.detach()
+    base = float(np.median(times["float"]))
+    lines = [f"torch threads {torch.get_num_threads()}", "", "| training step | ms | vs float |", "|---|---|---|"]
+    for name, v in times.items():
+        lines.append(f"| {name} | {1e3 * np.median(v):.0f} | {np.median(v) / base:.2f}x |")
     return "\n".join(lines)
 
 
@@ -298,6 +335,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("kernels")
+    sub.add_parser("qat-cost")
     r = sub.add_parser("runs")
     r.add_argument("--float", dest="float_run", type=Path, required=True)
     r.add_argument("--qat", type=Path, action="append", default=[])
@@ -309,7 +347,10 @@ def main() -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     machine = (f"onnxruntime {ort.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
                f"load average {load} at the end (a shared machine: compare rows, not runs)")
-    if args.cmd == "kernels":
+    if args.cmd == "qat-cost":
+        body = qat_cost()
+        title = "QAT hooks' training cost, char-1m shape, batch 12 x 256 (median of 5 interleaved rounds)"
+    elif args.cmd == "kernels":
         body = kernels()
         title = "int8 MatMul forms, six layers of the 1M model's matrices, 1 thread (µs per call, median of 7)"
     else:
