@@ -374,7 +374,10 @@ def export_int8(
 
             if not (run_dir / QUANT_STATE).is_file():
                 raise UserError(f"{run_dir / QUANT_STATE}: not found; a static QAT run keeps its ranges there")
-            ranges = ranges_from_state(load_state(run_dir / QUANT_STATE)[1])
+            saved_scheme, state = load_state(run_dir / QUANT_STATE)
+            if saved_scheme != "static":
+                raise UserError(f"{run_dir / QUANT_STATE}: holds {saved_scheme!r} state, the recipe says static")
+            ranges = ranges_from_state(state)
     else:
         scheme, embeddings, ranges = ("static" if calibrate else "dynamic"), PTQ_EMBEDDINGS, {}
         if calibrate:
