@@ -341,7 +341,8 @@ def markdown(report: dict) -> str:
         f"{s['runs']} runs, each round a fresh process per (row, threads) with {s['warmup']} warm-up run(s) per batch "
         "size, rounds interleaved so background load hits every row alike. tok per CPU-s: the same tokens per "
         "CPU-second the process got (at 1 thread, what the row would do on an idle core). "
-        f"Load average before/after: {report['load_before'][0]:.1f} / {report['load_after'][0]:.1f}.", "",
+        f"Load average before/after: {report['load_before'][0]:.1f} / {report['load_after'][0]:.1f}."
+        + (f" {report['note']}" if report.get("note") else ""), "",
         "| batch | threads | row | TTFT ms | tok/s median [min–max] | tok per CPU-s | edgecraft fp32 ÷ row | greedy = edgecraft fp32 |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -402,8 +403,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rows", default=",".join(ORDER), help="Subset of rows to measure.")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgecraft-peers")
+    parser.add_argument("--note", default="", help="A line for the report, e.g. how the run was trained.")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="Where peers.{md,json,png} go.")
+    parser.add_argument("--render", type=Path, help="Only re-render peers.md/png from this peers.json (with --note).")
     args = parser.parse_args()
+    if args.render:
+        report = json.loads(args.render.read_text())
+        report["note"] = args.note or report.get("note", "")
+        write_report(report, args.out)
+        return
     from edgecraft.bench_system import system_info
     from edgecraft.checkpoint import read_config
 
@@ -438,6 +446,7 @@ def main() -> None:
                      "runs": args.runs, "rounds": args.rounds, "warmup": args.warmup, "threads": threads,
                      "batches": batches},
         "missing": missing,
+        "note": args.note,
     }
     rounds = []
     # rounds interleave the rows in time, so a change in the machine's background load hits them all;
@@ -464,8 +473,13 @@ def main() -> None:
 
 
 def write_report(report: dict, out: Path) -> None:
+    """peers.json (each cell keeping its first sequence's greedy tokens), peers.md, peers.png."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("peers.json", json.dumps(report, indent=1) + "\n"), ("peers.md", markdown(report))):
+    slim = json.loads(json.dumps(report))
+    for r in slim["raw"]:
+        for cell in r["batches"].values():
+            cell["tokens"] = cell["tokens"][:1]
+    for name, text in (("peers.json", json.dumps(slim, indent=1) + "\n"), ("peers.md", markdown(report))):
         (out / (name + ".tmp")).write_text(text)
         os.replace(out / (name + ".tmp"), out / name)
     plot(report, out / "peers.png")
