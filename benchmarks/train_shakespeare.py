@@ -1,6 +1,7 @@
 """Training benchmark: edgecraft vs. nanoGPT's CPU "baby" Shakespeare run, side by side.
 
     python benchmarks/train_shakespeare.py [--corpus PATH] [--threads 2] [--nanogpt] [--repeats 1]
+    python benchmarks/train_shakespeare.py --interleaved 400 [--threads 2]   # step timing only
 
 edgecraft trains recipes/shakespeare-baby.toml through the real `edgecraft train` command; with
 --nanogpt the same machine then runs nanoGPT's training loop on the same corpus with the same
@@ -86,8 +87,8 @@ def _measured(threads: int):
 # ---------------------------------------------------------------------------- nanoGPT
 
 
-def _nanogpt(corpus: Path, threads: int, steps: int) -> dict:
-    """nanoGPT's baby run (see the module docstring); returns the same figures as run_edgecraft."""
+def _nanogpt_parts(corpus: Path, threads: int, steps: int):
+    """nanoGPT's model, optimizer, get_batch, get_lr and estimate_loss for the baby run."""
     import numpy as np
     import torch
     import torch.nn as nn
@@ -230,7 +231,14 @@ def _nanogpt(corpus: Path, threads: int, steps: int) -> dict:
 
     torch.manual_seed(1337)
     model = GPT(len(chars))
-    optimizer = model.configure_optimizers()
+    return model, model.configure_optimizers(), get_batch, get_lr, estimate_loss, cfg
+
+
+def _nanogpt(corpus: Path, threads: int, steps: int) -> dict:
+    """nanoGPT's baby run (see the module docstring); returns the same figures as run_edgecraft."""
+    import torch
+
+    model, optimizer, get_batch, get_lr, estimate_loss, cfg = _nanogpt_parts(corpus, threads, steps)
     X, Y = get_batch("train")
     t0 = time.time()
     dts, val = [], float("nan")
@@ -259,6 +267,70 @@ def _nanogpt(corpus: Path, threads: int, steps: int) -> dict:
         "val_loss": val,
         "tok_s": cfg["batch_size"] * cfg["block_size"] / (ms / 1000),
         "ms_per_iter": ms,
+    }
+
+
+def interleaved(corpus: Path, threads: int, iters: int, block: int = 25) -> dict[str, dict]:
+    """Both training steps in one process, alternating blocks of iterations: machine noise hits
+    both alike. Reports the median wall and CPU milliseconds per iteration of each.
+
+    edgecraft's side makes the calls edgecraft.train makes each step (lr_at, data.get_batch, the
+    fused AdamW from train._optimizer, clip, step); no logging, eval or checkpoints on either side.
+    """
+    import torch
+
+    from edgecraft import data
+    from edgecraft.model import GPT, GPTConfig
+    from edgecraft.recipe import load_recipe
+    from edgecraft.train import _optimizer, _to_device, lr_at
+
+    n_model, n_opt, get_batch, get_lr, _, _ = _nanogpt_parts(corpus, threads, iters)
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = load_recipe(RECIPE, [f"data.source={json.dumps(str(corpus))}", f"data.cache_dir={json.dumps(tmp)}"])
+        prepared = data.prepare(recipe.data, recipe.model.block_size)
+    cfg, B, T = recipe.train, recipe.train.batch_size, recipe.model.block_size
+    torch.manual_seed(recipe.seed)
+    e_model = GPT(GPTConfig(vocab_size=prepared.vocab_size, **recipe.model.model_dump())).train()
+    e_opt, _ = _optimizer(e_model, cfg)
+    cpu = torch.device("cpu")
+
+    def edgecraft_step(step: int) -> None:
+        for group in e_opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        x, y = _to_device(data.get_batch(prepared.train, B, T, recipe.seed, step), cpu)
+        _, loss, _ = e_model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(e_model.parameters(), cfg.grad_clip)
+        e_opt.step()
+        e_opt.zero_grad(set_to_none=True)
+
+    def nanogpt_step(it: int) -> None:
+        for group in n_opt.param_groups:
+            group["lr"] = get_lr(it)
+        _, loss = n_model(*get_batch("train"))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(n_model.parameters(), 1.0)
+        n_opt.step()
+        n_opt.zero_grad(set_to_none=True)
+        loss.item()
+
+    times: dict[str, dict[str, list[float]]] = {n: {"wall": [], "cpu": []} for n in ("edgecraft", "nanoGPT")}
+    steps = {"edgecraft": edgecraft_step, "nanoGPT": nanogpt_step}
+    for start in range(0, iters, block):
+        for name, step_fn in steps.items():
+            for i in range(start, min(start + block, iters)):
+                w, c = time.perf_counter(), time.process_time()
+                step_fn(i)
+                times[name]["wall"].append(time.perf_counter() - w)
+                times[name]["cpu"].append(time.process_time() - c)
+    tokens = B * T
+    return {
+        name: {
+            "ms_per_iter": 1000 * statistics.median(t["wall"][block:]),
+            "cpu_ms_per_iter": 1000 * statistics.median(t["cpu"][block:]),
+            "tok_s": tokens / statistics.median(t["wall"][block:]),
+        }
+        for name, t in times.items()
     }
 
 
@@ -295,6 +367,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000, help="iterations (2000 = the published run)")
     parser.add_argument("--nanogpt", action="store_true", help="also run nanoGPT's loop on the same machine")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each, alternating")
+    parser.add_argument(
+        "--interleaved", type=int, metavar="N", default=0,
+        help="instead: N training iterations of each in one process, alternating (noise-robust step timing)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.corpus.is_file():
@@ -304,6 +380,14 @@ def main() -> None:
         return
 
     print(f"machine: {machine()}")
+    if args.interleaved:
+        print(f"corpus: {args.corpus}; {args.interleaved} iterations of each step, alternating, {args.threads} threads")
+        results = interleaved(args.corpus, args.threads, args.interleaved)
+        print("\n| trainer | ms/iteration (wall) | CPU ms/iteration | tokens/s |")
+        print("|---|---|---|---|")
+        for name, r in results.items():
+            print(f"| {name} | {r['ms_per_iter']:.1f} | {r['cpu_ms_per_iter']:.1f} | {r['tok_s']:,.0f} |")
+        return
     print(f"corpus: {args.corpus}, {args.steps} iterations, {args.threads} threads, {args.repeats} repeat(s)")
     results: dict[str, list[dict]] = {"edgecraft": [], "nanoGPT": []}
     for i in range(args.repeats):
