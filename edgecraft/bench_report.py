@@ -74,7 +74,7 @@ def row_table(report: dict) -> Table:
             "–" if row.get("params") is None else f"{row['params']:,}",
             f"{row['ttft_ms']['median']:.2f}",
             f"{lat['p50']:.3f} / {lat['p95']:.3f} / {lat['p99']:.3f}",
-            f"{row['decode_cpu_per_wall']:.2f}",
+            "–" if row.get("decode_cpu_per_wall") is None else f"{row['decode_cpu_per_wall']:.2f}",
             f"{row['peak_rss_mb']:,.0f}",
             "–" if quality is None else f"{quality['ppl']:.3f}",
             f"{checks['tokens_produced']:,} ok" if checks["ok"] else "FAILED",
@@ -85,7 +85,11 @@ def row_table(report: dict) -> Table:
 
 def markdown(report: dict) -> str:
     """Both tables as GitHub markdown, with the machine and what the figures include."""
-    out = [f"Machine: {describe(report['machine'])}".replace("\n", "  \n"), ""]
+    o = report["options"]
+    out = [
+        f"Machine: {describe(report['machine'])}".replace("\n", "  \n") + "  ",
+        f"Device: {o['device']}; {o['runs']} measured runs after {o['warmup']} warm-up per row.", "",
+    ]
     for header, lines in (speed_table(report), row_table(report)):
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "---|" * len(header))
@@ -168,6 +172,9 @@ def print_tables(report: dict, console) -> None:
     from rich.table import Table as RichTable
 
     console.print(f"machine: {describe(report['machine'])}", highlight=False, markup=False)
+    o = report["options"]
+    console.print(f"device: {o['device']}; {o['runs']} measured runs after {o['warmup']} warm-up per row",
+                  highlight=False, markup=False)
     for title, (header, lines) in (("speed", speed_table(report)), ("per row", row_table(report))):
         table = RichTable(title=title, title_justify="left")
         for i, name in enumerate(header):
