@@ -158,6 +158,7 @@ class QATHandle:
             pre = self._linear_pre_hook(name) if is_linear else self._embedding_pre_hook
             self._hooks.append(module.register_forward_pre_hook(pre))
             self._hooks.append(module.register_forward_hook(_unshadow, always_call=True))
+        torch.compiler.reset()  # code compiled before the hooks existed would silently skip them
 
     def _embedding_pre_hook(self, module: nn.Module, args: tuple) -> None:
         module.__dict__["weight"] = fake_quant_weight(module._parameters["weight"])
@@ -193,6 +194,7 @@ class QATHandle:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        torch.compiler.reset()  # and code compiled with them would keep fake-quantizing
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{name}.act_range": r.clone() for name, r in self.ranges.items()}

@@ -225,3 +225,16 @@ def test_damaged_state_file_is_a_user_error(tmp_path):
     bad.write_bytes(b"not safetensors")
     with pytest.raises(UserError, match="damaged"):
         load_state(bad)
+
+
+def test_hooks_reach_a_model_compiled_before_they_were_attached():
+    """train.compile + quant.start_step > 0: the model is compiled long before QAT starts."""
+    model = tiny_model()
+    compiled = torch.compile(model, backend="eager")  # dynamo's tracing, no code generation
+    idx = torch.randint(0, CFG.vocab_size, (2, 8))
+    float_logits = compiled(idx)[0]
+    handle = attach(model, QuantConfig(qat=True))
+    torch.testing.assert_close(compiled(idx)[0], model(idx)[0])
+    assert not torch.allclose(compiled(idx)[0], float_logits)
+    handle.detach()
+    assert torch.equal(compiled(idx)[0], float_logits)
