@@ -18,6 +18,7 @@ computes what its fake-quant model computed (checked at export: `parity`).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -387,7 +388,8 @@ def export_int8(
             ranges = calibrate_ranges(model, batches, embeddings)
     plan = Int8Plan(plan_layers(model, embeddings, keep_float), scheme, ranges)
     weights = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
-    onnx.save(build_int8_graph(model.cfg, weights, plan, opset), str(int8_path))
+    graph = build_int8_graph(model.cfg, weights, plan, opset)
+    onnx.save(graph, str(int8_path))
     windows = val_windows(val, model.cfg.block_size, GATE_WINDOWS)
     report = int8_report(model, plan, int8_path, fp32_path, windows, max_loss_increase)
     fp32_bytes, int8_bytes = fp32_path.stat().st_size, int8_path.stat().st_size
@@ -399,5 +401,7 @@ def export_int8(
         "bytes": int8_bytes,
         "fp32_bytes": fp32_bytes,
         "size_ratio": int8_bytes / fp32_bytes,
+        "nodes": len(graph.graph.node),
+        "op_types": dict(Counter(n.op_type for n in graph.graph.node)),
         **report,
     }

@@ -176,6 +176,7 @@ def test_export_int8_beside_fp32(trained_run, tmp_path):
     assert set(m["files"]) == {"model.onnx", "model.int8.onnx", "tokenizer.json"}
     q = m["quantization"]["model.int8.onnx"]
     assert q["method"] == "ptq-dynamic" and q["kernel"] == "DynamicQuantizeMatMul"
+    assert q["op_types"]["DynamicQuantizeMatMul"] == 2 * 4 + 1 and "MatMul" not in q["op_types"]
     assert q["bytes"] == (tmp_path / "b" / "model.int8.onnx").stat().st_size < q["fp32_bytes"]
     assert q["parity_mean_abs_logit_diff"] <= q["parity_bound"] and 0 <= q["parity_top1_agreement"] <= 1
     assert {"val_loss_fp32", "val_loss_int8", "val_ppl_int8", "val_loss_increase_pct"} <= set(q)
