@@ -103,17 +103,11 @@ def run_and_bundle(tmp_path_factory):
     (root / "corpus.txt").write_text(CORPUS)
     (root / "recipe.toml").write_text(RECIPE.format(source=root / "corpus.txt", cache=root / "cache"))
     run = train_recipe(load_recipe(root / "recipe.toml"), runs_dir=root / "runs")
-    try:
-        bundle = export_run(run, root / "bundle", ExportOptions(int8=True))
-    except UserError as err:  # TEMPORARY: until int8 export lands, bench an fp32-only bundle
-        assert "not available" in str(err)
-        bundle = export_run(run, root / "bundle", ExportOptions())
+    bundle = export_run(run, root / "bundle", ExportOptions(int8=True))
     return run, bundle
 
 
-def _expected_rows(bundle) -> list[tuple[str, str]]:
-    int8 = (bundle / "model.int8.onnx").is_file()
-    return [("onnx", "fp32")] + [("onnx", "int8")] * int8 + [("torch", "fp32")]
+ROWS = [("onnx", "fp32"), ("onnx", "int8"), ("torch", "fp32")]  # bundle fp32, bundle int8, run dir
 
 
 def test_every_kind_of_path_gives_checked_rows_in_all_formats(run_and_bundle, tmp_path):
@@ -129,7 +123,7 @@ def test_every_kind_of_path_gives_checked_rows_in_all_formats(run_and_bundle, tm
     assert {"format", "created", "machine", "options", "quality_text", "notes", "rows"} <= set(report)
     assert f"validation split of {run}" == report["quality_text"]
     rows = report["rows"]
-    assert [(r["kind"], r["precision"]) for r in rows] == _expected_rows(bundle)
+    assert [(r["kind"], r["precision"]) for r in rows] == ROWS
     for row in rows:
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
         assert row["status"] == "ok"
@@ -141,12 +135,11 @@ def test_every_kind_of_path_gives_checked_rows_in_all_formats(run_and_bundle, tm
         assert row["peak_rss_mb"] > 0 and row["file_bytes"] > 0 and row["params"] > 0
         assert row["quality"]["tokens"] > 0 and row["quality"]["ppl"] > 1
     # the same weights and the same text: onnxruntime fp32 and PyTorch agree on quality and tokens
-    onnx_fp32, torch_fp32 = rows[0], rows[-1]
+    onnx_fp32, onnx_int8, torch_fp32 = rows
     assert onnx_fp32["quality"]["ppl"] == pytest.approx(torch_fp32["quality"]["ppl"], rel=1e-3)
     assert onnx_fp32["greedy_tokens"] == torch_fp32["greedy_tokens"]
-    if len(rows) == 3:
-        assert rows[1]["greedy_prefix_match_fp32"]["of"] == 6
-        assert rows[1]["file_bytes"] < rows[0]["file_bytes"]
+    assert onnx_int8["greedy_prefix_match_fp32"]["of"] == 6
+    assert onnx_int8["file_bytes"] < onnx_fp32["file_bytes"]
 
     csv_lines = out["b.csv"].read_text().splitlines()
     assert len(csv_lines) == 1 + len(rows) and "decode.tok_s.median" in csv_lines[0]
@@ -169,7 +162,7 @@ def test_cuda_is_measured_or_clearly_refused(run_and_bundle, tmp_path):
         run_bench([bundle, run], options, json_out=tmp_path / "c.json")
     assert err.value.exit_code == 2 and "CUDA" in str(err.value)
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
-    assert [r["status"] for r in rows] == ["skipped"] * len(_expected_rows(bundle))
+    assert [r["status"] for r in rows] == ["skipped"] * len(ROWS)
     assert all("CUDA" in r["reason"] for r in rows)
 
 
