@@ -156,7 +156,8 @@ def run_worker(spec: dict) -> dict:
         why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         return {**spec, "status": "error", "error": f"worker failed: {why}"}
     if row["status"] == "error" and row.get("exit_code"):
-        raise UserError(f"{spec['path']}: {row['error']}", row["exit_code"])
+        message = row["error"] if row["error"].startswith(spec["path"]) else f"{spec['path']}: {row['error']}"
+        raise UserError(message, row["exit_code"])
     return row
 
 
