@@ -58,33 +58,6 @@ def test_system_info_names_cpu_flags_and_versions_without_importing_torch():
 
 # ------------------------------------------------------------------------------- rows, end to end
 
-CORPUS = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(120))
-
-RECIPE = """
-name = "bench-tiny"
-seed = 1
-[data]
-source = "{source}"
-tokenizer = "char"
-val_fraction = 0.2
-cache_dir = "{cache}"
-[model]
-d_model = 32
-n_layers = 2
-n_heads = 4
-d_ff = 64
-block_size = 32
-[train]
-batch_size = 4
-max_steps = 4
-warmup_steps = 1
-eval_every = 4
-eval_batches = 1
-checkpoint_every = 4
-sample_every = 4
-threads = 1
-"""
-
 ROW_KEYS = {
     "name", "path", "kind", "precision", "threads", "batch", "status", "backend", "load_s", "file",
     "file_bytes", "params", "prefill", "decode", "ttft_ms", "step_latency_ms", "peak_rss_mb",
@@ -93,18 +66,12 @@ ROW_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def run_and_bundle(tmp_path_factory):
-    """A tiny trained run and its bundle with model.onnx and model.int8.onnx."""
+def run_and_bundle(trained_run, tmp_path_factory):
+    """The shared tiny run and its bundle with model.onnx and model.int8.onnx."""
     from edgecraft.export import ExportOptions, export_run
-    from edgecraft.recipe import load_recipe
-    from edgecraft.train import train_recipe
 
-    root = tmp_path_factory.mktemp("bench")
-    (root / "corpus.txt").write_text(CORPUS)
-    (root / "recipe.toml").write_text(RECIPE.format(source=root / "corpus.txt", cache=root / "cache"))
-    run = train_recipe(load_recipe(root / "recipe.toml"), runs_dir=root / "runs")
-    bundle = export_run(run, root / "bundle", ExportOptions(int8=True))
-    return run, bundle
+    bundle = export_run(trained_run, tmp_path_factory.mktemp("bench") / "tiny", ExportOptions(int8=True))
+    return trained_run, bundle
 
 
 ROWS = [("onnx", "fp32"), ("onnx", "int8"), ("torch", "fp32")]  # bundle fp32, bundle int8, run dir
