@@ -14,14 +14,13 @@ from onnx import TensorProto
 
 from edgecraft.errors import UserError
 from edgecraft.int8 import (
-    Int8Plan,
-    build_int8_graph,
     calibrate_ranges,
     int8_report,
     plan_layers,
     ranges_from_state,
     val_windows,
 )
+from edgecraft.int8_graph import Int8Plan, build_int8_graph
 from edgecraft.model import GPT, GPTConfig
 from edgecraft.onnx_graph import build_graph
 from edgecraft.quant import attach

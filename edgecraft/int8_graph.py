@@ -1,0 +1,134 @@
+"""The int8 graph: the fp32 decoder graph of edgecraft.onnx_graph with its matrices and tables
+rewritten to onnxruntime int8 kernels, rounded by edgecraft.quant's functions.
+
+Measured on this project's CPU (benchmarks/results/int8.md): one DynamicQuantizeMatMul per linear
+layer is the fastest int8 form at decode batch 1 and 16 (a QDQ MatMul and MatMulNBits without
+int8 compute dequantize the weights on every call and are 6-7x slower than fp32). So:
+- scheme "dynamic": MatMul (+ Add bias) -> DynamicQuantizeMatMul(x, int8 W, per-column scale, bias)
+- scheme "static":  MatMul (+ Add bias) -> QuantizeLinear(x, a_scale, a_zp) ->
+                    MatMulIntegerToFloat(xq, int8 W, a_scale, w scale, a_zp, bias)
+- quantized embedding tables: GatherBlockQuantized (8-bit, one scale per row, repeated per block):
+  it dequantizes only the gathered rows, where DequantizeLinear -> Gather redoes the whole table
+  on every call (onnxruntime does not fold it); its blocks need d_model % 16 == 0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from edgecraft.model import GPTConfig
+from edgecraft.onnx_graph import MS, build_graph
+from edgecraft.quant import activation_qparams, fake_quant_weight, quantize_weight
+
+TABLE_BLOCK = 16  # GatherBlockQuantized's smallest block (a power of two)
+
+
+@dataclass(frozen=True)
+class Int8Plan:
+    """What to quantize and how: the layer names (edgecraft.quant's), the scheme, static ranges."""
+
+    layers: frozenset[str]
+    scheme: str  # "dynamic" | "static"
+    ranges: dict[str, tuple[float, float]]  # static only: layer -> (lo, hi) of its input
+
+
+def _graph_layer(init_name: str) -> str | None:
+    """The quant layer name a graph initializer belongs to ('blocks.0.attn.qkv.weight.T' ->
+    'blocks.0.attn.qkv'; the fused SwiGLU 'gate_up' stands for gate and up)."""
+    if not init_name.endswith(".weight.T"):
+        return None
+    return init_name.removesuffix(".weight.T").replace(".mlp.gate_up", ".mlp.gate")
+
+
+def _dequantized_tables(weights: dict[str, np.ndarray], layers: frozenset[str]) -> dict[str, np.ndarray]:
+    """Weights with the quantized embedding tables replaced by their int8 round trip, so tables the
+    graph derives from them (a tied head, rotary's normed lookup) see what QAT saw."""
+    out = dict(weights)
+    for name in ("tok_emb", "pos_emb"):
+        if name in layers and f"{name}.weight" in out:
+            w = torch.from_numpy(np.ascontiguousarray(out[f"{name}.weight"], dtype=np.float32))
+            out[f"{name}.weight"] = fake_quant_weight(w).numpy()
+    return out
+
+
+def build_int8_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], plan: Int8Plan, opset: int = 17) -> onnx.ModelProto:
+    """The fp32 graph of onnx_graph.build_graph with the plan's matrices and tables in int8."""
+    model = build_graph(cfg, _dequantized_tables(weights, plan.layers), opset)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    new_nodes, dropped, added = [], set(), []
+    skip: set[int] = set()  # ids of Add nodes folded into the matmul before them
+
+    for node in graph.node:
+        if id(node) in skip:
+            continue
+        layer = _graph_layer(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if layer is not None and layer in plan.layers and node.input[1] in inits:
+            w_t = numpy_helper.to_array(inits[node.input[1]])  # (K, N)
+            q, scale = quantize_weight(torch.from_numpy(np.ascontiguousarray(w_t.T)))  # (N, K), (N,)
+            base = node.input[1].removesuffix(".T")
+            wq = numpy_helper.from_array(np.ascontiguousarray(q.numpy().T), base + ".int8")  # (K, N)
+            ws = numpy_helper.from_array(scale.numpy(), base + ".scale")
+            added += [wq, ws]
+            dropped.add(node.input[1])
+            out, bias = node.output[0], ""
+            users = consumers.get(out, [])
+            if len(users) == 1 and users[0].op_type == "Add" and users[0].input[1] in inits:
+                bias, out = users[0].input[1], users[0].output[0]
+                skip.add(id(users[0]))
+            if plan.scheme == "dynamic":
+                new_nodes.append(helper.make_node(
+                    "DynamicQuantizeMatMul", [node.input[0], wq.name, ws.name, "", bias], [out],
+                    name=node.name, domain=MS,
+                ))
+            else:
+                lo, hi = plan.ranges[layer]
+                a_scale, a_zp = activation_qparams(torch.tensor(lo), torch.tensor(hi))
+                s = numpy_helper.from_array(np.array(a_scale.item(), dtype=np.float32), base + ".act_scale")
+                z = numpy_helper.from_array(np.array(int(a_zp.item()), dtype=np.uint8), base + ".act_zero_point")
+                added += [s, z]
+                xq = node.name + "/x_uint8"
+                new_nodes.append(helper.make_node(
+                    "QuantizeLinear", [node.input[0], s.name, z.name], [xq], name=node.name + "/quantize"
+                ))
+                new_nodes.append(helper.make_node(
+                    "MatMulIntegerToFloat", [xq, wq.name, s.name, ws.name, z.name, "", bias], [out],
+                    name=node.name, domain=MS,
+                ))
+            continue
+        if node.op_type == "Gather" and node.input[0] in ("tok_emb.weight", "pos_emb.weight"):
+            table = node.input[0].removesuffix(".weight")
+            if table in plan.layers:
+                q, scale = quantize_weight(torch.tensor(numpy_helper.to_array(inits[node.input[0]])))
+                D = q.shape[1]
+                block = max(b for b in (2**k for k in range(4, D.bit_length())) if D % b == 0)
+                stored = (q.numpy().astype(np.int16) + 128).astype(np.uint8)  # (V, D), zero point 128
+                scales = np.repeat(scale.numpy()[:, None], D // block, axis=1)  # (V, D / block)
+                tq = numpy_helper.from_array(stored, f"{table}.weight.uint8")
+                ts = numpy_helper.from_array(scales, f"{table}.weight.scale")
+                added += [tq, ts]
+                dropped.add(node.input[0])
+                new_nodes.append(helper.make_node(
+                    "GatherBlockQuantized", [tq.name, node.input[1], ts.name], list(node.output),
+                    name=node.name, domain=MS, gather_axis=0, quantize_axis=1, block_size=block, bits=8,
+                ))
+                continue
+        new_nodes.append(node)
+
+    still_used = {name for node in new_nodes for name in node.input}
+    kept = [t for t in graph.initializer if t.name not in dropped or t.name in still_used]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + added)
+    onnx.checker.check_model(model)
+    return model
