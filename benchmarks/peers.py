@@ -15,8 +15,16 @@ Figures: time to first token after a P-token prompt, and tokens/s for N new toke
 (prefill included). Every row's greedy tokens are compared with edgecraft fp32's: same weights,
 same tokens, or the comparison is meaningless.
 
-transformers and optimum-onnx live in the `peers` extra; optimum-onnx pins transformers 4.x, so
-they may sit in a separate environment: point --peer-python at its interpreter.
+transformers and optimum-onnx live in the `peers` extra; optimum-onnx pins transformers 4.x (and an
+older tokenizers), so they may sit in a separate environment: point --peer-python at its
+interpreter. One way that reuses edgecraft's torch and onnxruntime instead of downloading them:
+
+    python3 -m venv /tmp/peers-venv
+    echo "$(python -c 'import site; print(site.getsitepackages()[0])')" \
+        > /tmp/peers-venv/lib/python3.X/site-packages/zz_edgecraft.pth   # edgecraft venv's packages
+    /tmp/peers-venv/bin/pip install "optimum-onnx[onnxruntime]==0.1.0" "transformers<4.58" torch==2.13.0
+
+(pin torch to the version already installed so pip never fetches another one).
 """
 
 from __future__ import annotations
