@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 
 import pytest
 import torch
@@ -104,6 +105,10 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
     (run / "checkpoints" / ".tmp-step-000015").mkdir()
     (run / "checkpoints" / ".tmp-step-000015" / "model.safetensors").write_bytes(b"partial")
 
+    # TensorBoard orders event files by name (start second, host, pid, writer counter); a real
+    # resume starts seconds later, but a tiny run can finish within the second it began, and
+    # then writer counters 9 and 10 sort as strings. Start the resume in a later second.
+    time.sleep(1.1)
     assert resume_run(run) == run
     resumed = _weights(run / "model.safetensors")
     assert straight.keys() == resumed.keys()
