@@ -53,11 +53,22 @@ def speed_table(report: dict) -> Table:
     return header, lines
 
 
+def _quantization(row: dict) -> str:
+    """The int8 scheme and the validation-loss change the export measured; "" for float rows."""
+    quant = row.get("quantization")
+    if not isinstance(quant, dict):
+        return ""
+    delta = quant.get("val_loss_increase_pct")
+    loss = "" if delta is None else f", loss {delta:+.2f}%"
+    return f"{quant.get('method', '?')} {quant.get('kernel', '')}".strip() + loss
+
+
 def row_table(report: dict) -> Table:
     """Everything else per row: load, size, parameters, TTFT, step latency, memory, quality, checks."""
     header = [
         "model", "backend", "prec", "threads", "batch", "load ms", "file MB", "params", "TTFT ms",
         "step ms p50/p95/p99", "CPU/wall", "peak RSS MB", "ppl", "tokens checked", "greedy = fp32",
+        "int8 (export)",
     ]
     lines = []
     for row in report["rows"]:
@@ -79,6 +90,7 @@ def row_table(report: dict) -> Table:
             "–" if quality is None else f"{quality['ppl']:.3f}",
             f"{checks['tokens_produced']:,} ok" if checks["ok"] else "FAILED",
             "" if match is None else f"{match['tokens']}/{match['of']}",
+            _quantization(row),
         ])
     return header, lines
 

@@ -104,6 +104,7 @@ def load_onnx(spec: dict) -> tuple[object, object, dict]:
         "file_bytes": sum(f.stat().st_size for f in files),
         "params": meta.get("parameters"),
         "export_checks": meta.get("checks"),  # what the exporter measured (parity, its perplexity)
+        "quantization": (meta.get("quantization") or {}).get(onnx.name),  # scheme, sizes, loss delta
         "threads_used": model.engine.threads,
     }
     return model.engine, model.tokenizer, facts
