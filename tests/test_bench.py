@@ -107,11 +107,15 @@ def test_every_kind_of_path_gives_checked_rows_in_all_formats(run_and_bundle, tm
     assert onnx_fp32["greedy_tokens"] == torch_fp32["greedy_tokens"]
     assert onnx_int8["greedy_prefix_match_fp32"]["of"] == 6
     assert onnx_int8["file_bytes"] < onnx_fp32["file_bytes"]
+    # the int8 row carries the export's scheme and loss change, and the table shows them
+    assert onnx_int8["quantization"]["method"] == "ptq-dynamic" and onnx_fp32["quantization"] == "none (float32)"
+    assert "val_loss_increase_pct" in onnx_int8["quantization"]
 
     csv_lines = out["b.csv"].read_text().splitlines()
     assert len(csv_lines) == 1 + len(rows) and "decode.tok_s.median" in csv_lines[0]
     md = out["b.md"].read_text()
     assert "| pp8 |" in md and "| tg6 |" in md and md.startswith("Machine: ")
+    assert "ptq-dynamic DynamicQuantizeMatMul, loss " in md
     assert out["b.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
