@@ -89,3 +89,14 @@ def tiny_bundle(trained_run, tmp_path_factory) -> Path:
     from edgecraft.export import ExportOptions, export_run
 
     return export_run(trained_run, tmp_path_factory.mktemp("bundle") / "tiny", ExportOptions())
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: a second thread only contends (30x slower on a busy 2-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,14 +25,7 @@ from edgecraft.recipe import QuantConfig
 CFG = GPTConfig(vocab_size=17, d_model=32, n_layers=2, n_heads=4, d_ff=64, block_size=16)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors: a second thread only contends (30x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(seed: int = 0, **overrides) -> GPT:
