@@ -19,6 +19,7 @@ Conventions an app can rely on:
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -102,7 +103,7 @@ class Model:
         """
         block, keep = self.block_size, max(1, self.block_size // 2)
         B = len(prompts)
-        rng = np.random.default_rng(seed)
+        rng = random.Random(seed)
         rows = [p[-block:] for p in prompts]
         logits = self._prefill(rows)  # (B, V)
         cached = max(len(r) for r in rows)  # the longest row's cache length
