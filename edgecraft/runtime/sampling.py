@@ -100,6 +100,7 @@ def sample(
     if params.greedy:
         return logits.argmax(axis=-1)
     z = filtered_logits(logits, params)  # (B, V)
-    cdf = np.cumsum(np.exp(z - z.max(axis=-1, keepdims=True)), axis=-1)  # (B, V) unnormalised
-    u = np.array([rng.random() for _ in range(len(cdf))]) * cdf[:, -1]  # (B,) in [0, total)
-    return (cdf <= u[:, None]).sum(axis=-1)
+    cdf = np.exp(z - z.max(axis=-1, keepdims=True)).cumsum(axis=-1)  # (B, V) unnormalised
+    # per row, the first token whose cumulative mass exceeds u ~ U[0, total); searching all but the
+    # last entry keeps a draw that rounds up to the total inside the vocabulary
+    return np.array([row[:-1].searchsorted(rng.random() * row[-1], "right") for row in cdf], dtype=np.int64)
