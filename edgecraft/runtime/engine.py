@@ -13,8 +13,9 @@ Sequences in one batch may sit at different positions (`seqlens_k` is per row), 
 continuous batching needs. A prefill of fresh sequences is one call however ragged the rows
 (GroupQueryAttention's prompt path takes each row's length from `seqlens_k`); a chunk appended to
 caches that already hold tokens runs one call per row, over that row's slice of the buffers. So
-to start a new sequence in slot b of a running batch, set `lengths[b] = 0` and prefill with
-length 0 for the other rows, which sit that call out with their caches untouched.
+to start a new sequence in slot b of a running batch (or to re-fill a row whose window slides),
+set `lengths[b] = 0` and prefill with length 0 for the other rows, which sit that call out with
+their caches untouched.
 Imports only numpy, onnxruntime and the standard library.
 """
 
@@ -143,11 +144,12 @@ class Engine:
         if n.shape != (B,) or (n < 0).any() or (n > S).any():
             raise ValueError(f"lengths must be (B,) = ({B},) values in 0..{S}, got {n.tolist()}")
         past = self.lengths
-        if (past + S > self.block_size).any():
-            raise ValueError(
-                f"{int(past.max())} cached + {S} new positions exceed block_size {self.block_size}"
-            )
         total = past + n  # (B,) cached after this call
+        if (total > self.block_size).any():
+            b = int(np.argmax(total))
+            raise ValueError(
+                f"row {b}: {int(past[b])} cached + {int(n[b])} new positions exceed block_size {self.block_size}"
+            )
         logits = np.empty((B, S, self.vocab_size), dtype=np.float32)  # (B, S, V)
         if not past.any():  # fresh sequences: one call, each row's length from seqlens_k
             pos = np.broadcast_to(np.minimum(np.arange(S), self.block_size - 1), (B, S))  # (B, S)

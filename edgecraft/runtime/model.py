@@ -98,15 +98,14 @@ class Model:
         The caller decides when a row is done and stops iterating when all are; finished rows keep
         decoding (one batch, fixed shape) but their tokens are ignored. Each row sees exactly the
         context it would see alone, so a batch gives each prompt the same greedy text as generate().
-        The engine re-fill that slides one row re-fills the others too (the engine resets whole
-        batches), which costs one batched prefill per slide.
+        A row whose window is full slides on its own: its cache is re-filled with its last `keep`
+        tokens but the newest, which the batched decode step then appends like every other row's.
         """
         block, keep = self.block_size, max(1, self.block_size // 2)
         B = len(prompts)
         rng = random.Random(seed)
         rows = [p[-block:] for p in prompts]
         logits = self._prefill(rows)  # (B, V)
-        cached = max(len(r) for r in rows)  # the longest row's cache length
         generated = np.empty((B, max_new_tokens), dtype=np.int64)  # (B, N)
         seen = None
         if params.repetition_penalty != 1.0:
@@ -123,16 +122,22 @@ class Model:
             yield tokens
             if step + 1 == max_new_tokens:
                 return
-            if cached == block:  # a row's window is full: it keeps its last `keep` tokens
-                rows = [
-                    (prompts[b] + generated[b, : step + 1].tolist())[-(keep if n == block else n + 1) :]
-                    for b, n in enumerate(self.engine.lengths.tolist())
-                ]  # the other rows re-fill exactly what they held, plus the new token
-                logits = self._prefill(rows)
-                cached = max(len(r) for r in rows)
-            else:
-                logits = self.engine.decode(tokens)  # (B, V)
-                cached += 1
+            full = np.flatnonzero(self.engine.lengths == block)
+            if len(full):  # these rows keep their last `keep` tokens; the decode adds the newest
+                self._refill(full, [(prompts[b] + generated[b, : step + 1].tolist())[-keep:-1] for b in full])
+            logits = self.engine.decode(tokens)  # (B, V)
+
+    def _refill(self, rows: np.ndarray, contexts: list[list[int]]) -> None:
+        """Empty the caches of `rows` (indices into the batch) and fill them with `contexts`; the
+        other rows sit the call out with their caches untouched."""
+        lengths = np.zeros(len(self.engine.lengths), dtype=np.int64)  # (B,)
+        lengths[rows] = [len(c) for c in contexts]
+        ids = np.zeros((len(lengths), max(1, int(lengths.max()))), dtype=np.int64)  # (B, S)
+        for b, context in zip(rows, contexts):
+            ids[b, : len(context)] = context
+        self.engine.lengths[rows] = 0
+        if lengths.any():
+            self.engine.prefill(ids, lengths)
 
     # ---------------------------------------------------------------- public API
 
