@@ -484,3 +484,23 @@ def eval_batches(
     offsets = rng.integers(0, _n_offsets(tokens, block_size), size=(n_batches, batch_size))  # (N, B)
     for row in offsets:
         yield _gather(tokens, row, block_size)
+
+
+def val_blocks(
+    tokens: np.ndarray, batch_size: int, block_size: int, max_batches: int, seed: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches of the split's distinct, non-overlapping blocks (the last batch may be short).
+
+    Every complete block when `max_batches * batch_size` blocks cover the split, so the mean loss
+    over them is the split's exact loss (only the < block_size tokens after the last complete
+    block go unscored); a larger split gets the same fixed, seeded subset of blocks on every call.
+    """
+    n_blocks = (len(tokens) - 1) // block_size  # each block needs one more token as its last target
+    if n_blocks < 1:
+        raise ValueError(f"{len(tokens)} tokens cannot fill a block of {block_size} plus one target")
+    starts = np.arange(n_blocks) * block_size  # (n_blocks,)
+    if n_blocks > max_batches * batch_size:
+        rng = np.random.default_rng([_entropy(seed), 0xB10C])
+        starts = np.sort(rng.choice(starts, size=max_batches * batch_size, replace=False))
+    for first in range(0, len(starts), batch_size):
+        yield _gather(tokens, starts[first : first + batch_size], block_size)

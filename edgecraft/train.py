@@ -406,14 +406,19 @@ def _to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
 
 @torch.no_grad()
 def _evaluate(model: GPT, tokens, recipe: Recipe, device: torch.device) -> float:
-    """Mean loss over the same fixed validation batches every time, so evals compare."""
+    """Mean loss per validation token over the split's non-overlapping blocks: the whole split
+    when `eval_batches` batches cover it (an exact figure), else the same fixed subset every time."""
     model.eval()
     cfg = recipe.train
-    batches = data.eval_batches(tokens, cfg.batch_size, recipe.model.block_size, cfg.eval_batches, recipe.seed)
+    batches = data.val_blocks(tokens, cfg.batch_size, recipe.model.block_size, cfg.eval_batches, recipe.seed)
+    total, rows = torch.zeros((), dtype=torch.float64, device=device), 0
     with _autocast(cfg, device):
-        losses = [model(*_to_device(batch, device))[1].float() for batch in batches]
+        for batch in batches:
+            x, y = _to_device(batch, device)
+            total += model(x, y)[1].double() * len(x)  # the last batch may be short: weigh by rows
+            rows += len(x)
     model.train()
-    return torch.stack(losses).mean().item()
+    return total.item() / rows
 
 
 def _sample_text(model: GPT, prepared, recipe: Recipe, step: int, device: torch.device) -> str:

@@ -273,3 +273,20 @@ def test_eval_batches_are_fixed():
     for (x1, y1), (x2, y2) in zip(first, second):
         assert x1.shape == (3, 8) and np.array_equal(x1, x2) and np.array_equal(y1, y2)
         assert np.array_equal(y1, x1 + 1)
+
+
+def test_val_blocks_cover_the_whole_split_or_a_fixed_subset():
+    tokens = np.arange(1000, dtype=np.uint32)  # (1000 - 1) // 16 = 62 complete blocks
+    whole = list(data.val_blocks(tokens, 8, 16, max_batches=8, seed=1))  # 64 blocks fit
+    assert [len(x) for x, _ in whole] == [8] * 7 + [6]  # the last batch is short
+    x = np.concatenate([x for x, _ in whole])
+    y = np.concatenate([y for _, y in whole])
+    assert np.array_equal(x.ravel(), tokens[: 62 * 16]) and np.array_equal(y, x + 1)
+    subset = list(data.val_blocks(tokens, 8, 16, max_batches=3, seed=1))
+    starts = np.concatenate([x[:, 0] for x, _ in subset])
+    assert len(starts) == 24 and len(set(starts)) == 24 and np.all(starts % 16 == 0)
+    again = np.concatenate([x[:, 0] for x, _ in data.val_blocks(tokens, 8, 16, max_batches=3, seed=1)])
+    assert np.array_equal(starts, again)
+    assert np.array_equal(list(data.val_blocks(np.arange(17), 4, 16, 1, 0))[0][1][0], np.arange(1, 17))
+    with pytest.raises(ValueError):
+        next(data.val_blocks(np.arange(16), 1, 16, 1, 0))

@@ -66,6 +66,25 @@ def test_short_training_run_lowers_the_loss_and_writes_the_run_directory(trained
     assert tags["tensors"] == ["samples/text_summary"]
 
 
+def test_eval_is_the_exact_loss_over_every_validation_block(tmp_path):
+    """With eval_batches covering the split, the logged val loss is the split's per-token loss
+    over all its non-overlapping blocks, computed here independently from the final weights."""
+    from edgecraft import data
+    from edgecraft.checkpoint import load_model
+
+    recipe = load_recipe(write_tiny_recipe(tmp_path), ["train.max_steps=4", "train.eval_batches=1000"])
+    run = train_recipe(recipe, runs_dir=tmp_path / "runs")
+    val = torch.from_numpy(data.prepare(recipe.data, 16).val.astype("int64"))
+    n = (len(val) - 1) // 16
+    x, y = val[: n * 16].view(n, 16), val[1 : n * 16 + 1].view(n, 16)
+    model = load_model(run / "model.safetensors").eval()
+    with torch.no_grad():
+        logits = model(x)[0]  # (n, 16, V)
+        expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+    assert n % 8 != 0  # the last batch is short, so it must be weighed by its rows
+    assert _events(run, "eval")[-1]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_grad_accum_counts_optimizer_steps(tmp_path):
     recipe = load_recipe(
         write_tiny_recipe(tmp_path),
