@@ -5,8 +5,9 @@
 
 Both sides decode the SAME trained edgecraft llama-style run (recipes/char-1m-llama.toml: RMSNorm,
 rotary positions, SwiGLU, width 128, 6 layers, 8 heads, d_ff 512, context 256). Without --run the
-recipe is trained briefly (--steps, default 300) on --corpus (default: tinyshakespeare.txt in the
-shared data folder beside the repository, else the recipe's built-in corpus).
+recipe is trained briefly (--steps 300 at --batch-size 8 by default) on --corpus (default:
+tinyshakespeare.txt in the shared data folder beside the repository, else the recipe's built-in
+corpus).
 
 Steps:
 1. edgecraft side (this Python): the run is exported to a bundle (model.onnx, and model.int8.onnx).
@@ -65,7 +66,6 @@ LLAMA_SHAPE = {"norm": "rmsnorm", "pos": "rope", "mlp": "swiglu", "bias": False,
 
 def llama_from_run(run_dir: Path):
     """A transformers LlamaForCausalLM of the run's shape carrying the run's weights."""
-    import torch
     from safetensors import safe_open
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -139,7 +139,6 @@ def prepare_genai(run_dir: Path, work: Path, probe: list[int], threads: list[int
     """Write work/hf, build work/genai-KIND, copy it per thread count with its session options;
     check the HF model's and genai's logits against edgecraft's PyTorch model."""
     import onnx
-    import onnxruntime_genai as og
     import torch
 
     from edgecraft.checkpoint import load_model
@@ -212,6 +211,10 @@ class EdgecraftGen:
 
         self.engine = load(bundle, int8=int8, threads=threads).engine
 
+    def start(self, prompt: np.ndarray) -> None:
+        """What starting a sequence costs before any model call."""
+        self.engine.reset(prompt.shape[0])
+
     def ttft(self, prompt: np.ndarray) -> int:
         e = self.engine
         e.reset(prompt.shape[0])
@@ -246,6 +249,9 @@ class GenaiGen:
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(do_sample=False, max_length=prompt.shape[1] + n, batch_size=prompt.shape[0])
         return self.og.Generator(self.model, params)
+
+    def start(self, prompt: np.ndarray) -> None:
+        self._generator(prompt, 1)
 
     def ttft(self, prompt: np.ndarray) -> int:
         g = self._generator(prompt, 1)
@@ -296,6 +302,7 @@ def measure_row(spec: dict) -> dict:
         best = min(_timed(gen.ttft, ttft_prompt) for _ in range(5))
         ttft.append(best * 1e3)
     result["ttft_ms"] = statistics.median(ttft)
+    result["start_ms"] = min(_timed(gen.start, ttft_prompt) for _ in range(20)) * 1e3
     result["ttft_first_token"] = gen.ttft(ttft_prompt)
     for batch in spec["batches"]:
         prompt = prompts[:batch, :gen_len]
@@ -345,7 +352,8 @@ def _cli(*args: str) -> None:
 def ensure_run_and_bundle(args) -> tuple[Path, Path]:
     run = args.run
     if run is None:
-        sets = ["--set", f"train.max_steps={args.steps}", "--set", "train.eval_every=100",
+        sets = ["--set", f"train.max_steps={args.steps}", "--set", f"train.batch_size={args.batch_size}",
+                "--set", "train.eval_every=100", "--set", "train.eval_batches=5",
                 "--set", f"train.checkpoint_every={args.steps}", "--set", f"train.sample_every={10 * args.steps}"]
         if args.corpus is not None:
             sets += ["--set", f"data.source={args.corpus}"]
@@ -391,6 +399,7 @@ def summarize(rounds: list[dict], warmup_rounds: int) -> list[dict]:
     for (row, t), rs in sorted(cells.items(), key=lambda kv: (kv[0][1], ROWS.index(kv[0][0]))):
         line = {"row": row, "threads": t, "rounds": len(rs),
                 "ttft_ms": statistics.median(r["ttft_ms"] for r in rs), "ttft_ms_all": [r["ttft_ms"] for r in rs],
+                "start_ms": statistics.median(r["start_ms"] for r in rs),
                 "process_threads": rs[-1]["process_threads"], "batches": {}}
         for b in rs[-1]["batches"]:
             vals = [r["batches"][b] for r in rs]
@@ -431,12 +440,13 @@ def markdown(report: dict) -> str:
         f"Figures: decode tok/s = greedy one-token steps after the first token ({s['new_tokens'] - 1} steps for "
         f"{s['new_tokens']} new tokens after a {s['gen_prompt_len']}-token prompt, each step's token read back); "
         f"total = {s['new_tokens']} tokens / (prefill + steps); TTFT = fresh sequence, {s['prompt_len']}-token prompt to "
-        f"its first token (best of 5 per run). Each (row, threads) is a fresh worker process per round "
+        f"its first token (best of 5 per run); start = starting a sequence before any model call (edgecraft: "
+        "Engine.reset; genai: GeneratorParams + Generator, which allocates its KV buffers), best of 20. Each (row, threads) is a fresh worker process per round "
         f"({s['runs']} runs after {s['warmup']} warm-up inside it); rows alternate within a round; "
         f"{report['rounds_measured']} measured rounds after {s['warmup_rounds']} warm-up round(s); medians over rounds. "
         "CPU/wall: the worker's CPU time over wall time while decoding (about 1 at 1 thread; up to 2 when a "
         "second thread works).", "",
-        "| threads | row | batch-1 decode tok/s | per-round | total tok/s | TTFT ms | CPU/wall | batch-16 decode tok/s | "
+        "| threads | row | batch-1 decode tok/s | per-round | total tok/s | TTFT ms (of it: start) | CPU/wall | batch-16 decode tok/s | "
         "greedy = edgecraft fp32 (b1; b16) | process threads |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -451,8 +461,8 @@ def markdown(report: dict) -> str:
 
         out.append(
             f"| {x['threads']} | {x['row']} | {b1['decode_tok_s']:,.0f} | "
-            f"{' '.join(f'{v:,.0f}' for v in b1['decode_tok_s_all'])} | {b1['total_tok_s']:,.0f} | {x['ttft_ms']:.2f} | "
-            f"{b1['cpu_over_wall']:.2f} | {b16['decode_tok_s'] if b16 is None else format(b16['decode_tok_s'], ',.0f')} | "
+            f"{' '.join(f'{v:,.0f}' for v in b1['decode_tok_s_all'])} | {b1['total_tok_s']:,.0f} | {x['ttft_ms']:.2f} ({x['start_ms']:.3f}) | "
+            f"{b1['cpu_over_wall']:.2f} | {'–' if b16 is None else format(b16['decode_tok_s'], ',.0f')} | "
             f"{agree(b1)}; {agree(b16)} | {x['process_threads']['after_decoding']} |"
         )
     out += ["", "| comparison | ratio |", "|---|---|"]
@@ -485,6 +495,7 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS if DEFAULT_CORPUS.exists() else None,
                         help="Without --run: train recipes/char-1m-llama.toml on this.")
     parser.add_argument("--steps", type=int, default=300, help="Training steps without --run.")
+    parser.add_argument("--batch-size", type=int, default=8, help="Training batch size without --run.")
     parser.add_argument("--bundle", type=Path, help="The run's bundle (default: export it, fp32 and int8).")
     parser.add_argument("--genai-python", default=DEFAULT_GENAI_PYTHON, help="Python with onnxruntime-genai.")
     parser.add_argument("--genai-precisions", default="fp32,int4")
@@ -523,8 +534,8 @@ def main() -> None:
                                                       "probe": all_prompts[0], "threads": threads, "kinds": kinds})
     print(json.dumps({k: v for k, v in prep.items() if k != "builder"}), file=sys.stderr)
     dirs = {f"genai-{k}": {str(t): str(genai_dir(args.work / "genai", k, t)) for t in threads} for k in kinds}
-    recipe_note = (f"{run}" if args.run else f"recipes/char-1m-llama.toml trained {args.steps} steps on "
-                   f"{args.corpus or 'the built-in corpus'}")
+    recipe_note = (f"{run}" if args.run else f"recipes/char-1m-llama.toml trained {args.steps} steps at batch "
+                   f"{args.batch_size} on {args.corpus or 'the built-in corpus'}")
     header = {
         "format": "edgecraft-peers-genai/1", "machine": system_info(), "load_before": os.getloadavg(),
         "genai_libraries": _child(args.genai_python, ["--versions"]),
