@@ -1,0 +1,402 @@
+"""llama2.c's hand-written C (run.c) against edgecraft's llama-style fp32 graph, same weights, same machine.
+
+    python benchmarks/peers_llama2c.py --runc /tmp/llama2c/run [--runc-omp /tmp/llama2c/run-omp] \
+        [--run runs/char-1m-llama] [--rounds 11] [--prompt ROMEO:] [--out benchmarks/results/peers_llama2c]
+
+The repository does not ship llama2.c. Get run.c from https://github.com/karpathy/llama2.c (the
+plain fp32 `run.c`, the version whose CLI has -t -p -s -n -i -z and prints "achieved tok/s"; this
+script's results used the version stored at commit bd182289c596fa6059eb7b3b7c8ccd04b5c90fc3) and
+build it as ANCHORS.md's figures were built, single-threaded and with OpenMP:
+
+    gcc -O3 -march=native -ffast-math -o /tmp/llama2c/run /tmp/llama2c/run.c -lm
+    gcc -O3 -march=native -ffast-math -fopenmp -o /tmp/llama2c/run-omp /tmp/llama2c/run.c -lm
+
+The model is the llama-style char-1m shape (recipes/char-1m-llama.toml: RMSNorm, rotary, SwiGLU,
+no biases, width 128, 6 layers, 8 heads, d_ff 512, context 256) with random weights (--seed), or
+the weights and vocabulary of a trained llama-style run (--run). The same weights are written
+twice:
+- for run.c, in llama2.c's legacy checkpoint format (what run.c's checkpoint_init_weights reads):
+  7 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len; a negative
+  vocab_size means an unshared classifier), then float32 token embedding (V, D), rms_att (L, D),
+  wq, wk, wv, wo (L, D, D), rms_ffn (L, D), w1 = gate (L, F, D), w2 = down (L, D, F),
+  w3 = up (L, F, D), rms_final (D), freq_cis_real and _imag (seq_len, hs / 2; read by older
+  run.c versions, skipped by newer ones), and the classifier (V, D) when unshared. edgecraft
+  rotates the two halves of each head (x[j], x[j + hs/2]); run.c rotates adjacent pairs
+  (x[2j], x[2j + 1]) at the same frequency, so the rows of wq and wk are permuted within each head
+  (new 2j <- old j, new 2j+1 <- old j + hs/2); q.k is unchanged since both get the same order. A
+  tokenizer.bin (int32 max_token_length, then per token: float32 score, int32 length, bytes) holds
+  the character vocabulary.
+- for edgecraft, as the direct-built graph (edgecraft.onnx_graph.build_graph), driven by
+  edgecraft.runtime.engine.Engine (IO binding, shared KV buffers, denormals flushed).
+
+What run.c does with `RUN model.bin -z tokenizer.bin -t 0 -n 256 -i PROMPT`: it feeds token 1
+(Llama's BOS) at position 0, then the prompt encoded with a dummy-prefix space (" " + PROMPT, one
+token per character here), each position one full forward pass, then greedy tokens until 256
+positions (-n counts every position, prompt included; 256 is the context); it stops early if
+token 1 comes out, and times the forward passes of positions 1..255 (its clock starts after the
+first), printing "achieved tok/s" with a millisecond clock (~50 ms per run here, so each run's
+figure is quantised by ~2%). A character vocabulary has no BOS, so the token that run.c sees as
+id 1 is chosen (ids swapped with the vocabulary's id 1 in run.c's files, the model unchanged) as
+one that is neither the space nor in the prompt and that edgecraft's greedy continuation never
+emits. edgecraft's loop does the same work: Engine.decode one token at a time from position 0
+through 255 (the same forced tokens, then greedy argmax in Python), its clock started after the
+first step, tok/s = 255 / time. Rounds alternate run.c and edgecraft (and the OpenMP pair), the
+first round is a warm-up; figures are medians of the measured rounds. Beside wall-clock tok/s,
+tokens per CPU-second over the same positions (run.c: its process's CPU time less that of a
+1-position run; edgecraft: process_time over its loop), which a busy machine disturbs less; at 2
+threads that counts spinning threads too. Greedy agreement: run.c
+prints the prompt and its continuation as text; it is compared with edgecraft's greedy characters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import string
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgecraft.model import ROPE_THETA, GPTConfig
+from edgecraft.onnx_graph import build_graph, graph_io
+from edgecraft.runtime.engine import Engine
+
+SHAPE = dict(d_model=128, n_layers=6, n_heads=8, d_ff=512, block_size=256)
+LLAMA = dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False)
+CHARS = "\n !$&',-.3:;?" + string.ascii_uppercase + string.ascii_lowercase  # 65, tiny-shakespeare's set
+ANCHOR_FLAGS = "-O3 -march=native -ffast-math"
+
+
+# ------------------------------------------------------------------------------------ weights
+
+
+def load_weights(run: Path | None, seed: int) -> tuple[GPTConfig, dict[str, np.ndarray], list[str], str]:
+    """(config, state dict as numpy, token strings by id, where the weights came from)."""
+    import torch
+
+    from edgecraft.checkpoint import load_model
+    from edgecraft.data import load_tokenizer
+    from edgecraft.model import GPT
+
+    if run is not None:
+        model = load_model(run / "model.safetensors")
+        tok = load_tokenizer(run / "tokenizer.json")
+        vocab = [tok.decode([i]) or tok.id_to_token(i) for i in range(tok.get_vocab_size())]
+        source = f"trained run {run}"
+    else:
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(vocab_size=len(CHARS), **SHAPE, **LLAMA))
+        vocab = list(CHARS)
+        source = f"random weights (torch.manual_seed({seed}), GPT init)"
+    cfg = model.cfg
+    if (cfg.norm, cfg.pos, cfg.mlp, cfg.bias) != ("rmsnorm", "rope", "swiglu", False):
+        raise SystemExit(f"{source}: run.c needs a llama-style model (rmsnorm, rope, swiglu, no "
+                         f"biases), got norm={cfg.norm} pos={cfg.pos} mlp={cfg.mlp} bias={cfg.bias}")
+    if len(vocab) != cfg.vocab_size or len(set(vocab)) != len(vocab):
+        raise SystemExit(f"{source}: the vocabulary's {len(vocab)} token strings must be distinct "
+                         f"and match vocab_size {cfg.vocab_size}")
+    weights = {k: v.detach().float().numpy().copy() for k, v in model.state_dict().items()}
+    return cfg, weights, vocab, source
+
+
+def interleave_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of a (n_heads * hs, D) q or k matrix from half-split to adjacent-pair rotary order."""
+    hs = w.shape[0] // n_heads
+    within = np.stack([np.arange(hs // 2), np.arange(hs // 2) + hs // 2], axis=1).reshape(-1)  # (hs,)
+    rows = (np.arange(n_heads)[:, None] * hs + within[None, :]).reshape(-1)  # (D,)
+    return w[rows]
+
+
+def write_llama2c(path: Path, cfg: GPTConfig, w: dict[str, np.ndarray], order: np.ndarray) -> None:
+    """llama2.c's legacy checkpoint; `order[r]` is the edgecraft token id that run.c calls r."""
+    D, L, nh, hs = cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.head_size
+    layers = range(L)
+    qkv = [w[f"blocks.{i}.attn.qkv.weight"] for i in layers]  # (3D, D) each: q, k, v rows
+    tied = cfg.tie_embeddings
+    vocab = cfg.vocab_size if tied else -cfg.vocab_size
+    inv_freq = 1.0 / ROPE_THETA ** (np.arange(0, hs, 2, dtype=np.float32) / hs)
+    angles = np.outer(np.arange(cfg.block_size, dtype=np.float32), inv_freq)  # (block, hs/2)
+    arrays = [
+        w["tok_emb.weight"][order],  # (V, D)
+        np.stack([w[f"blocks.{i}.norm1.weight"] for i in layers]),  # (L, D)
+        np.stack([interleave_rows(m[:D], nh) for m in qkv]),  # wq (L, D, D)
+        np.stack([interleave_rows(m[D : 2 * D], nh) for m in qkv]),  # wk
+        np.stack([m[2 * D :] for m in qkv]),  # wv
+        np.stack([w[f"blocks.{i}.attn.proj.weight"] for i in layers]),  # wo (L, D, D)
+        np.stack([w[f"blocks.{i}.norm2.weight"] for i in layers]),  # (L, D)
+        np.stack([w[f"blocks.{i}.mlp.gate.weight"] for i in layers]),  # w1 (L, F, D)
+        np.stack([w[f"blocks.{i}.mlp.proj.weight"] for i in layers]),  # w2 (L, D, F)
+        np.stack([w[f"blocks.{i}.mlp.up.weight"] for i in layers]),  # w3 (L, F, D)
+        w["norm_f.weight"],  # (D,)
+        np.cos(angles), np.sin(angles),  # freq_cis_real, freq_cis_imag (block, hs/2)
+    ]
+    if not tied:
+        arrays.append(w["head.weight"][order])  # (V, D)
+    with open(path, "wb") as f:
+        f.write(struct.pack("7i", D, cfg.d_ff, L, nh, nh, vocab, cfg.block_size))
+        for a in arrays:
+            f.write(np.ascontiguousarray(a, dtype="<f4").tobytes())
+
+
+def write_tokenizer(path: Path, pieces: list[str]) -> None:
+    """run.c's tokenizer.bin: max_token_length, then (score, length, bytes) per token."""
+    raw = [p.encode("utf-8") for p in pieces]
+    with open(path, "wb") as f:
+        f.write(struct.pack("i", max(len(b) for b in raw)))
+        for b in raw:
+            f.write(struct.pack("fi", 0.0, len(b)) + b)
+
+
+# ------------------------------------------------------------------------------------ runners
+
+
+class EdgecraftLoop:
+    """run.c's loop on edgecraft's Engine: one position per call, forced tokens then greedy."""
+
+    def __init__(self, path: Path, cfg: GPTConfig, threads: int) -> None:
+        self.engine = Engine(path, {"config": cfg.to_dict(), "onnx": graph_io(cfg)}, threads=threads)
+
+    def generate(self, first: int, forced: list[int], steps: int) -> tuple[float, float, list[int]]:
+        """(tok/s over positions 1..steps-1, the CPU seconds of this process over them, the greedy
+        tokens after the forced ones)."""
+        e = self.engine
+        e.reset(1)
+        tok = np.array([first], dtype=np.int64)
+        out: list[int] = []
+        t0 = c0 = 0.0
+        for pos in range(steps):
+            logits = e.decode(tok)  # (1, V)
+            if pos < len(forced):
+                nxt = forced[pos]
+            else:
+                nxt = int(logits[0].argmax())
+                out.append(nxt)
+            tok[0] = nxt
+            if pos == 0:
+                t0, c0 = time.perf_counter(), time.process_time()
+        return (steps - 1) / (time.perf_counter() - t0), time.process_time() - c0, out
+
+
+def run_runc(binary: str, model: Path, tokenizer: Path, prompt: str, steps: int, threads: int) -> tuple[float | None, float, str]:
+    """(run.c's "achieved tok/s" (None for a 1-step run, which prints none), the CPU seconds of
+    the whole process (user + system, from the kernel's accounting of children), its stdout)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd = [binary, str(model), "-z", str(tokenizer), "-t", "0", "-n", str(steps), "-i", prompt]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(cmd, capture_output=True, env=env, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    found = re.search(rb"achieved tok/s: ([0-9.]+)", done.stderr)
+    if not found and steps > 1:
+        raise SystemExit(f"{' '.join(cmd)}: no 'achieved tok/s' in its output:\n{done.stderr.decode()}")
+    return (float(found.group(1)) if found else None), cpu, done.stdout.decode("utf-8", errors="replace")
+
+
+# ------------------------------------------------------------------------------------ setup
+
+
+def choose_bos(loop: EdgecraftLoop, vocab: list[str], prompt_ids: list[int], steps: int) -> tuple[int, list[int]]:
+    """An edgecraft token to play run.c's id 1: not the space, not in the prompt, never emitted by
+    the greedy continuation (run.c stops at id 1). Returns it and that continuation."""
+    space = vocab.index(" ")
+    for c in sorted(range(len(vocab)), key=lambda i: (vocab[i].isalnum(), i)):  # punctuation first
+        if c == space or c in prompt_ids:
+            continue
+        _, _, out = loop.generate(c, [space] + prompt_ids, steps)
+        if c not in out:
+            return c, out
+    raise SystemExit("no token can stand in for run.c's BOS: every candidate is emitted greedily")
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    flags = Path("/proc/cpuinfo").read_text()
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f" {f} " in flags]
+    caches = []
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        if (index / "type").read_text().strip() != "Instruction":
+            caches.append(f"L{(index / 'level').read_text().strip()} {(index / 'size').read_text().strip()}")
+    gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.splitlines()
+    import onnxruntime as ort
+
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "isa": isa, "caches_cpu0": caches, "gcc": gcc[0] if gcc else "?",
+            "python": platform.python_version(), "onnxruntime": ort.__version__}
+
+
+def agreement(ours: list[int], vocab: list[str], text: str) -> tuple[int, int]:
+    """(how many of edgecraft's greedy tokens run.c's continuation text reproduces in a row,
+    how many edgecraft produced)."""
+    at = 0
+    for n, t in enumerate(ours):
+        if not text.startswith(vocab[t], at):
+            return n, len(ours)
+        at += len(vocab[t])
+    return len(ours), len(ours)
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runc", required=True, help="run.c built single-threaded (see the docstring)")
+    parser.add_argument("--runc-omp", help="run.c built with -fopenmp: adds the 2-thread pair")
+    parser.add_argument("--flags", default=ANCHOR_FLAGS, help="the gcc flags the binaries were built with (for the report)")
+    parser.add_argument("--run", type=Path, help="a trained llama-style run directory (default: random weights)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt", default="ROMEO:")
+    parser.add_argument("--steps", type=int, default=256, help="run.c's -n: positions, prompt included")
+    parser.add_argument("--rounds", type=int, default=11, help="measured rounds (after one warm-up)")
+    parser.add_argument("--out", type=Path, help="write OUT.md and OUT.json")
+    args = parser.parse_args()
+
+    load_before = os.getloadavg()
+    cfg, weights, vocab, source = load_weights(args.run, args.seed)
+    if args.steps > cfg.block_size:
+        raise SystemExit(f"--steps {args.steps} exceeds the context {cfg.block_size}")
+    if " " not in vocab:
+        raise SystemExit("run.c prepends a space to the prompt: the vocabulary needs ' '")
+    missing = sorted(set(args.prompt) - set(vocab))
+    if missing:
+        raise SystemExit(f"--prompt has characters outside the vocabulary: {missing}")
+    prompt_ids = [vocab.index(ch) for ch in args.prompt]
+    space = vocab.index(" ")
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        import onnx
+
+        onnx.save(build_graph(cfg, weights), str(tmp / "llama.onnx"))
+        loops = {1: EdgecraftLoop(tmp / "llama.onnx", cfg, 1)}
+        if args.runc_omp:
+            loops[2] = EdgecraftLoop(tmp / "llama.onnx", cfg, 2)
+        bos, ours = choose_bos(loops[1], vocab, prompt_ids, args.steps)
+        order = np.arange(cfg.vocab_size)  # run.c id -> edgecraft id: swap `bos` into run.c's 1
+        order[[1, bos]] = order[[bos, 1]]
+        write_llama2c(tmp / "model.bin", cfg, weights, order)
+        write_tokenizer(tmp / "tokenizer.bin", [vocab[i] for i in order])
+
+        rows = {("run.c", 1): (args.runc, 1)}
+        if args.runc_omp:
+            rows[("run.c OpenMP", 2)] = (args.runc_omp, 2)
+        # run.c's CPU time for positions 1..255: the whole process's, less that of a 1-position
+        # run (start, mmap, tokenizer, position 0), its median over 7 runs
+        startup = {name: statistics.median(
+            run_runc(binary, tmp / "model.bin", tmp / "tokenizer.bin", args.prompt, 1, omp)[1] for _ in range(7))
+            for (name, _), (binary, omp) in rows.items()}
+        raw: dict[str, list[float]] = {}
+        cpu: dict[str, list[float]] = {}  # tokens per CPU-second, positions 1..255
+        texts: dict[str, str] = {}
+        loads: list[float] = []  # 1-minute load average at the start of each measured round
+        forced = [space] + prompt_ids
+        for r in range(args.rounds + 1):  # round 0 is the warm-up
+            if r:
+                loads.append(os.getloadavg()[0])
+            for (name, threads), (binary, omp) in rows.items():
+                tps, c_cpu, text = run_runc(binary, tmp / "model.bin", tmp / "tokenizer.bin", args.prompt, args.steps, omp)
+                texts.setdefault(name, text)
+                ec_tps, ec_cpu, _ = loops[threads].generate(bos, forced, args.steps)
+                if r:
+                    raw.setdefault(f"{name} ({threads}t)", []).append(tps)
+                    raw.setdefault(f"edgecraft llama-style fp32 ({threads}t)", []).append(ec_tps)
+                    cpu.setdefault(f"{name} ({threads}t)", []).append((args.steps - 1) / (c_cpu - startup[name]))
+                    cpu.setdefault(f"edgecraft llama-style fp32 ({threads}t)", []).append((args.steps - 1) / ec_cpu)
+            print(f"round {r}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in raw.items()), file=sys.stderr)
+        model_bytes = (tmp / "model.bin").stat().st_size
+    load_after = os.getloadavg()
+
+    medians = {k: statistics.median(v) for k, v in raw.items()}
+    cpu_medians = {k: statistics.median(v) for k, v in cpu.items()}
+    agree = {}
+    for name, text in texts.items():
+        if not text.startswith(args.prompt):
+            raise SystemExit(f"{name} printed {text[:40]!r}, not the prompt {args.prompt!r}")
+        cont = text[len(args.prompt):].removesuffix("\n")
+        n, total = agreement(ours, vocab, cont)
+        agree[name] = {"matching_tokens": n, "of": total, "runc_chars": len(cont),
+                       "runc_text": cont, "edgecraft_text": "".join(vocab[t] for t in ours)}
+    result = {
+        "machine": machine(), "load_average_before": load_before, "load_average_after": load_after,
+        "weights": source, "config": cfg.to_dict(), "prompt": args.prompt, "steps": args.steps,
+        "runc_bos_stand_in": vocab[bos], "flags": args.flags, "rounds": args.rounds,
+        "model_bin_bytes": model_bytes, "tok_s_median": medians, "tok_s_rounds": raw, "tok_per_cpu_s_median": cpu_medians,
+        "tok_per_cpu_s_rounds": cpu, "runc_startup_cpu_s": startup, "load_1min_rounds": loads,
+        "greedy_agreement": agree, "command": " ".join(["python", *sys.argv]),
+    }
+    report = render(result, args)
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(report, encoding="utf-8")
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+
+
+def render(res: dict, args: argparse.Namespace) -> str:
+    m, med = res["machine"], res["tok_s_median"]
+    fmt = lambda xs: ", ".join(f"{x:,.0f}" for x in xs)  # noqa: E731
+    lb, la = res["load_average_before"], res["load_average_after"]
+    binaries = f"`{args.runc}`" + (f", `{args.runc_omp}` (+ -fopenmp)" if args.runc_omp else "")
+    lines = [
+        "# llama2.c run.c vs edgecraft's llama-style fp32 graph, same weights, same machine", "",
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs ({', '.join(m['isa'])}; cpu0's caches {', '.join(m['caches_cpu0'])}); {m['gcc']}; "
+        f"Python {m['python']}, onnxruntime {m['onnxruntime']}. Load average (1/5/15 min) before "
+        f"{lb[0]:.2f}/{lb[1]:.2f}/{lb[2]:.2f}, after {la[0]:.2f}/{la[1]:.2f}/{la[2]:.2f} "
+        "(a shared machine: other work ran alongside; rounds are interleaved so it hits both alike).", "",
+        f"Model: llama-style, width {res['config']['d_model']}, {res['config']['n_layers']} layers, "
+        f"{res['config']['n_heads']} heads, d_ff {res['config']['d_ff']}, context "
+        f"{res['config']['block_size']}, vocab {res['config']['vocab_size']}, "
+        f"tied embeddings {res['config']['tie_embeddings']}; {res['weights']}. "
+        f"model.bin {res['model_bin_bytes']:,} bytes.", "",
+        f"run.c binaries {binaries}, built with `gcc {res['flags']} ... -lm`; each round runs "
+        f"`RUN model.bin -z tokenizer.bin -t 0 -n {res['steps']} -i '{res['prompt']}'`"
+        + (" (the OpenMP build with OMP_NUM_THREADS=2, against edgecraft at 2 threads)" if args.runc_omp else "")
+        + " and then edgecraft's Engine over the same positions (see the "
+        "script's docstring: both time positions 1..255 of one sequence, one forward pass each, "
+        f"token {res['runc_bos_stand_in']!r} standing in for run.c's BOS). Medians of "
+        f"{res['rounds']} rounds after a warm-up. Command: `{res['command']}`.", "",
+        "Wall: tokens per second of wall clock (run.c's own \"achieved tok/s\"; edgecraft's loop timed the "
+        "same way). CPU: tokens per CPU-second over the same positions (run.c: the process's user + "
+        "system time less a 1-position run's, "
+        + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in res["runc_startup_cpu_s"].items())
+        + "; edgecraft: this process's CPU time over its loop), less sensitive to other processes on a "
+        "busy machine; at 2 threads it counts both threads, spinning included, so it is no speed.", "",
+        "| row | wall tok/s (median) | vs run.c | tok per CPU-second (median) | vs run.c |",
+        "|---|---|---|---|---|",
+    ]
+    cpu = res["tok_per_cpu_s_median"]
+    for key, value in med.items():
+        threads = key.rsplit("(", 1)[1]
+        base = next(k for k in med if k.startswith("run.c") and k.endswith("(" + threads))
+        lines.append(f"| {key} | {value:,.0f} | {value / med[base]:.2f}x | {cpu[key]:,.0f} | "
+                     f"{cpu[key] / cpu[base]:.2f}x |")
+    lines += ["", "Per round:", ""]
+    lines += [f"- {k}: wall {fmt(v)}; per CPU-second {fmt(res['tok_per_cpu_s_rounds'][k])}"
+              for k, v in res["tok_s_rounds"].items()]
+    lines.append(f"- 1-minute load average at each round's start: "
+                 f"{', '.join(f'{x:.2f}' for x in res['load_1min_rounds'])}")
+    lines += ["", "Greedy agreement (run.c's printed continuation vs edgecraft's greedy tokens, same weights "
+              "and prompt):", ""]
+    for name, a in res["greedy_agreement"].items():
+        lines.append(f"- {name}: the first {a['matching_tokens']} of {a['of']} tokens identical "
+                     f"(run.c printed {a['runc_chars']} characters)")
+    first = next(iter(res["greedy_agreement"].values()))
+    lines += ["", f"edgecraft's continuation (first 120 characters): `{first['edgecraft_text'][:120]!r}`", ""]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
