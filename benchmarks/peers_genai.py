@@ -220,8 +220,9 @@ class EdgecraftGen:
         e.reset(prompt.shape[0])
         return int(e.prefill(prompt)[0, -1].argmax(-1))
 
-    def generate(self, prompt: np.ndarray, n: int) -> tuple[np.ndarray, float, float]:
-        """(tokens (B, n), seconds for the prefill and first token, seconds for the n - 1 steps)."""
+    def generate(self, prompt: np.ndarray, n: int) -> tuple[np.ndarray, float, float, float]:
+        """(tokens (B, n), seconds for the prefill and first token, seconds for the n - 1 steps,
+        CPU seconds of this process for those steps)."""
         e = self.engine
         B = prompt.shape[0]
         out = np.empty((B, n), dtype=np.int64)
@@ -229,11 +230,11 @@ class EdgecraftGen:
         e.reset(B)
         tok = e.prefill(prompt)[:, -1].argmax(-1)  # (B,)
         out[:, 0] = tok
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         for i in range(1, n):
             tok = e.decode(tok).argmax(-1)
             out[:, i] = tok
-        return out, t1 - t0, time.perf_counter() - t1
+        return out, t1 - t0, time.perf_counter() - t1, time.process_time() - c1
 
 
 class GenaiGen:
@@ -259,7 +260,7 @@ class GenaiGen:
         g.generate_next_token()
         return int(g.get_next_tokens()[0])
 
-    def generate(self, prompt: np.ndarray, n: int) -> tuple[np.ndarray, float, float]:
+    def generate(self, prompt: np.ndarray, n: int) -> tuple[np.ndarray, float, float, float]:
         B = prompt.shape[0]
         out = np.empty((B, n), dtype=np.int64)
         t0 = time.perf_counter()
@@ -267,11 +268,11 @@ class GenaiGen:
         g.append_tokens(prompt.astype(np.int32))  # runs the prompt
         g.generate_next_token()  # picks token 1 from the prompt's logits
         out[:, 0] = g.get_next_tokens()
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         for i in range(1, n):
             g.generate_next_token()  # runs the previous token, picks the next
             out[:, i] = g.get_next_tokens()
-        return out, t1 - t0, time.perf_counter() - t1
+        return out, t1 - t0, time.perf_counter() - t1, time.process_time() - c1
 
 
 def _threads_now() -> int:
@@ -308,16 +309,18 @@ def measure_row(spec: dict) -> dict:
         prompt = prompts[:batch, :gen_len]
         for _ in range(spec["warmup"]):
             gen.generate(prompt, n)
-        decode, total, cpu_ratio, tokens = [], [], [], None
+        decode, decode_cpu, total, cpu_ratio, tokens = [], [], [], [], None
         for _ in range(spec["runs"]):
             c0, w0 = time.process_time(), time.perf_counter()
-            tokens, first, steps = gen.generate(prompt, n)
+            tokens, first, steps, steps_cpu = gen.generate(prompt, n)
             c1, w1 = time.process_time(), time.perf_counter()
             decode.append(batch * (n - 1) / steps)
+            decode_cpu.append(batch * (n - 1) / steps_cpu)
             total.append(batch * n / (first + steps))
             cpu_ratio.append((c1 - c0) / (w1 - w0))
         result["batches"][str(batch)] = {
-            "decode_tok_s": statistics.median(decode), "total_tok_s": statistics.median(total),
+            "decode_tok_s": statistics.median(decode), "decode_tok_per_cpu_s": statistics.median(decode_cpu),
+            "total_tok_s": statistics.median(total),
             "cpu_over_wall": statistics.median(cpu_ratio), "tokens": tokens.tolist(),
             "runs_decode_tok_s": decode,
         }
@@ -406,6 +409,7 @@ def summarize(rounds: list[dict], warmup_rounds: int) -> list[dict]:
             line["batches"][b] = {
                 "decode_tok_s": statistics.median(v["decode_tok_s"] for v in vals),
                 "decode_tok_s_all": [v["decode_tok_s"] for v in vals],
+                "decode_tok_per_cpu_s": statistics.median(v["decode_tok_per_cpu_s"] for v in vals),
                 "total_tok_s": statistics.median(v["total_tok_s"] for v in vals),
                 "cpu_over_wall": statistics.median(v["cpu_over_wall"] for v in vals),
                 "greedy_vs_edgecraft_fp32": _agreement(vals[-1]["tokens"], ref[t]["batches"][b]["tokens"]),
@@ -444,11 +448,13 @@ def markdown(report: dict) -> str:
         "Engine.reset; genai: GeneratorParams + Generator, which allocates its KV buffers), best of 20. Each (row, threads) is a fresh worker process per round "
         f"({s['runs']} runs after {s['warmup']} warm-up inside it); rows alternate within a round; "
         f"{report['rounds_measured']} measured rounds after {s['warmup_rounds']} warm-up round(s); medians over rounds. "
-        "CPU/wall: the worker's CPU time over wall time while decoding (about 1 at 1 thread; up to 2 when a "
-        "second thread works).", "",
-        "| threads | row | batch-1 decode tok/s | per-round | total tok/s | TTFT ms (of it: start) | CPU/wall | batch-16 decode tok/s | "
-        "greedy = edgecraft fp32 (b1; b16) | process threads |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "per CPU-s: the same decode steps per CPU-second the worker got (at 1 thread, what the row would do on "
+        "an idle core; at 2 threads it counts the pool thread's spinning too). CPU/wall: the worker's CPU time "
+        "over wall time for a whole generation (about 1 at 1 thread on an idle machine; up to 2 when a second "
+        "thread works). Paired ratios: the median over rounds of the two rows' ratio within the same round.", "",
+        "| threads | row | batch-1 decode tok/s | per round | per CPU-s | total tok/s | TTFT ms (of it: start) | CPU/wall | "
+        "batch-16 decode tok/s | greedy = edgecraft fp32 (b1; b16) | process threads |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for x in report["lines"]:
         b1, b16 = x["batches"].get("1"), x["batches"].get("16")
@@ -461,31 +467,46 @@ def markdown(report: dict) -> str:
 
         out.append(
             f"| {x['threads']} | {x['row']} | {b1['decode_tok_s']:,.0f} | "
-            f"{' '.join(f'{v:,.0f}' for v in b1['decode_tok_s_all'])} | {b1['total_tok_s']:,.0f} | {x['ttft_ms']:.2f} ({x['start_ms']:.3f}) | "
+            f"{' '.join(f'{v:,.0f}' for v in b1['decode_tok_s_all'])} | {b1['decode_tok_per_cpu_s']:,.0f} | {b1['total_tok_s']:,.0f} | {x['ttft_ms']:.2f} ({x['start_ms']:.3f}) | "
             f"{b1['cpu_over_wall']:.2f} | {'–' if b16 is None else format(b16['decode_tok_s'], ',.0f')} | "
             f"{agree(b1)}; {agree(b16)} | {x['process_threads']['after_decoding']} |"
         )
-    out += ["", "| comparison | ratio |", "|---|---|"]
+    out += ["", "| comparison | ratio of medians | paired (per round) | by CPU time |", "|---|---|---|---|"]
+
+    def fmt(x):
+        return "–" if x is None else f"{x:.2f}×"
+
     for c in report["ratios"]:
-        out.append(f"| {c['what']} | {c['ratio']:.2f}× |")
+        out.append(f"| {c['what']} | {fmt(c['ratio'])} | {fmt(c['paired'])} | {fmt(c['by_cpu_time'])} |")
     out += [f"\nNote: {n}" for n in report["notes"]]
     return "\n".join(out) + "\n"
 
 
+def paired(lines: list[dict], a: str, b: str, threads: int, batch: str, key: str = "decode_tok_s_all") -> float | None:
+    """Median over rounds of row a's figure over row b's in the same round."""
+    cells = {x["row"]: x for x in lines if x["threads"] == threads}
+    if a not in cells or b not in cells or batch not in cells[a]["batches"] or batch not in cells[b]["batches"]:
+        return None
+    xs, ys = cells[a]["batches"][batch][key], cells[b]["batches"][batch][key]
+    return statistics.median(x / y for x, y in zip(xs, ys))
+
+
 def ratios(lines: list[dict]) -> list[dict]:
     med = {(x["row"], x["threads"], b): v["decode_tok_s"] for x in lines for b, v in x["batches"].items()}
+    cpu = {(x["row"], x["threads"], b): v["decode_tok_per_cpu_s"] for x in lines for b, v in x["batches"].items()}
     ttft = {(x["row"], x["threads"]): x["ttft_ms"] for x in lines}
     out = []
     for (row, t, b), v in sorted(med.items(), key=lambda kv: (kv[0][2], kv[0][1])):
-        if row == "edgecraft-fp32" and ("genai-fp32", t, b) in med:
-            out.append({"what": f"edgecraft fp32 ÷ genai fp32, batch-{b} decode, {t} thread(s)",
-                        "ratio": v / med[("genai-fp32", t, b)]})
-        if row == "edgecraft-int8" and ("genai-int4", t, b) in med:
-            out.append({"what": f"edgecraft int8 ÷ genai int4, batch-{b} decode, {t} thread(s)",
-                        "ratio": v / med[("genai-int4", t, b)]})
+        for ours, theirs in (("edgecraft-fp32", "genai-fp32"), ("edgecraft-int8", "genai-int4")):
+            if row == ours and (theirs, t, b) in med:
+                out.append({"what": f"{ours.replace('-', ' ')} ÷ {theirs.replace('-', ' ')}, batch-{b} decode, "
+                                    f"{t} thread(s)", "ratio": v / med[(theirs, t, b)],
+                            "paired": paired(lines, ours, theirs, t, b),
+                            "by_cpu_time": cpu[(ours, t, b)] / cpu[(theirs, t, b)]})
     for (row, t), v in ttft.items():
         if row == "edgecraft-fp32" and ("genai-fp32", t) in ttft:
-            out.append({"what": f"genai fp32 TTFT ÷ edgecraft fp32 TTFT, {t} thread(s)", "ratio": ttft[("genai-fp32", t)] / v})
+            out.append({"what": f"genai fp32 TTFT ÷ edgecraft fp32 TTFT, {t} thread(s)", "ratio": ttft[("genai-fp32", t)] / v,
+                        "paired": None, "by_cpu_time": None})
     return out
 
 
