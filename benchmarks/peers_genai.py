@@ -12,7 +12,8 @@ corpus).
 Steps:
 1. edgecraft side (this Python): the run is exported to a bundle (model.onnx, and model.int8.onnx).
 2. genai side (--genai-python, an environment with onnxruntime-genai, transformers 5.x, onnx,
-   onnx-ir, torch; it does not share one with edgecraft's transformers 4.x peers): the run's weights
+   onnx-ir, torch; it does not share one with edgecraft's transformers 4.x peers; see SETUP
+   below for the commands that made it): the run's weights
    become a Hugging Face LlamaForCausalLM directory (rotary in the half-split "rotate_half" form that
    both use, RMSNorm eps 1e-5, tied embeddings, the run's vocabulary; q/k/v are the rows of
    edgecraft's fused qkv matrix); its logits are checked against edgecraft's PyTorch model; then
@@ -53,6 +54,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+SETUP = (
+    "python -m venv /work/genai-venv && /work/genai-venv/bin/pip install torch==2.13.0 && "
+    "/work/genai-venv/bin/pip install torch==2.13.0 onnxruntime-genai 'transformers>=5,<6' onnx onnx-ir numpy "
+    "safetensors"
+)  # torch pinned first (the local CPU wheel) so pip never resolves another, CUDA-sized torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -433,7 +440,7 @@ def markdown(report: dict) -> str:
         f"{'/'.join(f'{x:.2f}' for x in report['load_after'])}; per round: "
         f"{', '.join(f'{x:.2f}' for x in report['load_per_round'])}.", "",
         f"Model: {report['model']}. {report['run_note']}", "",
-        f"Command: `{report['command']}`", "",
+        f"Command: `{report['command']}` (edgecraft's Python; genai's environment: `{SETUP}`).", "",
         f"Both sides run the same weights. The Hugging Face LlamaForCausalLM made from the run matches "
         f"edgecraft's PyTorch model to {prep['max_abs_logit_diff_hf_vs_edgecraft']:.1e} (max |logit diff| over a "
         f"{s['prompt_len']}-token prompt); genai's graphs' last-position logits after that prompt differ from "
@@ -478,6 +485,11 @@ def markdown(report: dict) -> str:
 
     for c in report["ratios"]:
         out.append(f"| {c['what']} | {fmt(c['ratio'])} | {fmt(c['paired'])} | {fmt(c['by_cpu_time'])} |")
+    target = next((c for c in report["ratios"] if c["what"].startswith("edgecraft fp32 ÷ genai fp32, batch-1 decode, 1 ")), None)
+    if target is not None:
+        out += ["", f"Issue target, edgecraft fp32 >= genai fp32 (batch-1 decode, 1 thread): {target['ratio']:.2f}× "
+                    f"(paired {target['paired']:.2f}×, by CPU time {target['by_cpu_time']:.2f}×): "
+                    f"{'met' if target['ratio'] >= 1 else 'MISSED'}."]
     out += [f"\nNote: {n}" for n in report["notes"]]
     return "\n".join(out) + "\n"
 
@@ -532,7 +544,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgecraft-peers-genai")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--note", action="append", default=[], help="A line for the report (repeatable).")
+    parser.add_argument("--render", type=Path, help="Only re-render peers_genai.md from this peers_genai.json.")
     args = parser.parse_args()
+    if args.render:
+        report = json.loads(args.render.read_text())
+        report["ratios"] = ratios(report["lines"])
+        write_report(report, args.out)
+        return
 
     from edgecraft.bench_system import system_info
     from edgecraft.checkpoint import read_config
