@@ -1,15 +1,19 @@
 """Training benchmark: edgecraft vs. nanoGPT's CPU "baby" Shakespeare run, side by side.
 
-    python benchmarks/train_shakespeare.py [--corpus PATH] [--threads 2] [--nanogpt] [--repeats 1]
+    python benchmarks/train_shakespeare.py [--corpus PATH] [--threads 2] [--nanogpt] [--repeats 1] [--seeds 1337]
     python benchmarks/train_shakespeare.py --interleaved 400 [--threads 2]   # step timing only
 
 edgecraft trains recipes/shakespeare-baby.toml through the real `edgecraft train` command; with
 --nanogpt the same machine then runs nanoGPT's training loop on the same corpus with the same
 hyperparameters (4 layers, 4 heads, width 128, block 64, batch 12, 2000 iterations, lr 1e-3 ->
 1e-4, warmup 100, AdamW betas (0.9, 0.99), weight decay 0.1, clip 1.0, no dropout, bias=False).
-Each run is a fresh process; runs alternate between the two when --repeats > 1.
+Each run is a fresh process; runs alternate between the two when --repeats > 1. --seeds runs each
+seed (the recipe's `seed`; nanoGPT's torch.manual_seed) and adds the mean over seeds.
 
-Reported: the final validation loss (nanoGPT's README: about 1.88 for this run), milliseconds
+Reported: the final validation loss (nanoGPT's README: about 1.88 for this run) measured two ways
+for both trainers: over the whole validation split (every non-overlapping block: the exact figure,
+what edgecraft logs) and as nanoGPT's estimate_loss does it (the mean of 200 batches of random
+windows: a sample, off by a few thousandths either way); milliseconds
 per training iteration and tokens/s (evaluation excluded; the same statistic for both: the mean
 over 10-step windows, as edgecraft logs it, then the median over windows), the wall time of the
 whole run, and the share of `threads` cores the run got (well below 100% = a busy machine).
@@ -51,7 +55,7 @@ BABY = dict(
 # ---------------------------------------------------------------------------- edgecraft
 
 
-def run_edgecraft(corpus: Path, threads: int, steps: int, workdir: Path) -> dict:
+def run_edgecraft(corpus: Path, threads: int, steps: int, workdir: Path, seed: int = 1337) -> dict:
     exe = Path(sys.executable).with_name("edgecraft")
     cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "edgecraft.cli"])]
     cmd += [
@@ -60,6 +64,7 @@ def run_edgecraft(corpus: Path, threads: int, steps: int, workdir: Path) -> dict
         "--set", f"data.cache_dir={json.dumps(str(workdir / 'cache'))}",
         "--set", f"train.threads={threads}",
         "--set", f"train.max_steps={steps}",
+        "--set", f"seed={seed}",
     ]
     with _measured(threads) as usage:
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -68,9 +73,32 @@ def run_edgecraft(corpus: Path, threads: int, steps: int, workdir: Path) -> dict
     events = [json.loads(line) for line in (workdir / "runs" / "shakespeare-baby" / "metrics.jsonl").open()]
     speeds = [e["tokens_per_s"] for e in events if e["event"] == "train"][1:]  # first window warms up
     tok_s = statistics.median(speeds)
-    val = [e["loss"] for e in events if e["event"] == "eval"][-1]
+    val = [e["loss"] for e in events if e["event"] == "eval"][-1]  # the whole split (see the recipe)
     tokens_per_iter = BABY["batch_size"] * BABY["block_size"]
-    return {"val_loss": val, "tok_s": tok_s, "ms_per_iter": 1000 * tokens_per_iter / tok_s, **usage}
+    return {
+        "val_loss": val, "val_loss_200": _random_batches_loss(workdir, corpus, seed),
+        "tok_s": tok_s, "ms_per_iter": 1000 * tokens_per_iter / tok_s, **usage,
+    }
+
+
+def _random_batches_loss(workdir: Path, corpus: Path, seed: int) -> float:
+    """The final model's loss as nanoGPT estimates it: the mean of 200 batches of random windows
+    (edgecraft's data.eval_batches draws them), for comparison with the whole-split figure."""
+    import torch
+
+    from edgecraft import data
+    from edgecraft.checkpoint import load_model
+    from edgecraft.recipe import load_recipe
+
+    recipe = load_recipe(
+        RECIPE, [f"data.source={json.dumps(str(corpus))}", f"data.cache_dir={json.dumps(str(workdir / 'cache'))}"]
+    )
+    val = data.prepare(recipe.data, recipe.model.block_size).val
+    model = load_model(workdir / "runs" / "shakespeare-baby" / "model.safetensors").eval()
+    B, T = BABY["batch_size"], BABY["block_size"]
+    with torch.no_grad():
+        losses = [model(*map(torch.from_numpy, b))[1] for b in data.eval_batches(val, B, T, 200, seed)]
+    return torch.stack(losses).mean().item()
 
 
 @contextlib.contextmanager
@@ -88,8 +116,9 @@ def _measured(threads: int):
 # ---------------------------------------------------------------------------- nanoGPT
 
 
-def _nanogpt_parts(corpus: Path, threads: int, steps: int):
-    """nanoGPT's model, optimizer, get_batch, get_lr and estimate_loss for the baby run."""
+def _nanogpt_parts(corpus: Path, threads: int, steps: int, seed: int = 1337):
+    """nanoGPT's model, optimizer, get_batch, get_lr and estimate_loss for the baby run, and a
+    whole-split validation loss (not nanoGPT's) for comparison with edgecraft's figure."""
     import numpy as np
     import torch
     import torch.nn as nn
@@ -222,6 +251,17 @@ def _nanogpt_parts(corpus: Path, threads: int, steps: int):
         model.train()
         return out
 
+    @torch.no_grad()
+    def whole_val_loss():  # every non-overlapping block of the val split, mean per token
+        model.eval()
+        val, T = splits["val"].astype(np.int64), cfg["block_size"]
+        n = (len(val) - 1) // T
+        x = torch.from_numpy(val[: n * T]).view(n, T)  # (n, T)
+        y = torch.from_numpy(val[1 : n * T + 1]).view(n, T)
+        total = sum(model(x[i : i + 64], y[i : i + 64])[1].item() * len(x[i : i + 64]) for i in range(0, n, 64))
+        model.train()
+        return total / n
+
     def get_lr(it):
         if it < cfg["warmup_iters"]:
             return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
@@ -230,16 +270,16 @@ def _nanogpt_parts(corpus: Path, threads: int, steps: int):
         ratio = (it - cfg["warmup_iters"]) / (cfg["lr_decay_iters"] - cfg["warmup_iters"])
         return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
 
-    torch.manual_seed(1337)
+    torch.manual_seed(seed)  # train.py's 1337 + seed_offset
     model = GPT(len(chars))
-    return model, model.configure_optimizers(), get_batch, get_lr, estimate_loss, cfg
+    return model, model.configure_optimizers(), get_batch, get_lr, estimate_loss, whole_val_loss, cfg
 
 
-def _nanogpt(corpus: Path, threads: int, steps: int) -> dict:
+def _nanogpt(corpus: Path, threads: int, steps: int, seed: int = 1337) -> dict:
     """nanoGPT's baby run (see the module docstring); returns the same figures as run_edgecraft."""
     import torch
 
-    model, optimizer, get_batch, get_lr, estimate_loss, cfg = _nanogpt_parts(corpus, threads, steps)
+    model, optimizer, get_batch, get_lr, estimate_loss, whole_val_loss, cfg = _nanogpt_parts(corpus, threads, steps, seed)
     X, Y = get_batch("train")
     t0 = time.time()
     dts, val = [], float("nan")
@@ -267,7 +307,8 @@ def _nanogpt(corpus: Path, threads: int, steps: int) -> dict:
     windows = [dts[i : i + 10] for i in range(0, len(dts) - 9, 10)]
     ms = 1000 * statistics.median(statistics.fmean(w) for w in windows)
     return {
-        "val_loss": val,
+        "val_loss": whole_val_loss(),
+        "val_loss_200": val,
         "tok_s": cfg["batch_size"] * cfg["block_size"] / (ms / 1000),
         "ms_per_iter": ms,
     }
@@ -287,7 +328,7 @@ def interleaved(corpus: Path, threads: int, iters: int, block: int = 25) -> dict
     from edgecraft.recipe import load_recipe
     from edgecraft.train import _optimizer, _to_device, lr_at
 
-    n_model, n_opt, get_batch, get_lr, _, _ = _nanogpt_parts(corpus, threads, iters)
+    n_model, n_opt, get_batch, get_lr, *_ = _nanogpt_parts(corpus, threads, iters)
     with tempfile.TemporaryDirectory() as tmp:
         recipe = load_recipe(RECIPE, [f"data.source={json.dumps(str(corpus))}", f"data.cache_dir={json.dumps(tmp)}"])
         prepared = data.prepare(recipe.data, recipe.model.block_size)
@@ -337,13 +378,11 @@ def interleaved(corpus: Path, threads: int, iters: int, block: int = 25) -> dict
     }
 
 
-def run_nanogpt(corpus: Path, threads: int, steps: int) -> dict:
+def run_nanogpt(corpus: Path, threads: int, steps: int, seed: int = 1337) -> dict:
     """In a fresh process, as edgecraft's run is."""
+    args = ["--corpus", str(corpus), "--threads", str(threads), "--steps", str(steps), "--seeds", str(seed)]
     with _measured(threads) as usage:
-        out = subprocess.run(
-            [sys.executable, __file__, "--worker", "--corpus", str(corpus), "--threads", str(threads), "--steps", str(steps)],
-            check=True, capture_output=True, text=True,
-        )
+        out = subprocess.run([sys.executable, __file__, "--worker", *args], check=True, capture_output=True, text=True)
     return {**json.loads(out.stdout.strip().splitlines()[-1]), **usage}
 
 
@@ -371,6 +410,9 @@ def main() -> None:
     parser.add_argument("--nanogpt", action="store_true", help="also run nanoGPT's loop on the same machine")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each, alternating")
     parser.add_argument(
+        "--seeds", default="1337", help="comma-separated seeds, each run --repeats times (default: the recipe's 1337)"
+    )
+    parser.add_argument(
         "--interleaved", type=int, metavar="N", default=0,
         help="instead: N training iterations of each in one process, alternating (noise-robust step timing)",
     )
@@ -378,8 +420,12 @@ def main() -> None:
     args = parser.parse_args()
     if not args.corpus.is_file():
         sys.exit(f"error: corpus {args.corpus} not found; pass --corpus PATH (tinyshakespeare's input.txt)")
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        sys.exit(f"error: --seeds {args.seeds!r}: expected comma-separated integers, e.g. 1337,1,2")
     if args.worker:
-        print(json.dumps(_nanogpt(args.corpus, args.threads, args.steps)))
+        print(json.dumps(_nanogpt(args.corpus, args.threads, args.steps, seeds[0])))
         return
 
     print(f"machine: {machine()}")
@@ -391,24 +437,38 @@ def main() -> None:
         for name, r in results.items():
             print(f"| {name} | {r['ms_per_iter']:.1f} | {r['cpu_ms_per_iter']:.1f} | {r['tok_s']:,.0f} |")
         return
-    print(f"corpus: {args.corpus}, {args.steps} iterations, {args.threads} threads, {args.repeats} repeat(s)")
-    results: dict[str, list[dict]] = {"edgecraft": [], "nanoGPT": []}
-    for i in range(args.repeats):
-        with tempfile.TemporaryDirectory() as tmp:
-            results["edgecraft"].append(run_edgecraft(args.corpus, args.threads, args.steps, Path(tmp)))
-        print(f"  edgecraft run {i + 1}: {json.dumps(results['edgecraft'][-1])}", flush=True)
-        if args.nanogpt:
-            results["nanoGPT"].append(run_nanogpt(args.corpus, args.threads, args.steps))
-            print(f"  nanoGPT   run {i + 1}: {json.dumps(results['nanoGPT'][-1])}", flush=True)
+    print(
+        f"corpus: {args.corpus}, {args.steps} iterations, {args.threads} threads, "
+        f"seeds {', '.join(map(str, seeds))}, {args.repeats} repeat(s) each"
+    )
+    trainers = ["edgecraft", "nanoGPT"] if args.nanogpt else ["edgecraft"]
+    results: dict[tuple[str, int], list[dict]] = {(name, seed): [] for seed in seeds for name in trainers}
+    for seed in seeds:
+        for i in range(args.repeats):
+            with tempfile.TemporaryDirectory() as tmp:
+                results["edgecraft", seed].append(run_edgecraft(args.corpus, args.threads, args.steps, Path(tmp), seed))
+            print(f"  edgecraft seed {seed} run {i + 1}: {json.dumps(results['edgecraft', seed][-1])}", flush=True)
+            if args.nanogpt:
+                results["nanoGPT", seed].append(run_nanogpt(args.corpus, args.threads, args.steps, seed))
+                print(f"  nanoGPT   seed {seed} run {i + 1}: {json.dumps(results['nanoGPT', seed][-1])}", flush=True)
 
-    print("\n| trainer | final val loss | ms/iteration | tokens/s | wall s | CPU share |")
-    print("|---|---|---|---|---|---|")
-    for name, runs in results.items():
-        if runs:
-            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    print(
+        "\n| trainer | seed | final val loss (whole split) | 200 random batches | ms/iteration | tokens/s "
+        "| wall s | CPU share |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name in trainers:
+        medians = []
+        for seed in seeds:
+            runs = results[name, seed]
+            medians.append({k: statistics.median(r[k] for r in runs) for k in runs[0]})
+        rows = list(zip(map(str, seeds), medians))
+        if len(seeds) > 1:
+            rows.append(("mean", {k: statistics.fmean(m[k] for m in medians) for k in medians[0]}))
+        for label, m in rows:
             print(
-                f"| {name} | {med['val_loss']:.4f} | {med['ms_per_iter']:.1f} | {med['tok_s']:,.0f} "
-                f"| {med['wall_s']:.0f} | {med['cpu_share']:.0%} |"
+                f"| {name} | {label} | {m['val_loss']:.4f} | {m['val_loss_200']:.4f} | {m['ms_per_iter']:.1f} "
+                f"| {m['tok_s']:,.0f} | {m['wall_s']:.0f} | {m['cpu_share']:.0%} |"
             )
 
 

@@ -67,7 +67,20 @@ class TrainConfig(_Section):
     beta2: float = Field(0.99, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping.")
     eval_every: int = Field(250, ge=1)
-    eval_batches: int = Field(20, ge=1)
+    eval_batches: int = Field(
+        20,
+        ge=1,
+        description="Evaluation reads at most this many batches of the validation split's "
+        "non-overlapping blocks: the whole split (an exact loss) when they cover it, else a fixed subset.",
+    )
+    ema: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Decay of an exponential moving average of the weights, updated every optimizer "
+        "step (the plain mean of the steps so far until 1 / (1 - ema) of them); evaluation, samples "
+        "and model.safetensors use the average. 0 = off.",
+    )
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     sample_every: int = Field(500, ge=1)

@@ -277,12 +277,17 @@ def _restore(recipe: Recipe, prepared, checkpoint: Path | None, device: torch.de
         if state.get("qat_attached"):
             qat = quant.attach(model, recipe.quant)
             qat.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("qat/")})
-    return model, optimizer, param_names, state, qat
+    ema = None
+    if recipe.train.ema:
+        params = dict(model.named_parameters())
+        start = {n: tensors.get(f"ema/{n}", params[n].detach()) for n in param_names}
+        ema = [start[n].to(device).clone() for n in param_names]  # the optimizer's order
+    return model, optimizer, param_names, state, qat, ema
 
 
 def _loop(run_dir: Path, recipe: Recipe, prepared, checkpoint: Path | None, device: torch.device) -> Path:
     cfg, B, T = recipe.train, recipe.train.batch_size, recipe.model.block_size
-    model, optimizer, param_names, state, qat = _restore(recipe, prepared, checkpoint, device)
+    model, optimizer, param_names, state, qat, ema = _restore(recipe, prepared, checkpoint, device)
     forward = _compiled(model) if cfg.compile else model
     autocast = _autocast(cfg, device)
 
@@ -327,6 +332,8 @@ def _loop(run_dir: Path, recipe: Recipe, prepared, checkpoint: Path | None, devi
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                if ema is not None:
+                    _update_ema(ema, optimizer, cfg.ema, step)
                 steps_since_log += 1
                 train_seconds += time.perf_counter() - t0
                 bar.update(1)
@@ -340,23 +347,25 @@ def _loop(run_dir: Path, recipe: Recipe, prepared, checkpoint: Path | None, devi
                     loss_sum.zero_()
                     steps_since_log, train_seconds = 0, 0.0
                 if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                    val_loss = _evaluate(model, prepared.val, recipe, device)
+                    with _averaged(optimizer, ema):
+                        val_loss = _evaluate(model, prepared.val, recipe, device)
                     log.event("eval", step, loss=val_loss)
                     state["last_val_loss"] = val_loss
                     if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
                         state["best_val_loss"] = val_loss
                     bar.write(f"step {step}: val loss {val_loss:.4f}", file=sys.stderr)
                 if step % cfg.sample_every == 0:
-                    log.sample(step, _sample_text(model, prepared, recipe, step, device))
+                    with _averaged(optimizer, ema):
+                        log.sample(step, _sample_text(model, prepared, recipe, step, device))
                 if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop.set:
-                    _checkpoint(run_dir, step, model, optimizer, param_names, state, qat, recipe, device)
+                    _checkpoint(run_dir, step, model, optimizer, param_names, state, qat, ema, recipe, device)
                     saved = step
     finally:
         bar.close()
         log.close()
     if stop.set and step < cfg.max_steps:
         if saved != step:
-            _checkpoint(run_dir, step, model, optimizer, param_names, state, qat, recipe, device)
+            _checkpoint(run_dir, step, model, optimizer, param_names, state, qat, ema, recipe, device)
         raise UserError(
             f"interrupted at step {step}; checkpoint saved. Continue with: edgecraft train --resume {run_dir}",
             exit_code=INTERRUPTED,
@@ -364,8 +373,38 @@ def _loop(run_dir: Path, recipe: Recipe, prepared, checkpoint: Path | None, devi
     if qat is not None:  # the exporter reads the observed ranges from here
         quant.save_state(qat, run_dir / "quant.safetensors")
         qat.detach()
-    save_model(model, run_dir / "model.safetensors")
+    with _averaged(optimizer, ema):
+        save_model(model, run_dir / "model.safetensors")
     return run_dir
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+@torch.no_grad()
+def _update_ema(ema: list[torch.Tensor], optimizer: torch.optim.Optimizer, decay: float, step: int) -> None:
+    """ema <- d * ema + (1 - d) * weights after optimizer step `step` (1-based), d = min(decay,
+    1 - 1/step): the plain mean of all steps so far until the average's window is full, so the
+    initial weights never linger in it."""
+    torch._foreach_lerp_(ema, _params(optimizer), 1.0 - min(decay, 1.0 - 1.0 / step))
+
+
+@contextlib.contextmanager
+def _averaged(optimizer: torch.optim.Optimizer, ema: list[torch.Tensor] | None) -> Iterator[None]:
+    """The model holds the averaged weights inside the block and its training weights again after."""
+    if ema is None:
+        yield
+        return
+    params = _params(optimizer)
+    with torch.no_grad():
+        trained = [p.clone() for p in params]
+        torch._foreach_copy_(params, ema)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(params, trained)
 
 
 def _optimizer(model: GPT, cfg: TrainConfig) -> tuple[torch.optim.AdamW, list[str]]:
@@ -430,7 +469,7 @@ def _sample_text(model: GPT, prepared, recipe: Recipe, step: int, device: torch.
     return prepared.tokenizer.decode(out[0].tolist())
 
 
-def _checkpoint(run_dir, step, model, optimizer, param_names, state, qat, recipe, device) -> Path:
+def _checkpoint(run_dir, step, model, optimizer, param_names, state, qat, ema, recipe, device) -> Path:
     cfg = recipe.train
     state = {
         **state,
@@ -444,6 +483,8 @@ def _checkpoint(run_dir, step, model, optimizer, param_names, state, qat, recipe
         tensors["rng/torch_cuda"] = torch.cuda.get_rng_state(device)
     if qat is not None:
         tensors.update({f"qat/{k}": v for k, v in qat.state_dict().items()})
+    if ema is not None:  # the checkpoint's model.safetensors keeps the training weights
+        tensors.update({f"ema/{name}": e for name, e in zip(param_names, ema)})
     return save_checkpoint(
         run_dir / "checkpoints", step, model, optimizer, param_names, state, tensors, cfg.keep_checkpoints
     )

@@ -145,6 +145,34 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
     assert _tb_scalars(run, "train/loss")[0] == [5, 10, 15, 20]
 
 
+def test_ema_run_saves_the_average_and_resumes_bit_identical(tmp_path):
+    """train.ema: model.safetensors is the average (not the checkpoint's training weights), its
+    loss is the logged one, and a resume restores the average exactly."""
+    from edgecraft import data
+    from edgecraft.checkpoint import load_model
+
+    recipe = load_recipe(write_tiny_recipe(tmp_path), ["train.ema=0.9", "train.max_steps=20", "train.eval_batches=1000"])
+    run = train_recipe(recipe, runs_dir=tmp_path / "runs")
+    final = _weights(run / "model.safetensors")
+    trained = _weights(run / "checkpoints" / "step-000020" / "model.safetensors")
+    assert final.keys() == trained.keys()
+    assert not torch.equal(final["blocks.0.mlp.fc.weight"], trained["blocks.0.mlp.fc.weight"])
+    ema = load_file(str(run / "checkpoints" / "step-000020" / "state.safetensors"))
+    assert torch.equal(ema["ema/blocks.0.mlp.fc.weight"], final["blocks.0.mlp.fc.weight"])
+    val = torch.from_numpy(data.prepare(recipe.data, 16).val.astype("int64"))
+    n = (len(val) - 1) // 16
+    with torch.no_grad():
+        _, loss, _ = load_model(run / "model.safetensors").eval()(val[: n * 16].view(n, 16), val[1 : n * 16 + 1].view(n, 16))
+    assert _events(run, "eval")[-1]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+
+    (run / "model.safetensors").unlink()
+    shutil.rmtree(run / "checkpoints" / "step-000020")
+    time.sleep(1.1)  # TensorBoard event files sort by their start second (see the test above)
+    resume_run(run)
+    resumed = _weights(run / "model.safetensors")
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
+
+
 def test_existing_run_directory_needs_force(tmp_path, trained_run):
     recipe = load_recipe(write_tiny_recipe(tmp_path), ["train.max_steps=2"])
     runs = tmp_path / "runs"
