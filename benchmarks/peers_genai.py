@@ -487,8 +487,8 @@ def markdown(report: dict) -> str:
         out.append(f"| {c['what']} | {fmt(c['ratio'])} | {fmt(c['paired'])} | {fmt(c['by_cpu_time'])} |")
     target = next((c for c in report["ratios"] if c["what"].startswith("edgecraft fp32 ÷ genai fp32, batch-1 decode, 1 ")), None)
     if target is not None:
-        out += ["", f"Issue target, edgecraft fp32 >= genai fp32 (batch-1 decode, 1 thread): {target['ratio']:.2f}× "
-                    f"(paired {target['paired']:.2f}×, by CPU time {target['by_cpu_time']:.2f}×): "
+        out += ["", f"Issue target, edgecraft fp32 >= genai fp32 (batch-1 decode, 1 thread): {target['ratio']:.3f}× "
+                    f"(paired {target['paired']:.3f}×, by CPU time {target['by_cpu_time']:.3f}×): "
                     f"{'met' if target['ratio'] >= 1 else 'MISSED'}."]
     out += [f"\nNote: {n}" for n in report["notes"]]
     return "\n".join(out) + "\n"
