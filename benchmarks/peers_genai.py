@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -549,6 +550,7 @@ def main() -> None:
     if args.render:
         report = json.loads(args.render.read_text())
         report["ratios"] = ratios(report["lines"])
+        report["notes"] += [n for n in args.note if n not in report["notes"]]
         write_report(report, args.out)
         return
 
@@ -581,7 +583,7 @@ def main() -> None:
         "model": f"d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}, context "
                  f"{cfg.block_size}, vocab {cfg.vocab_size}, {cfg.norm}/{cfg.pos}/{cfg.mlp}",
         "run_note": f"Weights: {recipe_note}.",
-        "command": "python benchmarks/peers_genai.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/peers_genai.py " + shlex.join(sys.argv[1:]),
         "settings": {"prompt_len": args.prompt_len, "gen_prompt_len": gen_len, "new_tokens": args.new_tokens,
                      "runs": args.runs, "warmup": args.warmup, "rounds": args.rounds,
                      "warmup_rounds": args.warmup_rounds, "threads": threads, "batches": batches, "rows": rows},
