@@ -319,14 +319,15 @@ def interleaved(corpus: Path, threads: int, iters: int, block: int = 25) -> dict
     both alike. Reports the median wall and CPU milliseconds per iteration of each.
 
     edgecraft's side makes the calls edgecraft.train makes each step (lr_at, data.get_batch, the
-    fused AdamW from train._optimizer, clip, step); no logging, eval or checkpoints on either side.
+    fused AdamW from train._optimizer, clip, step, the recipe's weight average); no logging, eval
+    or checkpoints on either side.
     """
     import torch
 
     from edgecraft import data
     from edgecraft.model import GPT, GPTConfig
     from edgecraft.recipe import load_recipe
-    from edgecraft.train import _optimizer, _to_device, lr_at
+    from edgecraft.train import _optimizer, _to_device, _update_ema, lr_at
 
     n_model, n_opt, get_batch, get_lr, *_ = _nanogpt_parts(corpus, threads, iters)
     with tempfile.TemporaryDirectory() as tmp:
@@ -336,6 +337,7 @@ def interleaved(corpus: Path, threads: int, iters: int, block: int = 25) -> dict
     torch.manual_seed(recipe.seed)
     e_model = GPT(GPTConfig(vocab_size=prepared.vocab_size, **recipe.model.model_dump())).train()
     e_opt, _ = _optimizer(e_model, cfg)
+    e_ema = [p.detach().clone() for group in e_opt.param_groups for p in group["params"]] if cfg.ema else None
     cpu = torch.device("cpu")
 
     def edgecraft_step(step: int) -> None:
@@ -347,6 +349,8 @@ def interleaved(corpus: Path, threads: int, iters: int, block: int = 25) -> dict
         torch.nn.utils.clip_grad_norm_(e_model.parameters(), cfg.grad_clip)
         e_opt.step()
         e_opt.zero_grad(set_to_none=True)
+        if e_ema is not None:
+            _update_ema(e_ema, e_opt, cfg.ema, step + 1)
 
     def nanogpt_step(it: int) -> None:
         for group in n_opt.param_groups:

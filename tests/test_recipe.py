@@ -29,8 +29,9 @@ def _train(tmp_path: Path, *args: str):
         ("max_steps = 30", "max_steps = -3", "train.max_steps"),
         ('source = "', 'source = "/nonexistent/corpus.txt" #', "data.source"),
         ("block_size = 16", "block_size = 20000", "data.source"),
+        ("max_steps = 30", "max_steps = 30\nema = 1.0", "train.ema"),
     ],
-    ids=["unknown-key", "wrong-type", "heads", "negative-steps", "missing-corpus", "block-too-long"],
+    ids=["unknown-key", "wrong-type", "heads", "negative-steps", "missing-corpus", "block-too-long", "ema-of-1"],
 )
 def test_recipe_mistakes_are_one_line_exit_2_nothing_written(tmp_path, old, new, key):
     recipe = write_tiny_recipe(tmp_path)
