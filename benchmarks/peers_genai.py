@@ -12,16 +12,18 @@ corpus).
 Steps:
 1. edgecraft side (this Python): the run is exported to a bundle (model.onnx, and model.int8.onnx).
 2. genai side (--genai-python, an environment with onnxruntime-genai, transformers 5.x, onnx,
-   onnx-ir, torch; it does not share one with edgecraft's transformers 4.x peers; see SETUP
-   below for the commands that made it): the run's weights
-   become a Hugging Face LlamaForCausalLM directory (rotary in the half-split "rotate_half" form that
-   both use, RMSNorm eps 1e-5, tied embeddings, the run's vocabulary; q/k/v are the rows of
-   edgecraft's fused qkv matrix); its logits are checked against edgecraft's PyTorch model; then
-   onnxruntime-genai's model builder (`python -m onnxruntime_genai.models.builder -i HF -o OUT -p
-   fp32 -e cpu`, and `-p int4`) writes its fused graph; genai_config.json gets the thread count in
-   session_options (one copy of the model folder per thread count) and an empty list of
-   end-of-sequence ids, so every row generates exactly the requested tokens. The genai graph's
-   prompt logits are checked against edgecraft's too.
+   onnx-ir, torch; it does not share one with edgecraft's transformers 4.x peers; SETUP below
+   has the commands that made it): the run's weights become a Hugging Face LlamaForCausalLM
+   directory (rotary in the half-split "rotate_half" form that both use, RMSNorm eps 1e-5, tied
+   embeddings, the run's vocabulary; q/k/v are the rows of edgecraft's fused qkv matrix); its
+   logits are checked against edgecraft's PyTorch model; then onnxruntime-genai's model builder
+   (`python -m onnxruntime_genai.models.builder -i HF -o OUT -p fp32 -e cpu`, and `-p int4`)
+   writes its fused graph; genai_config.json gets the thread count in session_options (one copy
+   of the model folder per thread count), an empty list of end-of-sequence ids (so every row
+   generates exactly the requested tokens; genai rejects ids outside the vocabulary) and the
+   tokenizer's unknown-token id as pad_token_id (genai masks a batch's prompt tokens equal to it;
+   the builder's 0 is the character tokenizer's newline). The genai graph's prompt logits are
+   checked against edgecraft's too.
 3. Rounds: every (row, threads) runs in a fresh worker process of its own Python, rows alternating
    within a round, rounds repeated so background load hits every row alike; the first round is a
    warm-up and is dropped; figures are medians over the measured rounds of each worker's median.
