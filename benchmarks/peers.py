@@ -69,11 +69,12 @@ def merge(rounds: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------- the comparison (main python)
 
 
-def _child(python: str, args: list[str], payload: dict | None = None) -> dict:
-    """Run this script in `python` (a fresh process), return the JSON on its last stdout line."""
+def child(python: str, args: list[str], payload: dict | None = None, script: str = __file__) -> dict:
+    """Run `script` (this one by default) in `python`, a fresh process; the JSON on its last stdout
+    line. benchmarks/peers_genai.py uses it too."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
-        [python, __file__, *args], input=json.dumps(payload or {}), capture_output=True, text=True, env=env,
+        [python, script, *args], input=json.dumps(payload or {}), capture_output=True, text=True, env=env,
     )
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
@@ -81,8 +82,16 @@ def _child(python: str, args: list[str], payload: dict | None = None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _edgecraft(*args: str) -> None:
+def edgecraft_cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "edgecraft.cli", *args], check=True)
+
+
+def export_bundle(run: Path, bundle: Path) -> None:
+    """`edgecraft export RUN --int8`, or fp32 alone when the int8 quality gate refuses."""
+    if subprocess.run([sys.executable, "-m", "edgecraft.cli", "export", str(run), "--int8", "--out", str(bundle),
+                       "--force"]).returncode != 0:
+        print("int8 export failed (above); measuring fp32 only", file=sys.stderr)
+        edgecraft_cli("export", str(run), "--out", str(bundle), "--force")
 
 
 def ensure_run_and_bundle(args) -> tuple[Path, Path]:
@@ -92,16 +101,13 @@ def ensure_run_and_bundle(args) -> tuple[Path, Path]:
     if run is None:
         if args.corpus is None:
             raise SystemExit("give --run RUN_DIR, or --corpus FILE to train recipes/char-1m.toml briefly")
-        _edgecraft("train", str(REPO / "recipes" / "char-1m.toml"), "--set", f"data.source={args.corpus}",
+        edgecraft_cli("train", str(REPO / "recipes" / "char-1m.toml"), "--set", f"data.source={args.corpus}",
                    "--set", f"train.max_steps={args.steps}", "--runs-dir", str(args.work / "runs"), "--force")
         run = args.work / "runs" / "char-1m"
     bundle = args.bundle
     if bundle is None:
         bundle = args.work / "bundle"
-        if subprocess.run([sys.executable, "-m", "edgecraft.cli", "export", str(run), "--int8", "--out", str(bundle),
-                           "--force"]).returncode != 0:
-            print("int8 export failed (above); measuring fp32 only", file=sys.stderr)
-            _edgecraft("export", str(run), "--out", str(bundle), "--force")
+        export_bundle(run, bundle)
     return run, bundle
 
 
@@ -118,7 +124,7 @@ def prompts(run: Path, batch: int, length: int) -> list[list[int]]:
     return np.array(ids[: batch * length]).reshape(batch, length).tolist()
 
 
-def _agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
     """How far two rows' greedy tokens agree: identical sequences, and the shortest common prefix."""
     prefixes = []
     for x, y in zip(a, b):
@@ -137,7 +143,7 @@ def compare(results: list[dict]) -> list[dict]:
                 "row": r["row"], "threads": r["threads"], "batch": int(batch),
                 "ttft_ms": v["ttft_ms"], "tok_s": v["tok_s"], "tok_per_cpu_s": v["tok_per_cpu_s"],
                 "edgecraft_fp32_speedup": ref["tok_s"]["median"] / v["tok_s"]["median"],
-                "greedy_vs_edgecraft_fp32": _agreement(v["tokens"], ref["tokens"]),
+                "greedy_vs_edgecraft_fp32": agreement(v["tokens"], ref["tokens"]),
             })
     return sorted(lines, key=lambda x: (x["batch"], x["threads"], ORDER.index(x["row"])))
 
@@ -270,13 +276,13 @@ def main() -> None:
     gen_prompt_len = min(args.prompt_len, cfg.block_size - args.new_tokens)
     all_prompts = prompts(run, max(batches), args.prompt_len)
     if any(r in PEERS for r in rows):
-        check = _child(args.peer_python, ["--prepare", str(run), str(args.work / "peers")], {"probe": all_prompts[0]})
+        check = child(args.peer_python, ["--prepare", str(run), str(args.work / "peers")], {"probe": all_prompts[0]})
         print(f"peers prepared: GPT-2 vs edgecraft max |logit diff| {check['max_abs_logit_diff_gpt2_vs_edgecraft']:.2e}", file=sys.stderr)
     header = {
         "format": "edgecraft-peers/1",
         "machine": system_info(),
         "load_before": os.getloadavg(),
-        "peer_libraries": _child(args.peer_python, ["--versions"]),
+        "peer_libraries": child(args.peer_python, ["--versions"]),
         "model": f"{run.name}: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}, "
                  f"context {cfg.block_size}, vocab {cfg.vocab_size}",
         "settings": {"prompt_len": args.prompt_len, "gen_prompt_len": gen_prompt_len, "new_tokens": args.new_tokens,
@@ -298,7 +304,7 @@ def main() -> None:
                 }
                 print(f"round {k + 1}/{args.rounds}: {row} at {t} thread(s) ...", file=sys.stderr, flush=True)
                 python = sys.executable if row.startswith("edgecraft") else args.peer_python
-                rounds.append(_child(python, ["--row"], spec))
+                rounds.append(child(python, ["--row"], spec))
         results = merge(rounds)
         lines = compare(results)
         report = {

@@ -58,6 +58,8 @@ from pathlib import Path
 
 import numpy as np
 
+from peers import agreement, child, edgecraft_cli, export_bundle, prompts  # shared with peers.py
+
 SETUP = (
     "python -m venv /work/genai-venv && /work/genai-venv/bin/pip install torch==2.13.0 && "
     "/work/genai-venv/bin/pip install torch==2.13.0 onnxruntime-genai 'transformers>=5,<6' onnx onnx-ir numpy "
@@ -347,21 +349,6 @@ def _timed(fn, *args) -> float:
 # ---------------------------------------------------------------- the comparison (edgecraft's Python)
 
 
-def _child(python: str, args: list[str], payload: dict | None = None) -> dict:
-    """Run this script in `python` (a fresh process); the JSON on its last stdout line."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([python, __file__, *args], input=json.dumps(payload or {}), capture_output=True,
-                          text=True, env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{' '.join(args[:1])} failed in {python} (exit {proc.returncode})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "edgecraft.cli", *args], check=True)
-
-
 def ensure_run_and_bundle(args) -> tuple[Path, Path]:
     run = args.run
     if run is None:
@@ -370,35 +357,14 @@ def ensure_run_and_bundle(args) -> tuple[Path, Path]:
                 "--set", f"train.checkpoint_every={args.steps}", "--set", f"train.sample_every={10 * args.steps}"]
         if args.corpus is not None:
             sets += ["--set", f"data.source={args.corpus}"]
-        _cli("train", str(REPO / "recipes" / "char-1m-llama.toml"), *sets, "--runs-dir", str(args.work / "runs"),
+        edgecraft_cli("train", str(REPO / "recipes" / "char-1m-llama.toml"), *sets, "--runs-dir", str(args.work / "runs"),
              "--force")
         run = args.work / "runs" / "char-1m-llama"
     bundle = args.bundle
     if bundle is None:
         bundle = args.work / "bundle"
-        if subprocess.run([sys.executable, "-m", "edgecraft.cli", "export", str(run), "--int8", "--out", str(bundle),
-                           "--force"]).returncode != 0:
-            print("int8 export failed (above); measuring fp32 only", file=sys.stderr)
-            _cli("export", str(run), "--out", str(bundle), "--force")
+        export_bundle(run, bundle)
     return run, bundle
-
-
-def prompts(run: Path, batch: int, length: int) -> list[list[int]]:
-    """`batch` prompts of `length` tokens: consecutive slices of the run's validation text."""
-    from tokenizers import Tokenizer
-
-    from edgecraft.bench import validation_text
-
-    text = validation_text(run, batch * length * 4)[0] or ""
-    ids = Tokenizer.from_file(str(run / "tokenizer.json")).encode(text).ids
-    if len(ids) < batch * length:
-        raise SystemExit(f"{run}: validation split too short for {batch} prompts of {length} tokens")
-    return np.array(ids[: batch * length]).reshape(batch, length).tolist()
-
-
-def _agreement(a: list[list[int]], b: list[list[int]]) -> dict:
-    prefixes = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), len(x)) for x, y in zip(a, b)]
-    return {"identical": sum(p == len(x) for p, x in zip(prefixes, a)), "of": len(a), "min_prefix": min(prefixes)}
 
 
 def summarize(rounds: list[dict], warmup_rounds: int) -> list[dict]:
@@ -422,7 +388,7 @@ def summarize(rounds: list[dict], warmup_rounds: int) -> list[dict]:
                 "decode_tok_per_cpu_s": statistics.median(v["decode_tok_per_cpu_s"] for v in vals),
                 "total_tok_s": statistics.median(v["total_tok_s"] for v in vals),
                 "cpu_over_wall": statistics.median(v["cpu_over_wall"] for v in vals),
-                "greedy_vs_edgecraft_fp32": _agreement(vals[-1]["tokens"], ref[t]["batches"][b]["tokens"]),
+                "greedy_vs_edgecraft_fp32": agreement(vals[-1]["tokens"], ref[t]["batches"][b]["tokens"]),
                 "tokens_first_seq": vals[-1]["tokens"][0],
             }
         lines.append(line)
@@ -573,15 +539,16 @@ def main() -> None:
     gen_len = min(args.prompt_len, cfg.block_size - args.new_tokens)
     all_prompts = prompts(run, max(batches), args.prompt_len)
     print("preparing the genai models ...", file=sys.stderr, flush=True)
-    prep = _child(args.genai_python, ["--prepare"], {"run": str(run), "work": str(args.work / "genai"),
-                                                      "probe": all_prompts[0], "threads": threads, "kinds": kinds})
+    prep = child(args.genai_python, ["--prepare"], {"run": str(run), "work": str(args.work / "genai"),
+                                                    "probe": all_prompts[0], "threads": threads, "kinds": kinds},
+                 script=__file__)
     print(json.dumps({k: v for k, v in prep.items() if k != "builder"}), file=sys.stderr)
     dirs = {f"genai-{k}": {str(t): str(genai_dir(args.work / "genai", k, t)) for t in threads} for k in kinds}
     recipe_note = (f"{run}" if args.run else f"recipes/char-1m-llama.toml trained {args.steps} steps at batch "
                    f"{args.batch_size} on {args.corpus or 'the built-in corpus'}")
     header = {
         "format": "edgecraft-peers-genai/1", "machine": system_info(), "load_before": os.getloadavg(),
-        "genai_libraries": _child(args.genai_python, ["--versions"]),
+        "genai_libraries": child(args.genai_python, ["--versions"], script=__file__),
         "model": f"d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}, context "
                  f"{cfg.block_size}, vocab {cfg.vocab_size}, {cfg.norm}/{cfg.pos}/{cfg.mlp}",
         "run_note": f"Weights: {recipe_note}.",
@@ -603,7 +570,7 @@ def main() -> None:
                         "prompts": all_prompts, "prompt_len": args.prompt_len, "gen_prompt_len": gen_len,
                         "new_tokens": args.new_tokens, "runs": args.runs, "warmup": args.warmup}
                 python = sys.executable if row.startswith("edgecraft") else args.genai_python
-                r = _child(python, ["--row"], spec)
+                r = child(python, ["--row"], spec, script=__file__)
                 print(f"round {k + 1}/{total} {row} t{t}: b1 {r['batches']['1']['decode_tok_s']:,.0f} tok/s, "
                       f"ttft {r['ttft_ms']:.2f} ms, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
                 rounds.append((k, r))
