@@ -182,12 +182,14 @@ class Engine:
         lengths = self.lengths
         if len(ids) != len(lengths):
             raise ValueError(f"decode got {len(ids)} token ids for a batch of {len(lengths)}")
-        if lengths.max() >= self.block_size:
+        longest = lengths.max()
+        if longest >= self.block_size:
             raise ValueError(f"a sequence already holds block_size {self.block_size} positions")
         self._step_ids[:, 0] = ids
-        self._step_pos[:, 0] = lengths
+        if self._has_positions:
+            self._step_pos[:, 0] = lengths
         self._seqlens[:] = lengths
-        self._total[...] = lengths.max() + 1
+        self._total[...] = longest + 1
         self.session.run_with_iobinding(self._step_binding)
         lengths += 1
         return self._step_logits[:, 0]
