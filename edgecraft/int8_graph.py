@@ -39,10 +39,10 @@ class Int8Plan:
 
 def _graph_layer(init_name: str) -> str | None:
     """The quant layer name a graph initializer belongs to ('blocks.0.attn.qkv.weight.T' ->
-    'blocks.0.attn.qkv'; the fused SwiGLU 'gate_up' stands for gate and up)."""
+    'blocks.0.attn.qkv')."""
     if not init_name.endswith(".weight.T"):
         return None
-    return init_name.removesuffix(".weight.T").replace(".mlp.gate_up", ".mlp.gate")
+    return init_name.removesuffix(".weight.T")
 
 
 def _dequantized_tables(weights: dict[str, np.ndarray], layers: frozenset[str]) -> dict[str, np.ndarray]:

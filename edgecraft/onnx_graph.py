@@ -8,7 +8,8 @@ operators, 11 nodes per GPT-2-style layer (71 for char-1m):
 
     residual Sum (+ the previous projection's bias) + norm -> MatMul qkv (+ Add bias)
     -> GroupQueryAttention (packed QKV, KV cache shared between past and present, rotary inside)
-    -> MatMul out-proj -> Sum + norm -> MatMul fc -> BiasGelu (or SiLU-gated for SwiGLU) -> MatMul
+    -> MatMul out-proj -> Sum + norm -> MatMul fc -> BiasGelu -> MatMul
+    (SwiGLU: MatMul gate, MatMul up -> QuickGelu(gate) * up -> MatMul)
 
 The KV cache is a preallocated buffer per layer, (batch, n_heads, block_size, head_size), bound
 as both `past_key_values.i.*` and `present.i.*`; the caller says where each sequence stands with
@@ -167,12 +168,10 @@ def build_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], opset: int = 17)
         y = linear(attn, f"{p}.attn.proj", w[f"{p}.attn.proj.weight"])
         h, res = add_norm(y, res, f"{p}.norm2", bias(f"{p}.attn.proj.bias"), with_sum=True)
         if cfg.mlp == "swiglu":
-            gate_up = np.concatenate([w[f"{p}.mlp.gate.weight"], w[f"{p}.mlp.up.weight"]])  # (2F, D)
-            if cfg.bias:
-                w[f"{p}.mlp.gate_up.bias"] = np.concatenate([w[f"{p}.mlp.gate.bias"], w[f"{p}.mlp.up.bias"]])
-            gu = linear(h, f"{p}.mlp.gate_up", gate_up, bias(f"{p}.mlp.gate_up.bias"))  # (B, S, 2F)
-            split = g.const(f"{p}.mlp.split", np.array([cfg.d_ff, cfg.d_ff], dtype=np.int64))
-            gate, up = g.op("Split", [gu, split], [f"{p}/gate", f"{p}/up"], f"{p}.mlp.split", axis=-1)
+            # two MatMuls rather than one over concatenated weights + Split (onnxruntime-genai's
+            # layout): the same bytes streamed, one node kind fewer, speed within noise (0-3 µs)
+            gate = linear(h, f"{p}.mlp.gate", w[f"{p}.mlp.gate.weight"], bias(f"{p}.mlp.gate.bias"))  # (B, S, F)
+            up = linear(h, f"{p}.mlp.up", w[f"{p}.mlp.up.weight"], bias(f"{p}.mlp.up.bias"))  # (B, S, F)
             silu = g.op("QuickGelu", [gate], [f"{p}/silu"], f"{p}.mlp.silu", MS, alpha=1.0)[0]
             f = g.op("Mul", [silu, up], [f"{p}/swiglu"], f"{p}.mlp.mul")[0]  # (B, S, F)
         else:
