@@ -105,6 +105,7 @@ class Engine:
         self._seqlens = np.zeros(B, dtype=np.int32)  # (B,) tokens cached after the step, minus 1
         self._total = np.zeros((), dtype=np.int32)  # () longest sequence after the step
         self._step_logits = np.zeros((B, 1, self.vocab_size), dtype=np.float32)  # (B, 1, V)
+        self._step_out = self._step_logits[:, 0]  # (B, V) the view decode() returns
         self._step_binding = self._binding(
             self._step_ids, self._step_pos, self._seqlens, self._total, self._step_logits, self._kv
         )
@@ -178,18 +179,38 @@ class Engine:
         """One new token per sequence, ids (B,) -> logits (B, V).
 
         The returned array is a view of a buffer that the next `decode` call overwrites.
+
+        A run streams megabytes of weights through the caches, so the numpy code around it runs
+        cold: the vectorised bookkeeping below cost ~14 µs per step at batch 1 (2 µs warm). Batch 1
+        therefore takes scalar reads and writes, which touch far less of numpy (~2 µs), and
+        nothing but the return follows the run.
         """
         lengths = self.lengths
         if len(ids) != len(lengths):
             raise ValueError(f"decode got {len(ids)} token ids for a batch of {len(lengths)}")
-        longest = lengths.max()
-        if longest >= self.block_size:
-            raise ValueError(f"a sequence already holds block_size {self.block_size} positions")
-        self._step_ids[:, 0] = ids
-        if self._has_positions:
-            self._step_pos[:, 0] = lengths
-        self._seqlens[:] = lengths
-        self._total[...] = longest + 1
-        self.session.run_with_iobinding(self._step_binding)
-        lengths += 1
-        return self._step_logits[:, 0]
+        if len(lengths) == 1:
+            n = lengths.item()
+            if n >= self.block_size:
+                raise ValueError(f"a sequence already holds block_size {self.block_size} positions")
+            self._step_ids[0, 0] = ids[0]
+            if self._has_positions:
+                self._step_pos[0, 0] = n
+            self._seqlens[0] = n
+            self._total[()] = n + 1
+            lengths[0] = n + 1
+        else:
+            longest = lengths.max()
+            if longest >= self.block_size:
+                raise ValueError(f"a sequence already holds block_size {self.block_size} positions")
+            self._step_ids[:, 0] = ids
+            if self._has_positions:
+                self._step_pos[:, 0] = lengths
+            self._seqlens[:] = lengths
+            self._total[...] = longest + 1
+            lengths += 1
+        try:
+            self.session.run_with_iobinding(self._step_binding)
+        except Exception:
+            lengths -= 1
+            raise
+        return self._step_out

@@ -106,7 +106,8 @@ class Model:
         rng = random.Random(seed)
         rows = [p[-block:] for p in prompts]
         logits = self._prefill(rows)  # (B, V)
-        generated = np.empty((B, max_new_tokens), dtype=np.int64)  # (B, N)
+        longest = max(len(r) for r in rows)  # the fullest row's cache; a plain int, see below
+        history: list[np.ndarray] = []  # each step's tokens (B,)
         seen = None
         if params.repetition_penalty != 1.0:
             seen = np.zeros((B, self.vocab_size), dtype=bool)  # (B, V)
@@ -114,18 +115,23 @@ class Model:
                 seen[b, p] = True
         fast = params.greedy and seen is None
         batch = np.arange(B)
+        # Per step, numpy runs cold after the graph (Engine.decode's docstring): the loop keeps to
+        # plain ints and list appends and touches the arrays only when a window is full.
         for step in range(max_new_tokens):
             tokens = logits.argmax(axis=-1) if fast else sample(logits, rng, params, seen)  # (B,)
-            generated[:, step] = tokens
+            history.append(tokens)
             if seen is not None:
                 seen[batch, tokens] = True
             yield tokens
             if step + 1 == max_new_tokens:
                 return
-            full = np.flatnonzero(self.engine.lengths == block)
-            if len(full):  # these rows keep their last `keep` tokens; the decode adds the newest
-                self._refill(full, [(prompts[b] + generated[b, : step + 1].tolist())[-keep:-1] for b in full])
+            if longest == block:  # these rows keep their last `keep` tokens; the decode adds the newest
+                full = np.flatnonzero(self.engine.lengths == block)
+                generated = np.stack(history, axis=1)  # (B, step + 1)
+                self._refill(full, [(prompts[b] + generated[b].tolist())[-keep:-1] for b in full])
+                longest = int(self.engine.lengths.max())
             logits = self.engine.decode(tokens)  # (B, V)
+            longest += 1
 
     def _refill(self, rows: np.ndarray, contexts: list[list[int]]) -> None:
         """Empty the caches of `rows` (indices into the batch) and fill them with `contexts`; the
