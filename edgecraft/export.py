@@ -293,6 +293,7 @@ def _manifest(model: GPT, tokenizer: Tokenizer, recipe: Recipe, graph: onnx.Mode
             ),
             "execution_provider": "CPUExecutionProvider",
             "graph_optimization_level": "ORT_ENABLE_BASIC (the graph is already fused)",
+            "session_config": {"session.set_denormal_as_zero": "1"},
             "onnxruntime": ort.__version__,
         },
         "checks": checks,

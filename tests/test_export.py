@@ -112,7 +112,10 @@ def test_onnxruntime_alone_drives_the_graph_from_the_manifest(bundle):
     manifest = json.loads((path / "edgecraft.json").read_text())
     spec = manifest["onnx"]
     assert spec["files"] == ["model.onnx"]
-    session = ort.InferenceSession(str(path / spec["files"][0]), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    for key, value in manifest["runtime"]["session_config"].items():
+        options.add_session_config_entry(key, value)
+    session = ort.InferenceSession(str(path / spec["files"][0]), options, providers=["CPUExecutionProvider"])
     dtypes = {s["name"]: np.dtype(s["dtype"]) for s in spec["inputs"]}
     cache = spec["kv_cache"]
     B = 2
