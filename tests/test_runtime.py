@@ -1,5 +1,6 @@
 """The embeddable runtime: text streaming, stop strings, bundles, generation over a real exported model."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -364,11 +365,20 @@ except SystemExit as e:
 from edgecraft.runtime import load
 load({str(tiny[0])!r}).generate_batch(["a", "b"], max_new_tokens=5)
 assert "torch" not in sys.modules, "torch was imported"
+# the generate process's 80 MB budget: OpenSSL's libcrypto and numpy.random stay out too
+assert "_hashlib" not in sys.modules and "numpy.random" not in sys.modules, "a heavy module was imported"
 print("\\nok")
 """
     result = run_python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("hello") and result.stdout.endswith("ok\n")
+
+
+def test_manifest_hashes_are_plain_sha256(tiny):
+    """The built-in SHA-256 the runtime uses gives what hashlib (and sha256sum) give."""
+    manifest = json.loads((tiny[0] / "edgecraft.json").read_text())
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == hashlib.sha256((tiny[0] / name).read_bytes()).hexdigest(), name
 
 
 def test_cli_generate_reports_a_damaged_bundle_in_one_line(bundle_copy):
