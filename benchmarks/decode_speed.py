@@ -49,7 +49,7 @@ import onnxruntime as ort
 
 from edgecraft.model import GPTConfig
 from edgecraft.onnx_graph import graph_io
-from edgecraft.runtime.engine import Engine
+from edgecraft.runtime.engine import SESSION_CONFIG, Engine
 
 CHAR_1M = dict(vocab_size=65, d_model=128, n_layers=6, n_heads=8, d_ff=512, block_size=256)
 LLAMA = dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False)
@@ -119,7 +119,8 @@ class PlainRunner:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
-        so.add_session_config_entry("session.set_denormal_as_zero", "1")  # see the module docstring
+        for key, value in SESSION_CONFIG.items():  # see the module docstring
+            so.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.past_names = [i.name for i in self.session.get_inputs()][1:]
         self.cache = (cfg.n_heads, 0, cfg.head_size)
@@ -347,7 +348,8 @@ def node_count(path: Path, level: str) -> int:
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     so.optimized_model_filepath = str(path) + f".{level}.onnx"
     so.log_severity_level = 3
-    so.add_session_config_entry("session.set_denormal_as_zero", "1")  # see the module docstring
+    for key, value in SESSION_CONFIG.items():  # see the module docstring
+        so.add_session_config_entry(key, value)
     ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return len(onnx.load(so.optimized_model_filepath).graph.node)
 

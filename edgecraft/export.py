@@ -46,7 +46,7 @@ from edgecraft.onnx_graph import build_graph, graph_io
 from edgecraft.recipe import Recipe
 from edgecraft.rundir import load_run
 from edgecraft.runtime.bundle import FORMAT, FP32_MODEL, INT8_MODEL, MANIFEST, TOKENIZER, sha256_file
-from edgecraft.runtime.engine import DEFAULT_THREADS, Engine
+from edgecraft.runtime.engine import DEFAULT_THREADS, SESSION_CONFIG, Engine
 
 PARITY_BOUND = 1e-4  # max |logit difference| fp32 ONNX vs PyTorch; measured ~1e-6 on trained runs
 CHECK_WINDOWS = 8  # validation windows for the perplexity / KL / top-1 figures
@@ -293,7 +293,7 @@ def _manifest(model: GPT, tokenizer: Tokenizer, recipe: Recipe, graph: onnx.Mode
             ),
             "execution_provider": "CPUExecutionProvider",
             "graph_optimization_level": "ORT_ENABLE_BASIC (the graph is already fused)",
-            "session_config": {"session.set_denormal_as_zero": "1"},
+            "session_config": SESSION_CONFIG,
             "onnxruntime": ort.__version__,
         },
         "checks": checks,

@@ -32,6 +32,10 @@ import onnxruntime as ort
 # own an idle machine pass threads=N.
 DEFAULT_THREADS = 1
 
+# onnxruntime session config entries for a bundle's graph (see session_options); the exporter
+# writes them into the manifest for apps that run model.onnx with plain onnxruntime
+SESSION_CONFIG = {"session.set_denormal_as_zero": "1"}
+
 
 def session_options(threads: int) -> ort.SessionOptions:
     """Options for a bundle's graph. It is written already fused (onnxruntime's optimiser at its
@@ -45,7 +49,8 @@ def session_options(threads: int) -> ort.SessionOptions:
     app that made an onnxruntime session before loading a bundle keeps its setting.
     """
     so = ort.SessionOptions()
-    so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    for key, value in SESSION_CONFIG.items():
+        so.add_session_config_entry(key, value)
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -196,26 +201,23 @@ class Engine:
         lengths = self.lengths
         if len(ids) != len(lengths):
             raise ValueError(f"decode got {len(ids)} token ids for a batch of {len(lengths)}")
-        if len(lengths) == 1:
-            n = lengths.item()
-            if n >= self.block_size:
-                raise ValueError(f"a sequence already holds block_size {self.block_size} positions")
+        single = len(lengths) == 1
+        longest = lengths.item() if single else lengths.max()
+        if longest >= self.block_size:
+            raise ValueError(f"a sequence already holds block_size {self.block_size} positions")
+        if single:
             self._step_ids[0, 0] = ids[0]
             if self._has_positions:
-                self._step_pos[0, 0] = n
-            self._seqlens[0] = n
-            self._total[()] = n + 1
-            lengths[0] = n + 1
+                self._step_pos[0, 0] = longest
+            self._seqlens[0] = longest
+            lengths[0] = longest + 1
         else:
-            longest = lengths.max()
-            if longest >= self.block_size:
-                raise ValueError(f"a sequence already holds block_size {self.block_size} positions")
             self._step_ids[:, 0] = ids
             if self._has_positions:
                 self._step_pos[:, 0] = lengths
             self._seqlens[:] = lengths
-            self._total[...] = longest + 1
             lengths += 1
+        self._total[()] = longest + 1
         try:
             self.session.run_with_iobinding(self._step_binding)
         except Exception:
