@@ -203,6 +203,8 @@ def _subgraph(model: onnx.ModelProto, op_type: str, block: int) -> tuple[onnx.Mo
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     declared = {i.name: i for i in g.input}
+    # GroupQueryAttention reads seqlens_k squeezed to (B,) by the graph's one Squeeze node
+    declared["seqlens"] = helper.make_tensor_value_info("seqlens", onnx.TensorProto.INT32, ["batch_size"])
     nodes, inputs, values, outputs, used = [], {}, {}, [], set()
     for k, node in enumerate(n for n in g.node if n.op_type == op_type):
         ins = list(node.input)
@@ -225,7 +227,7 @@ def _subgraph(model: onnx.ModelProto, op_type: str, block: int) -> tuple[onnx.Mo
     graph = helper.make_graph(nodes, op_type, list(inputs.values()), outputs,
                               initializer=[inits[n] for n in used if n])
     sub = helper.make_model(graph, opset_imports=model.opset_import)
-    step = {"seqlens_k": np.array([100], np.int32), "total_sequence_length": np.array(101, np.int32)}
+    step = {"seqlens": np.array([100], np.int32), "total_sequence_length": np.array([101], np.int32)}
     for name, info in inputs.items():
         if name in step:
             values[name] = step[name]
@@ -255,7 +257,7 @@ def step_breakdown(runner: EdgecraftRunner, path: Path, reps: int = 1000) -> dic
 
     figures = {"decode() + argmax: the whole step": _cpu_best(step, reps)}
     e._seqlens[:] = 100
-    e._total[...] = 101
+    e._total[:] = 101
     e._step_pos[:] = 100
     figures["run_with_iobinding: the graph"] = _cpu_best(lambda: e.session.run_with_iobinding(e._step_binding), reps)
     session = e.session
@@ -268,8 +270,8 @@ def step_breakdown(runner: EdgecraftRunner, path: Path, reps: int = 1000) -> dic
     figures["Python in decode() + argmax"] = _cpu_best(step, reps * 10)
     e.session = session
 
-    feeds = {"input_ids": np.zeros((1, 1), np.int64), "seqlens_k": np.array([100], np.int32),
-             "total_sequence_length": np.array(101, np.int32)}
+    feeds = {"input_ids": np.zeros((1, 1), np.int64), "seqlens_k": np.array([[100]], np.int32),
+             "total_sequence_length": np.array([101], np.int32)}
     if "position_ids" in {i.name for i in session.get_inputs()}:
         feeds["position_ids"] = np.full((1, 1), 100, np.int64)
     kv = {f"past_key_values.{i}.{k}": np.zeros(e._kv[0].shape, np.float32)

@@ -1,6 +1,7 @@
 """Run directory -> bundle: the ONNX decoder with its KV cache, parity-checked against PyTorch.
 
-    export_run(runs/NAME, None, ExportOptions()) -> export/NAME/ {model.onnx, tokenizer.json, edgecraft.json}
+    export_run(runs/NAME, None, ExportOptions()) -> export/NAME/ {model.onnx, tokenizer.json, edgecraft.json,
+                                                                  genai_config.json}
 
 The shipped graph is the one `edgecraft.onnx_graph` writes op by op with onnxruntime's fused
 operators (11 nodes per GPT-2-style layer, GroupQueryAttention over a KV buffer shared between
@@ -41,6 +42,7 @@ from tokenizers import Tokenizer
 
 import edgecraft
 from edgecraft.errors import UserError
+from edgecraft.genai_config import GENAI_CONFIG, GENAI_TOKENIZER_CONFIG, genai_config, genai_tokenizer_config
 from edgecraft.model import GPT
 from edgecraft.onnx_graph import build_graph, graph_io
 from edgecraft.recipe import Recipe
@@ -248,8 +250,8 @@ def onnx_section(model: GPT, graph: onnx.ModelProto, model_files: list[str]) -> 
                 "not a multiple of 16): past_length[b] + s for s in 0..S-1, padding clipped to "
                 "block_size - 1"
             ),
-            "seqlens_k": "int32 (B,): past_length[b] + new_length[b] - 1 (at least 0), the last cached position after this call",
-            "total_sequence_length": "int32 scalar: max over b of past_length[b] + new_length[b]; exactly S for a prompt",
+            "seqlens_k": "int32 (B, 1): past_length[b] + new_length[b] - 1 (at least 0), the last cached position after this call",
+            "total_sequence_length": "int32 (1,): max over b of past_length[b] + new_length[b]; exactly S for a prompt",
             "logits": "(B, S, V) float32; rows past new_length[b] are garbage",
             "prompt": (
                 "every past_length = 0: one call for the whole batch, rows right-padded to S, "
@@ -266,7 +268,8 @@ def onnx_section(model: GPT, graph: onnx.ModelProto, model_files: list[str]) -> 
 def _manifest(model: GPT, tokenizer: Tokenizer, recipe: Recipe, graph: onnx.ModelProto,
               checks: dict, root: Path, int8: dict | None = None) -> dict:
     cfg = model.cfg
-    files = [name for name in (FP32_MODEL, INT8_MODEL, TOKENIZER) if (root / name).is_file()]
+    files = [name for name in (FP32_MODEL, INT8_MODEL, TOKENIZER, GENAI_CONFIG, GENAI_TOKENIZER_CONFIG)
+             if (root / name).is_file()]
     quantization = {FP32_MODEL: "none (float32)"} if FP32_MODEL in files else {}
     if int8 is not None:  # int8 step (edgecraft/int8.py): scheme, sizes, parity, fp32/int8 val loss
         quantization[INT8_MODEL] = int8
@@ -284,7 +287,7 @@ def _manifest(model: GPT, tokenizer: Tokenizer, recipe: Recipe, graph: onnx.Mode
             name: {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
             for name in files
         },
-        "onnx": onnx_section(model, graph, [name for name in files if name != TOKENIZER]),
+        "onnx": onnx_section(model, graph, [name for name in files if name in (FP32_MODEL, INT8_MODEL)]),
         "runtime": {
             "threads": DEFAULT_THREADS,
             "why": (
@@ -301,6 +304,16 @@ def _manifest(model: GPT, tokenizer: Tokenizer, recipe: Recipe, graph: onnx.Mode
 
 
 # ------------------------------------------------------------------------------------ export
+
+
+def _write_genai_files(model: GPT, tokenizer: Tokenizer, recipe: Recipe, root: Path) -> None:
+    """genai_config.json (and, for BPE, tokenizer_config.json): onnxruntime-genai runs the bundle."""
+    model_file = FP32_MODEL if (root / FP32_MODEL).is_file() else INT8_MODEL
+    config = genai_config(model.cfg, tokenizer, model_file, DEFAULT_THREADS)
+    (root / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    tokenizer_config = genai_tokenizer_config(recipe.data.tokenizer, model.cfg.block_size)
+    if tokenizer_config is not None:
+        (root / GENAI_TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -347,6 +360,7 @@ def export_run(run_dir: Path, out: Path | None, options: ExportOptions) -> Path:
             )
             if options.int8_only:
                 (tmp / FP32_MODEL).unlink()
+        _write_genai_files(model, tokenizer, recipe, tmp)
         manifest = _manifest(model, tokenizer, recipe, graph, checks, tmp, int8)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _publish(tmp, out)

@@ -125,7 +125,7 @@ def teacher_forced_logits(path: Path, cfg: GPTConfig, ids: np.ndarray, cache: li
     for t, token in enumerate(ids):
         step = {
             "input_ids": np.array([[token]], np.int64), "position_ids": np.array([[t]], np.int64),
-            "seqlens_k": np.array([t], np.int32), "total_sequence_length": np.array(t + 1, np.int32),
+            "seqlens_k": np.array([[t]], np.int32), "total_sequence_length": np.array([t + 1], np.int32),
             "query_seqlens": np.array([1], np.int32),
         }
         feed.update({k: v for k, v in step.items() if k in names})

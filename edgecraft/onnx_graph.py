@@ -4,7 +4,7 @@ At this model size (about a million parameters) a token's cost is streaming the 
 the matrix products plus per-operator overhead, not arithmetic; a traced graph carries hundreds
 of shape-bookkeeping nodes (277 after onnxruntime's optimiser for the char-1m shape). So, like
 onnxruntime-genai's model builder, we write the graph by hand with onnxruntime's fused contrib
-operators, 11 nodes per GPT-2-style layer (71 for char-1m):
+operators, 11 nodes per GPT-2-style layer (72 in all for char-1m):
 
     residual Sum (+ the previous projection's bias) + norm -> MatMul qkv (+ Add bias)
     -> GroupQueryAttention (packed QKV, KV cache shared between past and present, rotary inside)
@@ -13,8 +13,8 @@ operators, 11 nodes per GPT-2-style layer (71 for char-1m):
 
 The KV cache is a preallocated buffer per layer, (batch, n_heads, block_size, head_size), bound
 as both `past_key_values.i.*` and `present.i.*`; the caller says where each sequence stands with
-`seqlens_k` (tokens cached after this step, minus one). `graph_io()` describes all of it for the
-bundle manifest. GroupQueryAttention's newer `query_seqlens` input (right-padded chunks appended
+`seqlens_k` (tokens cached after this step, minus one; (B, 1), squeezed once for all layers, so
+that onnxruntime-genai can feed it too). `graph_io()` describes all of it for the bundle manifest. GroupQueryAttention's newer `query_seqlens` input (right-padded chunks appended
 to caches of different lengths in one call) is left out on purpose: it arrived in onnxruntime
 1.32 and a graph that names it does not load in 1.30 or 1.31; the engine runs such chunks row
 by row instead.
@@ -49,9 +49,11 @@ def graph_io(cfg: GPTConfig) -> dict:
         inputs.append(
             {"name": "position_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]}
         )
+    # (B, 1) and (1,) rather than GroupQueryAttention's (B,) and scalar: the shapes of the counters
+    # onnxruntime-genai keeps for graphs that take them (edgecraft/genai_config.py)
     inputs += [
-        {"name": "seqlens_k", "dtype": "int32", "shape": ["batch_size"]},
-        {"name": "total_sequence_length", "dtype": "int32", "shape": []},
+        {"name": "seqlens_k", "dtype": "int32", "shape": ["batch_size", 1]},
+        {"name": "total_sequence_length", "dtype": "int32", "shape": [1]},
     ]
     outputs = [
         {"name": "logits", "dtype": "float32", "shape": ["batch_size", "sequence_length", cfg.vocab_size]}
@@ -139,6 +141,9 @@ def build_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], opset: int = 17)
         h = g.op("Gather", [g.const("blocks.0.norm1.table", table), "input_ids"], ["h0"], "blocks.0.norm1")[0]
         res = tok
 
+    axis1 = g.const("axis1", np.array([1], dtype=np.int64))
+    seqlens = g.op("Squeeze", ["seqlens_k", axis1], ["seqlens"], "seqlens")[0]  # (B,)
+
     rope: list[str] = []
     if cfg.pos == "rope":
         inv_freq = 1.0 / ROPE_THETA ** (np.arange(0, hs, 2, dtype=np.float32) / hs)
@@ -158,7 +163,7 @@ def build_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], opset: int = 17)
                 q_k_v[j] = g.op("RotaryEmbedding", [q_k_v[j], "position_ids", *rope], [q_k_v[j] + "_rot"],
                                 f"{p}.attn.rotary_{'qk'[j]}", MS, num_heads=nh)[0]
         gqa_inputs = q_k_v + [f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-                              "seqlens_k", "total_sequence_length"]
+                              seqlens, "total_sequence_length"]
         gqa_inputs += rope if fused_rope else []
         attn = g.op(
             "GroupQueryAttention", gqa_inputs, [f"{p}/attn", f"present.{i}.key", f"present.{i}.value"],

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from edgecraft.checkpoint import save_model
 from edgecraft.cli import app
-from edgecraft.data import make_char_tokenizer
+from edgecraft.data import make_char_tokenizer, prepare
 from edgecraft.export import ExportOptions, export_run, export_traced
 from edgecraft.model import GPT, GPTConfig
 from edgecraft.recipe import to_toml, validate
@@ -26,19 +26,18 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll:\nSpe
 LLAMA = {"norm": "rmsnorm", "pos": "rope", "mlp": "swiglu", "bias": False}
 
 
-def make_run(root: Path, name: str = "tiny", **model) -> Path:
+def make_run(root: Path, name: str = "tiny", tokenizer: str = "char", **model) -> Path:
     """A run directory as `edgecraft train` leaves it, with random weights (no training needed)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "corpus.txt").write_text(TEXT)
     shape = {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "block_size": 48, **model}
-    recipe = validate(
-        {"name": name, "data": {"source": str(root / "corpus.txt"), "cache_dir": str(root / "cache")},
-         "model": shape}, "test recipe",
-    )
+    data = {"source": str(root / "corpus.txt"), "cache_dir": str(root / "cache"), "tokenizer": tokenizer,
+            "vocab_size": 300}
+    recipe = validate({"name": name, "data": data, "model": shape}, "test recipe")
     run = root / "runs" / name
     run.mkdir(parents=True)
     (run / "recipe.toml").write_text(to_toml(recipe))
-    tokenizer = make_char_tokenizer([TEXT])
+    tokenizer = make_char_tokenizer([TEXT]) if tokenizer == "char" else prepare(recipe.data, recipe.model.block_size).tokenizer
     tokenizer.save(str(run / "tokenizer.json"))
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size(), **recipe.model.model_dump()))
@@ -58,10 +57,11 @@ def bundle(request, tmp_path_factory):
 
 def test_bundle_holds_exactly_the_documented_files_with_hashes(bundle):
     run, path = bundle
-    assert sorted(p.name for p in path.iterdir()) == ["edgecraft.json", "model.onnx", "tokenizer.json"]
+    files = ["genai_config.json", "model.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["edgecraft.json", *files]
     manifest = json.loads((path / "edgecraft.json").read_text())
     assert manifest["format"] == "edgecraft-bundle/1"
-    assert set(manifest["files"]) == {"model.onnx", "tokenizer.json"}
+    assert sorted(manifest["files"]) == files
     for name, entry in manifest["files"].items():
         assert entry == {"sha256": sha256_file(path / name), "bytes": (path / name).stat().st_size}
     assert manifest["config"]["vocab_size"] == manifest["vocab_size"]
@@ -130,8 +130,8 @@ def test_onnxruntime_alone_drives_the_graph_from_the_manifest(bundle):
         values = {
             "input_ids": ids,
             "position_ids": np.minimum(past_len[:, None] + np.arange(S), manifest["config"]["block_size"] - 1),
-            "seqlens_k": past_len + new_len - 1,
-            "total_sequence_length": np.array(max((past_len + new_len).max(), S)),
+            "seqlens_k": (past_len + new_len - 1)[:, None],
+            "total_sequence_length": np.array([max((past_len + new_len).max(), S)]),
         }
         feeds = {name: np.asarray(values[name], dtype=dt) for name, dt in dtypes.items() if name in values}
         outputs = session.run(None, {**feeds, **past})
@@ -164,6 +164,55 @@ def test_onnxruntime_alone_drives_the_graph_from_the_manifest(bundle):
         with torch.no_grad():
             ref = model(torch.tensor([row[:-1]]))[0][0].argmax(-1).tolist()
         assert row[-6:] == ref[-6:]
+
+
+def _genai_greedy(og, path: Path, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens from onnxruntime-genai driving the bundle through its genai_config.json."""
+    model = og.Model(str(path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + n)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array(prompt, dtype=np.int32))
+    out = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out
+
+
+def test_onnxruntime_genai_drives_the_bundle(bundle):
+    """genai's own decode loop over model.onnx (its past/current_sequence_length counters bound to
+    seqlens_k and total_sequence_length) gives edgecraft's greedy text, up to the context length."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from edgecraft.runtime import load
+
+    _, path = bundle
+    model = load(path)
+    prompt = "Before we proceed"
+    ids = model.encode(prompt)
+    n = model.block_size - len(ids)  # genai stops at max_length = block_size
+    assert model.decode(_genai_greedy(og, path, ids, n)) == model.generate(prompt, n, temperature=0)
+    config = json.loads((path / "genai_config.json").read_text())
+    assert config["model"]["pad_token_id"] == model.vocab_size  # never in a prompt
+    assert not (path / "tokenizer_config.json").exists()  # genai's tokenizer misreads char vocabularies
+
+
+def test_onnxruntime_genai_tokenizer_reads_a_bpe_bundle(tmp_path):
+    og = pytest.importorskip("onnxruntime_genai")
+    run = make_run(tmp_path, tokenizer="bpe", block_size=24)
+    path = export_run(run, tmp_path / "bundle", ExportOptions())
+    assert json.loads((path / "edgecraft.json").read_text())["files"].keys() >= {"tokenizer_config.json"}
+    ours = Tokenizer.from_file(str(path / "tokenizer.json"))
+    theirs = og.Tokenizer(og.Model(str(path)))
+    for text in ["First Citizen:\nSpeak,  speak.", "ünïcödé ~ {x}\n\n"]:
+        ids = ours.encode(text, add_special_tokens=False).ids
+        assert [int(i) for i in theirs.encode(text)] == ids
+        assert theirs.decode(np.array(ids, dtype=np.int32)) == text
+    prompt = ours.encode("Before we", add_special_tokens=False).ids
+    from edgecraft.runtime import load
+
+    model = load(path)
+    assert _genai_greedy(og, path, prompt, 12) == model.encode(model.generate("Before we", 12, temperature=0))
 
 
 def test_traced_exporter_gives_a_correct_dynamic_cache_graph(tmp_path):
@@ -227,7 +276,7 @@ def test_existing_bundle_needs_force(tmp_path):
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
     result = runner.invoke(app, ["export", str(run), "--out", str(out), "--force"])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["edgecraft.json", "model.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["edgecraft.json", "genai_config.json", "model.onnx", "tokenizer.json"]
     assert not list(tmp_path.glob(".*"))  # no temporary or replaced bundle left behind
 
 

@@ -165,7 +165,7 @@ def test_export_int8_beside_fp32(trained_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "int8 (dynamic): val loss" in result.output
     m = manifest(tmp_path / "b")
-    assert set(m["files"]) == {"model.onnx", "model.int8.onnx", "tokenizer.json"}
+    assert set(m["files"]) == {"model.onnx", "model.int8.onnx", "tokenizer.json", "genai_config.json"}
     q = m["quantization"]["model.int8.onnx"]
     assert q["method"] == "ptq-dynamic" and q["kernel"] == "DynamicQuantizeMatMul"
     assert q["op_types"]["DynamicQuantizeMatMul"] == 2 * 4 + 1 and "MatMul" not in q["op_types"]
@@ -180,7 +180,10 @@ def test_export_int8_only_static_calibrated(trained_run, tmp_path):
     result = export_cli(trained_run, "--int8-only", "--calibrate", "2", "--keep-float", "last",
                         "--out", tmp_path / "b")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["edgecraft.json", "model.int8.onnx", "tokenizer.json"]
+    files = ["edgecraft.json", "genai_config.json", "model.int8.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == files
+    genai = json.loads((tmp_path / "b" / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["filename"] == "model.int8.onnx"
     q = manifest(tmp_path / "b")["quantization"]
     assert list(q) == ["model.int8.onnx"]
     q = q["model.int8.onnx"]

@@ -107,8 +107,8 @@ class Engine:
         # the decode step's buffers, written in place and read by onnxruntime through the binding
         self._step_ids = np.zeros((B, 1), dtype=np.int64)  # (B, 1)
         self._step_pos = np.zeros((B, 1), dtype=np.int64)  # (B, 1)
-        self._seqlens = np.zeros(B, dtype=np.int32)  # (B,) tokens cached after the step, minus 1
-        self._total = np.zeros((), dtype=np.int32)  # () longest sequence after the step
+        self._seqlens = np.zeros((B, 1), dtype=np.int32)  # (B, 1) tokens cached after the step, minus 1
+        self._total = np.zeros(1, dtype=np.int32)  # (1,) longest sequence after the step
         self._step_logits = np.zeros((B, 1, self.vocab_size), dtype=np.float32)  # (B, 1, V)
         self._step_out = self._step_logits[:, 0]  # (B, V) the view decode() returns
         self._step_binding = self._bind_call(
@@ -167,13 +167,13 @@ class Engine:
         if not past.any():  # fresh sequences: one call, each row's length from seqlens_k
             pos = np.broadcast_to(np.minimum(np.arange(S), self.block_size - 1), (B, S))  # (B, S)
             # a row with nothing new still computes one (unused) position: seqlens_k must be >= 0
-            seqlens = np.maximum(total - 1, 0).astype(np.int32)
+            seqlens = np.maximum(total - 1, 0).astype(np.int32)[:, None]  # (B, 1)
             self._run(ids, np.ascontiguousarray(pos), seqlens, S, logits, self._kv)
         else:  # chunks after cached tokens: one call per row, over that row's slice of the buffers
             for b in np.flatnonzero(n):
                 k, p = int(n[b]), int(past[b])
                 self._run(
-                    ids[b : b + 1, :k], p + np.arange(k)[None, :], np.array([p + k - 1], dtype=np.int32),
+                    ids[b : b + 1, :k], p + np.arange(k)[None, :], np.array([[p + k - 1]], dtype=np.int32),
                     p + k, logits[b : b + 1, :k], [buffer[b : b + 1] for buffer in self._kv],
                 )
         self.lengths[:] = total
@@ -184,7 +184,7 @@ class Engine:
         binding = self._prefill_binding if kv is self._kv else self._cache_binding(kv)
         self._bind_call(
             binding, np.ascontiguousarray(ids), np.ascontiguousarray(pos, dtype=np.int64), seqlens,
-            np.array(total, dtype=np.int32), logits,
+            np.array([total], dtype=np.int32), logits,
         )
         self.session.run_with_iobinding(binding)
 
@@ -215,9 +215,9 @@ class Engine:
             self._step_ids[:, 0] = ids
             if self._has_positions:
                 self._step_pos[:, 0] = lengths
-            self._seqlens[:] = lengths
+            self._seqlens[:, 0] = lengths
             lengths += 1
-        self._total[()] = longest + 1
+        self._total[0] = longest + 1
         try:
             self.session.run_with_iobinding(self._step_binding)
         except Exception:
