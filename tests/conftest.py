@@ -100,3 +100,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def genai_greedy():
+    """genai_greedy(bundle, prompt_ids, n) -> n greedy token ids from onnxruntime-genai's own decode
+    loop over the bundle's genai_config.json (the test is skipped where genai is not installed)."""
+    og = pytest.importorskip("onnxruntime_genai")
+    import numpy as np
+
+    def run(path: Path, prompt: list[int], n: int) -> list[int]:
+        model = og.Model(str(path))
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + n)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.array(prompt, dtype=np.int32))
+        out = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            out.append(int(generator.get_next_tokens()[0]))
+        return out
+
+    return run

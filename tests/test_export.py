@@ -166,24 +166,9 @@ def test_onnxruntime_alone_drives_the_graph_from_the_manifest(bundle):
         assert row[-6:] == ref[-6:]
 
 
-def _genai_greedy(og, path: Path, prompt: list[int], n: int) -> list[int]:
-    """n greedy tokens from onnxruntime-genai driving the bundle through its genai_config.json."""
-    model = og.Model(str(path))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + n)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array(prompt, dtype=np.int32))
-    out = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        out.append(int(generator.get_next_tokens()[0]))
-    return out
-
-
-def test_onnxruntime_genai_drives_the_bundle(bundle):
+def test_onnxruntime_genai_drives_the_bundle(bundle, genai_greedy):
     """genai's own decode loop over model.onnx (its past/current_sequence_length counters bound to
     seqlens_k and total_sequence_length) gives edgecraft's greedy text, up to the context length."""
-    og = pytest.importorskip("onnxruntime_genai")
     from edgecraft.runtime import load
 
     _, path = bundle
@@ -191,13 +176,13 @@ def test_onnxruntime_genai_drives_the_bundle(bundle):
     prompt = "Before we proceed"
     ids = model.encode(prompt)
     n = model.block_size - len(ids)  # genai stops at max_length = block_size
-    assert model.decode(_genai_greedy(og, path, ids, n)) == model.generate(prompt, n, temperature=0)
+    assert model.decode(genai_greedy(path, ids, n)) == model.generate(prompt, n, temperature=0)
     config = json.loads((path / "genai_config.json").read_text())
     assert config["model"]["pad_token_id"] == model.vocab_size  # never in a prompt
     assert not (path / "tokenizer_config.json").exists()  # genai's tokenizer misreads char vocabularies
 
 
-def test_onnxruntime_genai_tokenizer_reads_a_bpe_bundle(tmp_path):
+def test_onnxruntime_genai_tokenizer_reads_a_bpe_bundle(tmp_path, genai_greedy):
     og = pytest.importorskip("onnxruntime_genai")
     run = make_run(tmp_path, tokenizer="bpe", block_size=24)
     path = export_run(run, tmp_path / "bundle", ExportOptions())
@@ -212,7 +197,7 @@ def test_onnxruntime_genai_tokenizer_reads_a_bpe_bundle(tmp_path):
     from edgecraft.runtime import load
 
     model = load(path)
-    assert _genai_greedy(og, path, prompt, 12) == model.encode(model.generate("Before we", 12, temperature=0))
+    assert genai_greedy(path, prompt, 12) == model.encode(model.generate("Before we", 12, temperature=0))
 
 
 def test_traced_exporter_gives_a_correct_dynamic_cache_graph(tmp_path):

@@ -176,7 +176,7 @@ def test_export_int8_beside_fp32(trained_run, tmp_path):
     assert isinstance(text, str)
 
 
-def test_export_int8_only_static_calibrated(trained_run, tmp_path):
+def test_export_int8_only_static_calibrated(trained_run, tmp_path, genai_greedy):
     result = export_cli(trained_run, "--int8-only", "--calibrate", "2", "--keep-float", "last",
                         "--out", tmp_path / "b")
     assert result.exit_code == 0, result.output
@@ -184,6 +184,12 @@ def test_export_int8_only_static_calibrated(trained_run, tmp_path):
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == files
     genai = json.loads((tmp_path / "b" / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["filename"] == "model.int8.onnx"
+    from edgecraft.runtime import load
+
+    model = load(tmp_path / "b")  # genai runs the int8 graph too, with the same greedy tokens
+    prompt = model.encode("The cat")
+    theirs = genai_greedy(tmp_path / "b", prompt, model.block_size - len(prompt))
+    assert model.decode(theirs) == model.generate("The cat", len(theirs), temperature=0)
     q = manifest(tmp_path / "b")["quantization"]
     assert list(q) == ["model.int8.onnx"]
     q = q["model.int8.onnx"]
