@@ -257,7 +257,7 @@ def step_breakdown(runner: EdgecraftRunner, path: Path, reps: int = 1000) -> dic
 
     figures = {"decode() + argmax: the whole step": _cpu_best(step, reps)}
     e._seqlens[:] = 100
-    e._total[:] = 101
+    e._total[...] = 101
     e._step_pos[:] = 100
     figures["run_with_iobinding: the graph"] = _cpu_best(lambda: e.session.run_with_iobinding(e._step_binding), reps)
     session = e.session

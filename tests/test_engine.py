@@ -178,3 +178,30 @@ def test_a_sequence_joins_a_running_batch(pair):
         out = engine.decode(np.array([r[p] for r, p in zip(rows, pos)]))
         for b, p in enumerate(pos):
             np.testing.assert_allclose(out[b], reference(model, rows[b][None, : p + 1])[0, -1], atol=TOL, rtol=0)
+
+
+def test_graphs_exported_before_genai_config_still_run(tmp_path):
+    """Bundles from before genai_config.json declare seqlens_k (B,) and total_sequence_length ()
+    and feed GroupQueryAttention directly; the engine reads the manifest and feeds those shapes."""
+    model = tiny_model()
+    graph = build_graph(model.cfg, {k: v.numpy() for k, v in model.state_dict().items()})
+    squeeze = next(n for n in graph.graph.node if n.op_type == "Squeeze")
+    graph.graph.node.remove(squeeze)
+    for node in graph.graph.node:
+        node.input[:] = ["seqlens_k" if name == squeeze.output[0] else name for name in node.input]
+    io = graph_io(model.cfg)
+    for spec in io["inputs"]:
+        if spec["name"] in ("seqlens_k", "total_sequence_length"):
+            spec["shape"] = spec["shape"][:-1]  # (B,) and ()
+            old = next(i for i in graph.graph.input if i.name == spec["name"])
+            old.type.tensor_type.shape.dim.pop()
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(tmp_path / "old.onnx"))
+    engine = Engine(tmp_path / "old.onnx", {"config": model.cfg.to_dict(), "onnx": io})
+    ids = np.random.default_rng(1).integers(0, 29, (2, 20))
+    engine.reset(2)
+    logits = engine.prefill(ids[:, :12], np.array([12, 9]))
+    np.testing.assert_allclose(logits[1, :9], reference(model, ids[1:, :9])[0], atol=TOL, rtol=0)
+    for t in range(12, 20):  # row 1 decodes from position 9
+        step = engine.decode(ids[:, t])
+        np.testing.assert_allclose(step[0], reference(model, ids[:1, : t + 1])[0, -1], atol=TOL, rtol=0)

@@ -70,8 +70,10 @@ class Engine:
         self.vocab_size: int = cfg["vocab_size"]
         self._cache_shape = (cfg["n_heads"], self.block_size, cfg["d_model"] // cfg["n_heads"])
         self._n_layers: int = cfg["n_layers"]
-        names = {spec["name"] for spec in manifest["onnx"]["inputs"]}
-        self._has_positions = "position_ids" in names
+        specs = {spec["name"]: spec for spec in manifest["onnx"]["inputs"]}
+        self._has_positions = "position_ids" in specs
+        # (B, 1) and (1,) since genai_config.json (edgecraft 0.1 bundles exported before it: (B,), ())
+        self._counter_dims = (1,) if len(specs["seqlens_k"]["shape"]) == 2 else ()
         if device == "cpu":
             providers = ["CPUExecutionProvider"]
         elif device == "cuda":
@@ -107,8 +109,9 @@ class Engine:
         # the decode step's buffers, written in place and read by onnxruntime through the binding
         self._step_ids = np.zeros((B, 1), dtype=np.int64)  # (B, 1)
         self._step_pos = np.zeros((B, 1), dtype=np.int64)  # (B, 1)
-        self._seqlens = np.zeros((B, 1), dtype=np.int32)  # (B, 1) tokens cached after the step, minus 1
-        self._total = np.zeros(1, dtype=np.int32)  # (1,) longest sequence after the step
+        self._seqlens = np.zeros((B, *self._counter_dims), dtype=np.int32)  # (B, 1) tokens cached, minus 1
+        self._total = np.zeros(self._counter_dims, dtype=np.int32)  # (1,) the longest sequence
+        self._seqlens_rows = self._seqlens.reshape(B)  # (B,) a view, written by decode()
         self._step_logits = np.zeros((B, 1, self.vocab_size), dtype=np.float32)  # (B, 1, V)
         self._step_out = self._step_logits[:, 0]  # (B, V) the view decode() returns
         self._step_binding = self._bind_call(
@@ -167,24 +170,25 @@ class Engine:
         if not past.any():  # fresh sequences: one call, each row's length from seqlens_k
             pos = np.broadcast_to(np.minimum(np.arange(S), self.block_size - 1), (B, S))  # (B, S)
             # a row with nothing new still computes one (unused) position: seqlens_k must be >= 0
-            seqlens = np.maximum(total - 1, 0).astype(np.int32)[:, None]  # (B, 1)
+            seqlens = np.maximum(total - 1, 0).astype(np.int32)  # (B,)
             self._run(ids, np.ascontiguousarray(pos), seqlens, S, logits, self._kv)
         else:  # chunks after cached tokens: one call per row, over that row's slice of the buffers
             for b in np.flatnonzero(n):
                 k, p = int(n[b]), int(past[b])
                 self._run(
-                    ids[b : b + 1, :k], p + np.arange(k)[None, :], np.array([[p + k - 1]], dtype=np.int32),
+                    ids[b : b + 1, :k], p + np.arange(k)[None, :], np.array([p + k - 1], dtype=np.int32),
                     p + k, logits[b : b + 1, :k], [buffer[b : b + 1] for buffer in self._kv],
                 )
         self.lengths[:] = total
         return logits
 
     def _run(self, ids, pos, seqlens, total: int, logits, kv: list[np.ndarray]) -> None:
-        """One prefill call; the arrays are contiguous, so every binding wraps their memory."""
+        """One prefill call, seqlens (B,) and total shaped as the graph declares them; the arrays
+        are contiguous, so every binding wraps their memory."""
         binding = self._prefill_binding if kv is self._kv else self._cache_binding(kv)
         self._bind_call(
-            binding, np.ascontiguousarray(ids), np.ascontiguousarray(pos, dtype=np.int64), seqlens,
-            np.array([total], dtype=np.int32), logits,
+            binding, np.ascontiguousarray(ids), np.ascontiguousarray(pos, dtype=np.int64),
+            seqlens.reshape(-1, *self._counter_dims), np.full(self._counter_dims, total, dtype=np.int32), logits,
         )
         self.session.run_with_iobinding(binding)
 
@@ -209,15 +213,15 @@ class Engine:
             self._step_ids[0, 0] = ids[0]
             if self._has_positions:
                 self._step_pos[0, 0] = longest
-            self._seqlens[0] = longest
+            self._seqlens_rows[0] = longest
             lengths[0] = longest + 1
         else:
             self._step_ids[:, 0] = ids
             if self._has_positions:
                 self._step_pos[:, 0] = lengths
-            self._seqlens[:, 0] = lengths
+            self._seqlens_rows[:] = lengths
             lengths += 1
-        self._total[0] = longest + 1
+        self._total[...] = longest + 1
         try:
             self.session.run_with_iobinding(self._step_binding)
         except Exception:
