@@ -37,6 +37,9 @@ Figures per row (token ids in and out, no tokenization anywhere):
 - TTFT: a fresh sequence of a --prompt-len (64) token prompt to its first greedy token (edgecraft:
   reset + prefill + argmax; genai: new Generator + append_tokens + generate_next_token);
 - batch 16: aggregate decode tok/s of 16 sequences (distinct prompts), the same way.
+Row genai-loop-edgecraft-fp32 is genai's Generator over edgecraft's own fp32 graph (the bundle's
+genai_config.json; batch 1 only): beside genai-fp32 it compares the two graphs under one decode
+loop, beside edgecraft-fp32 the two decode loops over one graph.
 Greedy tokens of each row are compared with edgecraft fp32's (identical sequences and first
 divergence); the thread count is checked from inside each worker (threads of the process and its
 CPU time over wall time while decoding).
@@ -69,7 +72,11 @@ SETUP = (
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 DEFAULT_GENAI_PYTHON = "/work/genai-venv/bin/python"
-ROWS = ("edgecraft-fp32", "edgecraft-int8", "genai-fp32", "genai-int4")
+# genai's own decode loop over edgecraft's fp32 graph, through the bundle's genai_config.json
+# (batch 1 only: genai feeds the graph's sequence counters at batch 1): against genai-fp32 it
+# compares the two graphs under one loop, against edgecraft-fp32 the two loops over one graph
+GENAI_LOOP = "genai-loop-edgecraft-fp32"
+ROWS = ("edgecraft-fp32", "edgecraft-int8", GENAI_LOOP, "genai-fp32", "genai-int4")
 LLAMA_SHAPE = {"norm": "rmsnorm", "pos": "rope", "mlp": "swiglu", "bias": False, "tie_embeddings": True}
 
 
@@ -318,6 +325,8 @@ def measure_row(spec: dict) -> dict:
     result["start_ms"] = min(_timed(gen.start, ttft_prompt) for _ in range(20)) * 1e3
     result["ttft_first_token"] = gen.ttft(ttft_prompt)
     for batch in spec["batches"]:
+        if row == GENAI_LOOP and batch > 1:
+            continue
         prompt = prompts[:batch, :gen_len]
         for _ in range(spec["warmup"]):
             gen.generate(prompt, n)
@@ -365,6 +374,17 @@ def ensure_run_and_bundle(args) -> tuple[Path, Path]:
         bundle = args.work / "bundle"
         export_bundle(run, bundle)
     return run, bundle
+
+
+def bundle_for_genai(bundle: Path, work: Path, threads: int) -> Path:
+    """A copy of the bundle whose genai_config.json asks for `threads` intra-op threads."""
+    out = work / f"edgecraft-bundle-t{threads}"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(bundle, out)
+    config = json.loads((out / "genai_config.json").read_text())
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    (out / "genai_config.json").write_text(json.dumps(config, indent=2))
+    return out
 
 
 def summarize(rounds: list[dict], warmup_rounds: int) -> list[dict]:
@@ -427,7 +447,10 @@ def markdown(report: dict) -> str:
         "per CPU-s: the same decode steps per CPU-second the worker got (at 1 thread, what the row would do on "
         "an idle core; at 2 threads it counts the pool thread's spinning too). CPU/wall: the worker's CPU time "
         "over wall time for a whole generation (about 1 at 1 thread on an idle machine; up to 2 when a second "
-        "thread works). Paired ratios: the median over rounds of the two rows' ratio within the same round.", "",
+        "thread works). Paired ratios: the median over rounds of the two rows' ratio within the same round. "
+        f"{GENAI_LOOP}: genai's Generator over edgecraft's own fp32 graph (the bundle's genai_config.json, batch 1 "
+        "only): beside genai-fp32 it compares the two graphs under one decode loop, beside edgecraft-fp32 the two "
+        "decode loops over one graph.", "",
         "| threads | row | batch-1 decode tok/s | per round | per CPU-s | total tok/s | TTFT ms (of it: start) | CPU/wall | "
         "batch-16 decode tok/s | greedy = edgecraft fp32 (b1; b16) | process threads |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -478,7 +501,9 @@ def ratios(lines: list[dict]) -> list[dict]:
     ttft = {(x["row"], x["threads"]): x["ttft_ms"] for x in lines}
     out = []
     for (row, t, b), v in sorted(med.items(), key=lambda kv: (kv[0][2], kv[0][1])):
-        for ours, theirs in (("edgecraft-fp32", "genai-fp32"), ("edgecraft-int8", "genai-int4")):
+        pairs = (("edgecraft-fp32", "genai-fp32"), ("edgecraft-int8", "genai-int4"), (GENAI_LOOP, "genai-fp32"),
+                 ("edgecraft-fp32", GENAI_LOOP))
+        for ours, theirs in pairs:
             if row == ours and (theirs, t, b) in med:
                 out.append({"what": f"{ours.replace('-', ' ')} ÷ {theirs.replace('-', ' ')}, batch-{b} decode, "
                                     f"{t} thread(s)", "ratio": v / med[(theirs, t, b)],
@@ -531,7 +556,8 @@ def main() -> None:
     threads = [int(t) for t in args.threads.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     kinds = [k for k in args.genai_precisions.split(",") if k]
-    rows = [r for r in args.rows.split(",") if r and (not r.startswith("genai") or r.split("-")[1] in kinds)]
+    rows = [r for r in args.rows.split(",")
+            if r and (r == GENAI_LOOP or not r.startswith("genai") or r.split("-")[1] in kinds)]
     notes = list(args.note)
     if "edgecraft-int8" in rows and "model.int8.onnx" not in json.loads((bundle / "edgecraft.json").read_text())["files"]:
         rows.remove("edgecraft-int8")
@@ -544,6 +570,7 @@ def main() -> None:
                  script=__file__)
     print(json.dumps({k: v for k, v in prep.items() if k != "builder"}), file=sys.stderr)
     dirs = {f"genai-{k}": {str(t): str(genai_dir(args.work / "genai", k, t)) for t in threads} for k in kinds}
+    dirs[GENAI_LOOP] = {str(t): str(bundle_for_genai(bundle, args.work / "genai", t)) for t in threads}
     recipe_note = (f"{run}" if args.run else f"recipes/char-1m-llama.toml trained {args.steps} steps at batch "
                    f"{args.batch_size} on {args.corpus or 'the built-in corpus'}")
     header = {
