@@ -7,7 +7,9 @@ edgecraft trains recipes/shakespeare-baby.toml through the real `edgecraft train
 --nanogpt the same machine then runs nanoGPT's training loop on the same corpus with the same
 hyperparameters (4 layers, 4 heads, width 128, block 64, batch 12, 2000 iterations, lr 1e-3 ->
 1e-4, warmup 100, AdamW betas (0.9, 0.99), weight decay 0.1, clip 1.0, no dropout, bias=False).
-Each run is a fresh process; runs alternate between the two when --repeats > 1. --seeds runs each
+edgecraft differs in two things none of those settle: its weights start from GPT-NeoX's
+width-aware init (nanoGPT: GPT-2's std 0.02) and it evaluates a weight average (train.ema). Each
+run is a fresh process; runs alternate between the two when --repeats > 1. --seeds runs each
 seed (the recipe's `seed`; nanoGPT's torch.manual_seed) and adds the mean over seeds.
 
 Reported: the final validation loss (nanoGPT's README: about 1.88 for this run) measured two ways

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -64,6 +66,24 @@ def test_tied_head_counts_once_and_decay_groups_cover_every_parameter():
     assert len(in_groups) == len({id(p) for p in model.parameters()})
     assert sum(p.numel() for p in in_groups) == model.num_params()
     assert all(p.dim() >= 2 for p in groups[0]["params"]) and all(p.dim() < 2 for p in groups[1]["params"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_init_is_width_aware(variant):
+    """GPT-NeoX's small_init for matrices and embeddings, wang_init for residual output projections."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=65, d_model=128, n_layers=4, n_heads=4, d_ff=512, block_size=64, **VARIANTS[variant])
+    params = dict(GPT(cfg).named_parameters())
+    small, wang = math.sqrt(2 / (5 * 128)), 2 / (4 * math.sqrt(128))
+    for name, p in params.items():
+        if name.endswith("proj.weight"):
+            assert p.std().item() == pytest.approx(wang, rel=0.05), name
+        elif p.dim() >= 2:
+            assert p.std().item() == pytest.approx(small, rel=0.05), name
+        elif name.endswith("bias"):
+            assert not p.any(), name
+        else:
+            assert torch.equal(p, torch.ones_like(p)), name  # norm gains
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
