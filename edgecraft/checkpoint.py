@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from safetensors.torch import save_model as _st_save_model
 
 from edgecraft.errors import UserError
+from edgecraft.files import as_umask_allows
 from edgecraft.model import GPT, GPTConfig
 
 WEIGHTS_FORMAT = "edgecraft-weights/1"
@@ -37,6 +38,7 @@ def save_model(model: GPT, path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     metadata = {"format": WEIGHTS_FORMAT, "config": json.dumps(model.cfg.to_dict())}
     _st_save_model(model, str(tmp), metadata=metadata)
+    as_umask_allows(tmp)
     os.replace(tmp, path)
 
 
@@ -105,6 +107,7 @@ def save_optimizer(optimizer: torch.optim.Optimizer, param_names: list[str], pat
     ]
     metadata = {"format": CHECKPOINT_FORMAT, "param_groups": json.dumps(groups), "scalars": json.dumps(scalars)}
     save_file(tensors, str(path), metadata=metadata)
+    as_umask_allows(path)
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, param_names: list[str], path: Path) -> None:
@@ -157,6 +160,7 @@ def save_checkpoint(
         str(tmp / "state.safetensors"),
         metadata={"format": CHECKPOINT_FORMAT},
     )
+    as_umask_allows(tmp / "state.safetensors")
     (tmp / "state.json").write_text(
         json.dumps({"format": CHECKPOINT_FORMAT, **state}, indent=1), encoding="utf-8"
     )

@@ -42,6 +42,7 @@ from tokenizers import Tokenizer
 
 import edgecraft
 from edgecraft.errors import UserError
+from edgecraft.files import as_umask_allows
 from edgecraft.genai_config import GENAI_CONFIG, GENAI_TOKENIZER_CONFIG, genai_config, genai_tokenizer_config
 from edgecraft.model import GPT
 from edgecraft.onnx_graph import build_graph, graph_io
@@ -344,6 +345,7 @@ def export_run(run_dir: Path, out: Path | None, options: ExportOptions) -> Path:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    as_umask_allows(tmp)
     try:
         graph = write_onnx(model, tmp / FP32_MODEL, options.opset)
         tokenizer.save(str(tmp / TOKENIZER))

@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from edgecraft.errors import UserError
+from edgecraft.files import as_umask_allows
 from edgecraft.recipe import QuantConfig
 
 QMAX_W = 127  # weights use [-127, 127]: symmetric, no -128
@@ -230,6 +231,7 @@ def save_state(handle: QATHandle, path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tensors = handle.state_dict() or {"_empty": torch.zeros(0)}  # safetensors wants a tensor
     save_file(tensors, str(tmp), metadata={"format": STATE_FORMAT, "scheme": handle.scheme})
+    as_umask_allows(tmp)
     os.replace(tmp, path)
 
 

@@ -245,3 +245,18 @@ def test_bfloat16_autocast_trains_float32_weights(tmp_path):
     train = _events(run, "train")
     assert train[-1]["loss"] < train[0]["loss"] - 0.3
     assert all(t.dtype == torch.float32 for t in _weights(run / "model.safetensors").values())
+
+
+def test_run_files_get_the_permissions_of_any_new_file(trained_run, tiny_bundle):
+    """safetensors writes owner-only files and bundles are assembled in an owner-only temporary
+    folder; what edgecraft publishes must be readable as the umask allows (0644/0755 under 022)."""
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    published = [trained_run / "model.safetensors", *trained_run.glob("checkpoints/*/*"), tiny_bundle,
+                 *tiny_bundle.iterdir()]
+    for path in published:
+        expected = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
