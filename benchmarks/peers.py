@@ -37,10 +37,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from peers_models import measure_row, prepare_peers
+
+if TYPE_CHECKING:
+    from edgecraft.model import GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PEERS = ("transformers", "optimum-fp32", "optimum-int8")
@@ -94,21 +98,30 @@ def export_bundle(run: Path, bundle: Path) -> None:
         edgecraft_cli("export", str(run), "--out", str(bundle), "--force")
 
 
-def ensure_run_and_bundle(args) -> tuple[Path, Path]:
-    """The run to compare (trained briefly from --corpus when no --run is given) and its bundle
-    with model.onnx and model.int8.onnx (exported into the work dir when no --bundle is given)."""
-    run = args.run
-    if run is None:
-        if args.corpus is None:
-            raise SystemExit("give --run RUN_DIR, or --corpus FILE to train recipes/char-1m.toml briefly")
-        edgecraft_cli("train", str(REPO / "recipes" / "char-1m.toml"), "--set", f"data.source={args.corpus}",
-                   "--set", f"train.max_steps={args.steps}", "--runs-dir", str(args.work / "runs"), "--force")
-        run = args.work / "runs" / "char-1m"
+def train_run(args) -> Path:
+    """Without --run: recipes/char-1m.toml trained briefly on --corpus in the work dir."""
+    if args.corpus is None:
+        raise SystemExit("give --run RUN_DIR, or --corpus FILE to train recipes/char-1m.toml briefly")
+    edgecraft_cli("train", str(REPO / "recipes" / "char-1m.toml"), "--set", f"data.source={args.corpus}",
+                  "--set", f"train.max_steps={args.steps}", "--runs-dir", str(args.work / "runs"), "--force")
+    return args.work / "runs" / "char-1m"
+
+
+def start(args, train) -> tuple[Path, Path, GPTConfig, list[int], list[int]]:
+    """What peers.py and peers_genai.py start from: the run (--run, else `train(args)`), its bundle
+    with model.onnx and model.int8.onnx (--bundle, else exported into the work dir), the run's
+    model config, and the --threads and --batches lists."""
+    from edgecraft.checkpoint import read_config
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    run = args.run or train(args)
     bundle = args.bundle
     if bundle is None:
         bundle = args.work / "bundle"
         export_bundle(run, bundle)
-    return run, bundle
+    threads = [int(t) for t in args.threads.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    return run, bundle, read_config(run / "model.safetensors"), threads, batches
 
 
 def prompts(run: Path, batch: int, length: int) -> list[list[int]]:
@@ -256,13 +269,8 @@ def main() -> None:
         write_report(report, args.out)
         return
     from edgecraft.bench_system import system_info
-    from edgecraft.checkpoint import read_config
 
-    args.work.mkdir(parents=True, exist_ok=True)
-    run, bundle = ensure_run_and_bundle(args)
-    cfg = read_config(run / "model.safetensors")
-    threads = [int(t) for t in args.threads.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
+    run, bundle, cfg, threads, batches = start(args, train_run)
     rows = [r for r in args.rows.split(",") if r]
     missing = []
     files = json.loads((bundle / "edgecraft.json").read_text())["files"]

@@ -61,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
-from peers import agreement, child, edgecraft_cli, export_bundle, prompts  # shared with peers.py
+from peers import agreement, child, edgecraft_cli, prompts, start  # shared with peers.py
 
 SETUP = (
     "python -m venv /work/genai-venv && /work/genai-venv/bin/pip install torch==2.13.0 && "
@@ -358,22 +358,16 @@ def _timed(fn, *args) -> float:
 # ---------------------------------------------------------------- the comparison (edgecraft's Python)
 
 
-def ensure_run_and_bundle(args) -> tuple[Path, Path]:
-    run = args.run
-    if run is None:
-        sets = ["--set", f"train.max_steps={args.steps}", "--set", f"train.batch_size={args.batch_size}",
-                "--set", "train.eval_every=100", "--set", "train.eval_batches=5",
-                "--set", f"train.checkpoint_every={args.steps}", "--set", f"train.sample_every={10 * args.steps}"]
-        if args.corpus is not None:
-            sets += ["--set", f"data.source={args.corpus}"]
-        edgecraft_cli("train", str(REPO / "recipes" / "char-1m-llama.toml"), *sets, "--runs-dir", str(args.work / "runs"),
-             "--force")
-        run = args.work / "runs" / "char-1m-llama"
-    bundle = args.bundle
-    if bundle is None:
-        bundle = args.work / "bundle"
-        export_bundle(run, bundle)
-    return run, bundle
+def train_run(args) -> Path:
+    """Without --run: recipes/char-1m-llama.toml trained briefly (on --corpus if given)."""
+    sets = ["--set", f"train.max_steps={args.steps}", "--set", f"train.batch_size={args.batch_size}",
+            "--set", "train.eval_every=100", "--set", "train.eval_batches=5",
+            "--set", f"train.checkpoint_every={args.steps}", "--set", f"train.sample_every={10 * args.steps}"]
+    if args.corpus is not None:
+        sets += ["--set", f"data.source={args.corpus}"]
+    edgecraft_cli("train", str(REPO / "recipes" / "char-1m-llama.toml"), *sets, "--runs-dir", str(args.work / "runs"),
+                  "--force")
+    return args.work / "runs" / "char-1m-llama"
 
 
 def bundle_for_genai(bundle: Path, work: Path, threads: int) -> Path:
@@ -548,13 +542,8 @@ def main() -> None:
         return
 
     from edgecraft.bench_system import system_info
-    from edgecraft.checkpoint import read_config
 
-    args.work.mkdir(parents=True, exist_ok=True)
-    run, bundle = ensure_run_and_bundle(args)
-    cfg = read_config(run / "model.safetensors")
-    threads = [int(t) for t in args.threads.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
+    run, bundle, cfg, threads, batches = start(args, train_run)
     kinds = [k for k in args.genai_precisions.split(",") if k]
     rows = [r for r in args.rows.split(",")
             if r and (r == GENAI_LOOP or not r.startswith("genai") or r.split("-")[1] in kinds)]

@@ -14,10 +14,11 @@ operators, 11 nodes per GPT-2-style layer (72 in all for char-1m):
 The KV cache is a preallocated buffer per layer, (batch, n_heads, block_size, head_size), bound
 as both `past_key_values.i.*` and `present.i.*`; the caller says where each sequence stands with
 `seqlens_k` (tokens cached after this step, minus one; (B, 1), squeezed once for all layers, so
-that onnxruntime-genai can feed it too). `graph_io()` describes all of it for the bundle manifest. GroupQueryAttention's newer `query_seqlens` input (right-padded chunks appended
-to caches of different lengths in one call) is left out on purpose: it arrived in onnxruntime
-1.32 and a graph that names it does not load in 1.30 or 1.31; the engine runs such chunks row
-by row instead.
+that onnxruntime-genai can feed it too). `graph_io()` describes all of it for the bundle
+manifest. GroupQueryAttention's newer `query_seqlens` input (right-padded chunks appended to
+caches of different lengths in one call) is left out on purpose: it arrived in onnxruntime 1.32
+and a graph that names it does not load in 1.30 or 1.31; the engine runs such chunks row by row
+instead.
 
 Only numpy and onnx here (and the model's config class): the exporter hands in a state dict
 of numpy arrays.

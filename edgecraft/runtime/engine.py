@@ -109,14 +109,13 @@ class Engine:
         # the decode step's buffers, written in place and read by onnxruntime through the binding
         self._step_ids = np.zeros((B, 1), dtype=np.int64)  # (B, 1)
         self._step_pos = np.zeros((B, 1), dtype=np.int64)  # (B, 1)
-        self._seqlens = np.zeros((B, *self._counter_dims), dtype=np.int32)  # (B, 1) tokens cached, minus 1
+        self._seqlens = np.zeros(B, dtype=np.int32)  # (B,) tokens cached after the step, minus 1
         self._total = np.zeros(self._counter_dims, dtype=np.int32)  # (1,) the longest sequence
-        self._seqlens_rows = self._seqlens.reshape(B)  # (B,) a view, written by decode()
         self._step_logits = np.zeros((B, 1, self.vocab_size), dtype=np.float32)  # (B, 1, V)
         self._step_out = self._step_logits[:, 0]  # (B, V) the view decode() returns
         self._step_binding = self._bind_call(
-            self._cache_binding(self._kv), self._step_ids, self._step_pos, self._seqlens, self._total,
-            self._step_logits,
+            self._cache_binding(self._kv), self._step_ids, self._step_pos,
+            self._seqlens.reshape(B, *self._counter_dims), self._total, self._step_logits,
         )
         # prefills of fresh sequences rebind only their small inputs (48 -> 11 µs a call)
         self._prefill_binding = self._cache_binding(self._kv)
@@ -213,13 +212,13 @@ class Engine:
             self._step_ids[0, 0] = ids[0]
             if self._has_positions:
                 self._step_pos[0, 0] = longest
-            self._seqlens_rows[0] = longest
+            self._seqlens[0] = longest
             lengths[0] = longest + 1
         else:
             self._step_ids[:, 0] = ids
             if self._has_positions:
                 self._step_pos[:, 0] = lengths
-            self._seqlens_rows[:] = lengths
+            self._seqlens[:] = lengths
             lengths += 1
         self._total[...] = longest + 1
         try:
