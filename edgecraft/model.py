@@ -15,48 +15,15 @@ Parameter names are part of the file format (the exporter reads them):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from edgecraft.config import GPTConfig
+
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v each (B, nh, T_past, hs)
 
 ROPE_THETA = 10000.0
-
-
-@dataclass(frozen=True)
-class GPTConfig:
-    """The architecture; the single source of truth saved inside every artifact."""
-
-    vocab_size: int
-    d_model: int = 128
-    n_layers: int = 6
-    n_heads: int = 8
-    d_ff: int = 512
-    block_size: int = 256
-    dropout: float = 0.0
-    norm: str = "layernorm"  # | "rmsnorm"
-    pos: str = "learned"  # | "rope"
-    mlp: str = "gelu"  # | "swiglu"
-    bias: bool = True
-    tie_embeddings: bool = True
-
-    @property
-    def head_size(self) -> int:
-        return self.d_model // self.n_heads
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "GPTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**data)
 
 
 def _norm(cfg: GPTConfig) -> nn.Module:
