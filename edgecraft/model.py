@@ -15,6 +15,7 @@ Parameter names are part of the file format (the exporter reads them):
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
