@@ -47,8 +47,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from edgecraft.export.graph import graph_io
 from edgecraft.model import GPTConfig
-from edgecraft.onnx_graph import graph_io
 from edgecraft.runtime.engine import SESSION_CONFIG, Engine
 
 CHAR_1M = dict(vocab_size=65, d_model=128, n_layers=6, n_heads=8, d_ff=512, block_size=256)
@@ -310,12 +310,48 @@ GRAPHS = {  # name -> (file, runner, llama-style)
 }
 
 
+def export_traced(model, path: Path, opset: int = 18) -> None:
+    """torch.onnx.export (dynamo) of the model with an explicit cache: the baseline graph.
+
+    Inputs input_ids (B, S), past.i.key/value (B, nh, P, hs) with P >= 0; outputs logits (B, S, V)
+    and present.i.key/value (B, nh, P + S, hs). The example has P > 0 and S > 1 so the traced
+    attention is the general masked branch, which is also right for P = 0 and S = 1.
+    """
+    import torch
+
+    class CacheIO(torch.nn.Module):  # GPT.forward with the cache as positional tensors
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, idx: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            cache = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+            logits, _, present = self.model(idx, cache=cache)
+            return (logits, *(t for kv in present for t in kv))
+
+    cfg = model.cfg
+    L = cfg.n_layers
+    names_in = ["input_ids"] + [f"past.{i}.{k}" for i in range(L) for k in ("key", "value")]
+    names_out = ["logits"] + [f"present.{i}.{k}" for i in range(L) for k in ("key", "value")]
+    idx = torch.zeros(2, 3, dtype=torch.long)
+    past = [torch.zeros(2, cfg.n_heads, 2, cfg.head_size) for _ in range(2 * L)]
+    batch = torch.export.Dim("batch_size")
+    seq = torch.export.Dim("sequence_length", max=cfg.block_size)
+    n_past = torch.export.Dim("past_sequence_length", max=cfg.block_size)
+    shapes = ({0: batch, 1: seq}, tuple({0: batch, 2: n_past} for _ in range(2 * L)))
+    torch.onnx.export(
+        CacheIO().eval(), (idx, *past), str(path), input_names=names_in,
+        output_names=names_out, dynamic_shapes=shapes, opset_version=max(opset, 18), dynamo=True,
+        verbose=False,
+    )
+
+
 def save_graphs(out: Path, run: Path | None) -> None:
     """Build the three graphs into `out` (needs torch), with the model config beside them."""
     import torch
 
     from edgecraft.checkpoint import load_model
-    from edgecraft.export import export_traced, write_onnx
+    from edgecraft.export.writer import write_onnx
     from edgecraft.model import GPT
 
     torch.manual_seed(0)

@@ -36,15 +36,11 @@ from onnx import helper, numpy_helper
 
 from edgecraft.checkpoint import load_model
 from edgecraft.data import eval_batches, prepare
-from edgecraft.int8 import (
-    calibrate_ranges,
-    decode_loss,
-    plan_layers,
-    ranges_from_state,
-    val_windows,
-)
-from edgecraft.int8_graph import Int8Plan, build_int8_graph
-from edgecraft.onnx_graph import build_graph, graph_io
+from edgecraft.export.graph import build_graph, graph_io
+from edgecraft.export.int8 import calibrate_ranges, plan_layers, ranges_from_state
+from edgecraft.export.int8_check import decode_loss
+from edgecraft.export.int8_graph import Int8Plan, build_int8_graph
+from edgecraft.export.parity import val_windows
 from edgecraft.quant import load_state
 from edgecraft.recipe import load_recipe
 from edgecraft.runtime.engine import Engine

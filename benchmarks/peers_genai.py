@@ -95,7 +95,7 @@ def llama_from_run(run_dir: Path):
     shape = {k: cfg.get(k) for k in LLAMA_SHAPE}
     if shape != LLAMA_SHAPE:
         raise SystemExit(f"onnxruntime-genai's Llama builder needs a llama-style run; {path} has {shape}")
-    from edgecraft.model import ROPE_THETA
+    from edgecraft.config import ROPE_THETA
 
     D, H = cfg["d_model"], cfg["n_heads"]
     config = LlamaConfig(

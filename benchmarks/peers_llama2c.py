@@ -67,8 +67,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecraft.model import ROPE_THETA, GPTConfig
-from edgecraft.onnx_graph import build_graph, graph_io
+from edgecraft.config import ROPE_THETA, GPTConfig
+from edgecraft.export.graph import build_graph, graph_io
 from edgecraft.runtime.engine import Engine
 
 SHAPE = dict(d_model=128, n_layers=6, n_heads=8, d_ff=512, block_size=256)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+ROPE_THETA = 10000.0  # rotary base frequency (RoFormer's), shared by the model and the graph
+
 
 @dataclass(frozen=True)
 class GPTConfig:

@@ -20,11 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgecraft.config import GPTConfig
+from edgecraft.config import ROPE_THETA, GPTConfig
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v each (B, nh, T_past, hs)
-
-ROPE_THETA = 10000.0
 
 
 def _norm(cfg: GPTConfig) -> nn.Module:

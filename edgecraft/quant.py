@@ -1,7 +1,7 @@
 """Quantization-aware training: fake quant that computes what the int8 ONNX graph computes.
 
 The hooks are edgecraft's own (torch.ao.quantization is deprecated, and fake-quant export through
-the dynamo exporter has been unreliable); the exporter (edgecraft/int8_graph.py) writes the int8
+the dynamo exporter has been unreliable); the exporter (edgecraft/export/int8_graph.py) writes the int8
 graph from the same functions, so training and inference round the same numbers the same way.
 
 The arithmetic, matching onnxruntime's DynamicQuantizeMatMul / MatMulIntegerToFloat on CPU:

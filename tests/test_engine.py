@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from edgecraft.export.graph import build_graph, graph_io
 from edgecraft.model import GPT, GPTConfig
-from edgecraft.onnx_graph import build_graph, graph_io
 from edgecraft.runtime.engine import Engine
 
 VARIANTS = {

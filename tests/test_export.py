@@ -1,5 +1,5 @@
 """export_run: the bundle's contents, its parity figures, driving it with nothing but onnxruntime
-and edgecraft.json, the traced baseline exporter, and the export's user errors."""
+and edgecraft.json, and the export's user errors."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from edgecraft.checkpoint import save_model
 from edgecraft.cli import app
 from edgecraft.data import make_char_tokenizer, prepare
-from edgecraft.export import ExportOptions, export_run, export_traced
+from edgecraft.export import ExportOptions, export_run
 from edgecraft.model import GPT, GPTConfig
 from edgecraft.recipe import to_toml, validate
 from edgecraft.runtime.bundle import sha256_file
@@ -198,24 +198,6 @@ def test_onnxruntime_genai_tokenizer_reads_a_bpe_bundle(tmp_path, genai_greedy):
 
     model = load(path)
     assert model.decode(genai_greedy(path, prompt, 12)) == model.generate("Before we", 12, temperature=0)
-
-
-def test_traced_exporter_gives_a_correct_dynamic_cache_graph(tmp_path):
-    """The baseline (torch.onnx.export, dynamo): empty past, batch 2, then cached decode."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=29, d_model=32, n_layers=2, n_heads=4, d_ff=64, block_size=32)).eval()
-    export_traced(model, tmp_path / "plain.onnx")
-    session = ort.InferenceSession(str(tmp_path / "plain.onnx"), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()][1:]
-    ids = torch.randint(0, 29, (2, 12))
-    with torch.no_grad():
-        ref = model(ids)[0].numpy()
-    feeds = {"input_ids": ids[:, :5].numpy(), **{n: np.zeros((2, 4, 0, 8), np.float32) for n in names}}
-    out = session.run(None, feeds)
-    np.testing.assert_allclose(out[0], ref[:, :5], atol=1e-4, rtol=0)
-    for t in range(5, 12):
-        out = session.run(None, {"input_ids": ids[:, t : t + 1].numpy(), **dict(zip(names, out[1:]))})
-        np.testing.assert_allclose(out[0][:, 0], ref[:, t], atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------------------------ errors

@@ -13,16 +13,12 @@ import torch
 from onnx import TensorProto
 
 from edgecraft.errors import UserError
-from edgecraft.int8 import (
-    calibrate_ranges,
-    int8_report,
-    plan_layers,
-    ranges_from_state,
-    val_windows,
-)
-from edgecraft.int8_graph import Int8Plan, build_int8_graph
+from edgecraft.export.graph import build_graph
+from edgecraft.export.int8 import calibrate_ranges, plan_layers, ranges_from_state
+from edgecraft.export.int8_check import int8_report
+from edgecraft.export.int8_graph import Int8Plan, build_int8_graph
+from edgecraft.export.parity import val_windows
 from edgecraft.model import GPT, GPTConfig
-from edgecraft.onnx_graph import build_graph
 from edgecraft.quant import attach
 from edgecraft.recipe import QuantConfig
 

@@ -1,10 +1,10 @@
 """Build the decoder's ONNX graph directly from the trained weights, op by op.
 
-At this model size (about a million parameters) a token's cost is streaming the weights through
-the matrix products plus per-operator overhead, not arithmetic; a traced graph carries hundreds
-of shape-bookkeeping nodes (277 after onnxruntime's optimiser for the char-1m shape). So, like
-onnxruntime-genai's model builder, we write the graph by hand with onnxruntime's fused contrib
-operators, 11 nodes per GPT-2-style layer (72 in all for char-1m):
+At this model size a token's cost is streaming the weights through the matrix products plus
+per-operator overhead, not arithmetic, and a traced graph carries hundreds of shape-bookkeeping
+nodes (benchmarks/results/decode_speed.md compares the two). So, like onnxruntime-genai's model
+builder, we write the graph by hand with onnxruntime's fused contrib operators, 11 nodes per
+GPT-2-style layer:
 
     residual Sum (+ the previous projection's bias) + norm -> MatMul qkv (+ Add bias)
     -> GroupQueryAttention (packed QKV, KV cache shared between past and present, rotary inside)
@@ -20,17 +20,22 @@ caches of different lengths in one call) is left out on purpose: it arrived in o
 and a graph that names it does not load in 1.30 or 1.31; the engine runs such chunks row by row
 instead.
 
-Only numpy and onnx here (and the model's config class): the exporter hands in a state dict
+Only numpy and onnx here (and the torch-free model config): the exporter hands in a state dict
 of numpy arrays.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgecraft.model import ROPE_THETA, GPTConfig
+from edgecraft.config import ROPE_THETA, GPTConfig
+
+if TYPE_CHECKING:
+    from edgecraft.model import GPT
 
 MS = "com.microsoft"
 NORM_EPS = 1e-5
@@ -51,7 +56,7 @@ def graph_io(cfg: GPTConfig) -> dict:
             {"name": "position_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]}
         )
     # (B, 1) and (1,) rather than GroupQueryAttention's (B,) and scalar: the shapes of the counters
-    # onnxruntime-genai keeps for graphs that take them (edgecraft/genai_config.py)
+    # onnxruntime-genai keeps for graphs that take them (edgecraft/export/genai.py)
     inputs += [
         {"name": "seqlens_k", "dtype": "int32", "shape": ["batch_size", 1]},
         {"name": "total_sequence_length", "dtype": "int32", "shape": [1]},
@@ -64,6 +69,11 @@ def graph_io(cfg: GPTConfig) -> dict:
             inputs.append({"name": f"past_key_values.{i}.{kv}", "dtype": "float32", "shape": cache})
             outputs.append({"name": f"present.{i}.{kv}", "dtype": "float32", "shape": cache})
     return {"inputs": inputs, "outputs": outputs}
+
+
+def state_arrays(model: GPT) -> dict[str, np.ndarray]:
+    """The model's state dict as float32 numpy arrays (what the graph builders take)."""
+    return {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
 
 
 class _Graph:
@@ -111,8 +121,8 @@ def build_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], opset: int = 17)
         """norm(x + skip + bias) and the sum itself (the new residual stream).
 
         RMSNorm: one SkipSimplifiedLayerNormalization. LayerNorm: Sum + LayerNormalization, because
-        onnxruntime's CPU SkipLayerNormalization costs ~0.6 µs per row (5x Add + LayerNormalization
-        at 16 rows, 10x at 64; the same at one row), while its simplified sibling is fast.
+        onnxruntime's CPU SkipLayerNormalization is slower per row than the two (its simplified
+        sibling is not; benchmarks/results/decode_speed.md, "Choices measured on the way").
         """
         gamma = g.const(f"{prefix}.weight", w[f"{prefix}.weight"])
         extra = [g.const(bias, w[bias])] if bias is not None else []
@@ -175,7 +185,7 @@ def build_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], opset: int = 17)
         h, res = add_norm(y, res, f"{p}.norm2", bias(f"{p}.attn.proj.bias"), with_sum=True)
         if cfg.mlp == "swiglu":
             # two MatMuls rather than one over concatenated weights + Split (onnxruntime-genai's
-            # layout): the same bytes streamed, one node kind fewer, speed within noise (0-3 µs)
+            # layout): the same bytes streamed, one node kind fewer, the same speed within noise
             gate = linear(h, f"{p}.mlp.gate", w[f"{p}.mlp.gate.weight"], bias(f"{p}.mlp.gate.bias"))  # (B, S, F)
             up = linear(h, f"{p}.mlp.up", w[f"{p}.mlp.up.weight"], bias(f"{p}.mlp.up.bias"))  # (B, S, F)
             silu = g.op("QuickGelu", [gate], [f"{p}/silu"], f"{p}.mlp.silu", MS, alpha=1.0)[0]

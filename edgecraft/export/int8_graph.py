@@ -1,9 +1,9 @@
-"""The int8 graph: the fp32 decoder graph of edgecraft.onnx_graph with its matrices and tables
+"""The int8 graph: the fp32 decoder graph of export/graph.py with its matrices and tables
 rewritten to onnxruntime int8 kernels, rounded by edgecraft.quant's functions.
 
-Measured on this project's CPU (benchmarks/results/int8.md): one DynamicQuantizeMatMul per linear
-layer is the fastest int8 form at decode batch 1 and 16 (a QDQ MatMul and MatMulNBits without
-int8 compute dequantize the weights on every call and are 6-7x slower than fp32). So:
+One DynamicQuantizeMatMul per linear layer is the fastest int8 form at decode batch 1 and 16 (a QDQ
+MatMul and MatMulNBits without int8 compute dequantize the weights on every call and are slower
+than fp32; benchmarks/results/int8.md). So:
 - scheme "dynamic": MatMul (+ Add bias) -> DynamicQuantizeMatMul(x, int8 W, per-column scale, bias)
 - scheme "static":  MatMul (+ Add bias) -> QuantizeLinear(x, a_scale, a_zp) ->
                     MatMulIntegerToFloat(xq, int8 W, a_scale, w scale, a_zp, bias)
@@ -21,8 +21,8 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from edgecraft.model import GPTConfig
-from edgecraft.onnx_graph import MS, build_graph
+from edgecraft.config import GPTConfig
+from edgecraft.export.graph import MS, build_graph
 from edgecraft.quant import activation_qparams, fake_quant_weight, quantize_weight
 
 TABLE_BLOCK = 16  # GatherBlockQuantized's smallest block (a power of two)
@@ -57,7 +57,7 @@ def _dequantized_tables(weights: dict[str, np.ndarray], layers: frozenset[str]) 
 
 
 def build_int8_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], plan: Int8Plan, opset: int = 17) -> onnx.ModelProto:
-    """The fp32 graph of onnx_graph.build_graph with the plan's matrices and tables in int8."""
+    """The fp32 graph of graph.build_graph with the plan's matrices and tables in int8."""
     model = build_graph(cfg, _dequantized_tables(weights, plan.layers), opset)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}

@@ -17,9 +17,14 @@ encode with `tokenizers` and hand genai the ids.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from tokenizers import Tokenizer
 
-from edgecraft.model import GPTConfig
+from edgecraft.config import GPTConfig
+from edgecraft.runtime.bundle import FP32_MODEL, INT8_MODEL
+from edgecraft.runtime.onnx_engine import DEFAULT_THREADS
 
 GENAI_CONFIG = "genai_config.json"
 GENAI_TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -82,3 +87,13 @@ def genai_tokenizer_config(kind: str, block_size: int) -> dict | None:
     if kind != "bpe":
         return None
     return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size}
+
+
+def write_genai_files(cfg: GPTConfig, tokenizer: Tokenizer, tokenizer_kind: str, root: Path) -> None:
+    """genai_config.json (and, for BPE, tokenizer_config.json) beside the bundle's graph in `root`."""
+    model_file = FP32_MODEL if (root / FP32_MODEL).is_file() else INT8_MODEL
+    config = genai_config(cfg, tokenizer, model_file, DEFAULT_THREADS)
+    (root / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    tokenizer_config = genai_tokenizer_config(tokenizer_kind, cfg.block_size)
+    if tokenizer_config is not None:
+        (root / GENAI_TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")

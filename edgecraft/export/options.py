@@ -1,0 +1,42 @@
+"""The export's options and their validation, done before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgecraft.errors import UserError
+
+MIN_OPSET = 17  # LayerNormalization
+KEEP_FLOAT = ("embeddings", "head", "first", "last")  # what --keep-float may name
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int = 17
+    force: bool = False
+    int8: bool = False
+    int8_only: bool = False
+    calibrate: int = 0
+    keep_float: tuple[str, ...] = ()
+    max_loss_increase: float | None = None
+
+
+def check_keep_float(keep_float: tuple[str, ...]) -> None:
+    bad = [k for k in keep_float if k not in KEEP_FLOAT]
+    if bad:
+        raise UserError(f"--keep-float {bad[0]!r}: expected one of {', '.join(KEEP_FLOAT)}")
+
+
+def check_options(options: ExportOptions) -> None:
+    """Refuse an opset out of range and int8 flags that would be ignored or are unknown."""
+    import onnx
+
+    top = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= options.opset <= top:
+        raise UserError(f"--opset {options.opset}: expected {MIN_OPSET} to {top}")
+    if not options.int8:
+        given = [flag for flag, on in (("--keep-float", options.keep_float), ("--calibrate", options.calibrate),
+                                       ("--max-loss-increase", options.max_loss_increase is not None)) if on]
+        if given:
+            raise UserError(f"{given[0]} applies to the int8 export; add --int8")
+    check_keep_float(options.keep_float)
