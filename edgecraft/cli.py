@@ -96,39 +96,44 @@ def generate(
     stream: Annotated[bool, typer.Option(help="Print text as it is generated.")] = False,
     int8: Annotated[bool, typer.Option(help="Use the bundle's int8 model.")] = False,
     threads: Annotated[int, typer.Option(min=0, help="0 = the runtime's measured default.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu | cuda (tinygrad: CPU, CUDA, METAL, GPU, WEBGPU).")] = "cpu",
+    backend: Annotated[str, typer.Option(help="Bundles: onnxruntime | tinygrad.")] = "onnxruntime",
 ) -> None:
-    """Continue a prompt: from a bundle with onnxruntime, or from a run with PyTorch."""
+    """Continue a prompt: from a bundle (onnxruntime or tinygrad) or a run (PyTorch), through the
+    same decode loop and sampling."""
     if not path.exists():
         raise UserError(f"{path}: no such bundle or run directory")
     if is_bundle(path):
         from edgecraft.runtime import BundleError, load
 
-        kwargs = dict(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, stop=stop, seed=seed,
-        )
-        try:  # bundle problems, bad option values and onnxruntime load errors each say what is wrong
-            model = load(path, int8=int8, threads=threads, device=device)
-            if not stream:
-                typer.echo(prompt + model.generate(prompt, **kwargs))
-                return
-            pieces = model.stream(prompt, **kwargs)  # checks the options now, generates lazily
+        try:  # bundle problems and onnxruntime/tinygrad load errors each say what is wrong
+            model = load(path, int8=int8, threads=threads, device=device, backend=backend)
         except (BundleError, ValueError, RuntimeError) as err:
             raise UserError(str(err)) from None
-        sys.stdout.write(prompt)
-        for piece in pieces:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        return
-    from edgecraft.rundir import generate_from_run
+    else:
+        if int8:
+            raise UserError(f"--int8: {path} is a run (float weights); export it with --int8 and generate from the bundle")
+        if backend != "onnxruntime":
+            raise UserError(f"--backend {backend}: runs generate with PyTorch; export the run to use {backend}")
+        from edgecraft.torch_engine import load_run_model
 
-    text = generate_from_run(
-        path, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-        top_p=top_p, seed=seed, device=device,
+        model = load_run_model(path, device=device, threads=threads)
+    options = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, stop=stop, seed=seed,
     )
-    typer.echo(prompt + text)
+    try:
+        if not stream:
+            typer.echo(prompt + model.generate(prompt, **options))
+            return
+        pieces = model.stream(prompt, **options)  # checks the options now, generates lazily
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    sys.stdout.write(prompt)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
 
 
 @app.command()
@@ -169,7 +174,7 @@ def info(path: Annotated[Path, typer.Argument(help="A run directory or a bundle.
     if not path.exists():
         raise UserError(f"{path}: no such bundle or run directory")
     if is_bundle(path):
-        from edgecraft.runtime.bundle import BundleError, describe_bundle
+        from edgecraft.runtime import BundleError, describe_bundle
 
         try:
             typer.echo(describe_bundle(path))

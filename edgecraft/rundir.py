@@ -1,6 +1,7 @@
-"""Reading a run directory (runs/NAME/): load its model, generate from it, describe it.
+"""Reading a run directory (runs/NAME/): load its model, describe it.
 
-`load_run` is the one way export, bench and `generate` get a trained model out of a run, so a
+`load_run` is the one way export, bench and `generate` (edgecraft/torch_engine.py) get a trained
+model out of a run, so a
 missing or damaged piece is reported the same way everywhere: one UserError naming the file.
 A run still in training (or stopped by Ctrl-C) has no model.safetensors yet; its newest
 checkpoint's weights stand in.
@@ -50,48 +51,6 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
             f"{run_dir / 'tokenizer.json'} ({tokenizer.get_vocab_size()})"
         )
     return model, tokenizer, recipe
-
-
-def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """Prompt -> ids; characters the tokenizer never saw become its <unk> token."""
-    return tokenizer.encode(prompt).ids
-
-
-def generate_from_run(
-    run_dir: str | Path,
-    prompt: str,
-    max_new_tokens: int = 200,
-    temperature: float = 0.8,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    device: str = "cpu",
-) -> str:
-    """Continue `prompt` with the run's PyTorch model; returns only the new text.
-
-    Same seed, same text; temperature 0 is greedy. An empty prompt starts from token 0.
-    """
-    import torch
-
-    from edgecraft.model import sample
-
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"--device {device!r}: expected cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: PyTorch sees no CUDA device")
-    if temperature < 0:
-        raise UserError(f"--temperature {temperature}: must be >= 0 (0 = greedy)")
-    model, tokenizer, _ = load_run(run_dir, device=device)
-    ids = encode_prompt(tokenizer, prompt) or [0]
-    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    generator = torch.Generator(device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    out = sample(model, idx, max_new_tokens, temperature, top_k, top_p, generator=generator)
-    new = out[0, idx.shape[1] :].tolist() if prompt else out[0, 1:].tolist()
-    return tokenizer.decode(new)
 
 
 def _size(path: Path) -> str:

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import write_tiny_recipe
 from edgecraft.recipe import load_recipe
-from edgecraft.rundir import describe_run, generate_from_run, load_run
+from edgecraft.rundir import describe_run, load_run
+from edgecraft.torch_engine import load_run_model
 from edgecraft.train import resume_run, train_recipe
 
 _SCRIPT = Path(sys.executable).with_name("edgecraft")  # the installed console script
@@ -49,12 +50,13 @@ def test_train_generate_info_through_the_command(tmp_path):
 
 
 def test_generate_from_run_is_seeded_greedy_and_tolerates_unknown_characters(trained_run):
-    a = generate_from_run(trained_run, "The dog", max_new_tokens=40, temperature=1.0, seed=5)
-    assert a == generate_from_run(trained_run, "The dog", max_new_tokens=40, temperature=1.0, seed=5)
-    greedy = generate_from_run(trained_run, "The dog", max_new_tokens=40, temperature=0.0, seed=1)
-    assert greedy == generate_from_run(trained_run, "The dog", max_new_tokens=40, temperature=0.0, seed=2)
-    assert len(generate_from_run(trained_run, "Zébra ✓", max_new_tokens=10, seed=1)) == 10
-    assert len(generate_from_run(trained_run, "", max_new_tokens=10, seed=1)) == 10
+    run = load_run_model(trained_run)
+    a = run.generate("The dog", max_new_tokens=40, temperature=1.0, seed=5)
+    assert a == run.generate("The dog", max_new_tokens=40, temperature=1.0, seed=5)
+    greedy = run.generate("The dog", max_new_tokens=40, temperature=0.0, seed=1)
+    assert greedy == run.generate("The dog", max_new_tokens=40, temperature=0.0, seed=2)
+    assert len(run.generate("Zébra ✓", max_new_tokens=10, seed=1)) == 10
+    assert len(run.generate("", max_new_tokens=10, seed=1)) == 10
     model, tokenizer, recipe = load_run(trained_run)
     assert recipe.name == "tiny" and not model.training
     assert "checkpoints: step-000020, step-000030" in describe_run(trained_run)

@@ -12,9 +12,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edgecraft.export.graph import build_graph, graph_io
+from edgecraft.export.graph import build_graph
 from edgecraft.model import GPT, GPTConfig
-from edgecraft.runtime.engine import Engine
+from edgecraft.runtime.onnx_engine import OnnxEngine
+from edgecraft.torch_engine import TorchEngine
 
 VARIANTS = {
     "gpt2": {},
@@ -38,15 +39,18 @@ def tiny_model(seed: int = 0, **kw) -> GPT:
     return model
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
+@pytest.fixture(scope="module", params=[(v, e) for e in ("onnxruntime", "torch") for v in VARIANTS], ids=str)
 def pair(request, tmp_path_factory):
-    """(PyTorch model, Engine over its graph)."""
-    model = tiny_model(**VARIANTS[request.param])
-    path = tmp_path_factory.mktemp(request.param) / "model.onnx"
+    """(PyTorch model, an engine over it): the onnxruntime engine over its graph, or the PyTorch
+    engine over the model itself; both implement runtime/engine.py's interface."""
+    variant, kind = request.param
+    model = tiny_model(**VARIANTS[variant])
+    if kind == "torch":
+        return model, TorchEngine(model)
+    path = tmp_path_factory.mktemp(variant) / "model.onnx"
     weights = {k: v.numpy() for k, v in model.state_dict().items()}
     onnx.save(build_graph(model.cfg, weights), str(path))
-    manifest = {"config": model.cfg.to_dict(), "onnx": graph_io(model.cfg)}
-    return model, Engine(path, manifest)
+    return model, OnnxEngine(path, model.cfg)
 
 
 def reference(model: GPT, ids: np.ndarray) -> np.ndarray:
@@ -133,7 +137,7 @@ def test_bad_calls_raise_clear_errors(pair):
         engine.prefill(np.zeros((2, 49), dtype=np.int64))
     with pytest.raises(ValueError, match="lengths"):
         engine.prefill(np.zeros((2, 4), dtype=np.int64), np.array([5, 1]))
-    with pytest.raises(ValueError, match="3 token ids for a batch of 2"):
+    with pytest.raises(ValueError, match="3 token ids for 2 slots"):
         engine.decode(np.zeros(3, dtype=np.int64))
     with pytest.raises(ValueError, match="batch_size"):
         engine.reset(0)
@@ -143,15 +147,14 @@ def test_cuda_without_provider_is_a_clear_error(pair):
     model, _ = pair
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
-    manifest = {"config": model.cfg.to_dict(), "onnx": graph_io(model.cfg)}
     with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
-        Engine("unused.onnx", manifest, device="cuda")
+        OnnxEngine("unused.onnx", model.cfg, device="cuda")
     with pytest.raises(ValueError, match="device"):
-        Engine("unused.onnx", manifest, device="tpu")
+        OnnxEngine("unused.onnx", model.cfg, device="tpu")
 
 
 def test_engine_imports_no_torch():
-    code = "import sys, edgecraft.runtime.engine; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, edgecraft.runtime.onnx_engine; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -166,7 +169,7 @@ def test_a_sequence_joins_a_running_batch(pair):
     for t in range(6, 9):
         engine.decode(np.array([r[t] for r in rows]))
     newcomer = rng.integers(0, 29, 40)
-    engine.lengths[1] = 0
+    engine.release(1)
     chunk = np.zeros((3, 5), dtype=np.int64)
     chunk[1] = newcomer[:5]
     got = engine.prefill(chunk, np.array([0, 5, 0]))
@@ -182,22 +185,18 @@ def test_a_sequence_joins_a_running_batch(pair):
 
 def test_graphs_exported_before_genai_config_still_run(tmp_path):
     """Bundles from before genai_config.json declare seqlens_k (B,) and total_sequence_length ()
-    and feed GroupQueryAttention directly; the engine reads the manifest and feeds those shapes."""
+    and feed GroupQueryAttention directly; the engine reads the graph's inputs and feeds those shapes."""
     model = tiny_model()
     graph = build_graph(model.cfg, {k: v.numpy() for k, v in model.state_dict().items()})
     squeeze = next(n for n in graph.graph.node if n.op_type == "Squeeze")
     graph.graph.node.remove(squeeze)
     for node in graph.graph.node:
         node.input[:] = ["seqlens_k" if name == squeeze.output[0] else name for name in node.input]
-    io = graph_io(model.cfg)
-    for spec in io["inputs"]:
-        if spec["name"] in ("seqlens_k", "total_sequence_length"):
-            spec["shape"] = spec["shape"][:-1]  # (B,) and ()
-            old = next(i for i in graph.graph.input if i.name == spec["name"])
-            old.type.tensor_type.shape.dim.pop()
+    for name in ("seqlens_k", "total_sequence_length"):  # (B,) and ()
+        next(i for i in graph.graph.input if i.name == name).type.tensor_type.shape.dim.pop()
     onnx.checker.check_model(graph)
     onnx.save(graph, str(tmp_path / "old.onnx"))
-    engine = Engine(tmp_path / "old.onnx", {"config": model.cfg.to_dict(), "onnx": io})
+    engine = OnnxEngine(tmp_path / "old.onnx", model.cfg)
     ids = np.random.default_rng(1).integers(0, 29, (2, 20))
     engine.reset(2)
     logits = engine.prefill(ids[:, :12], np.array([12, 9]))
@@ -205,3 +204,32 @@ def test_graphs_exported_before_genai_config_still_run(tmp_path):
     for t in range(12, 20):  # row 1 decodes from position 9
         step = engine.decode(ids[:, t])
         np.testing.assert_allclose(step[0], reference(model, ids[:1, : t + 1])[0, -1], atol=TOL, rtol=0)
+
+
+def test_decode_over_the_first_slots_and_moving_a_slot_keep_every_cache(pair):
+    """Slots that sequences leave: a decode over the first n slots leaves the others alone, and a
+    slot moved into a freed one carries its cache (the server keeps active slots packed)."""
+    model, engine = pair
+    rng = np.random.default_rng(9)
+    rows = [rng.integers(0, 29, 30) for _ in range(3)]
+    engine.reset(3)
+    engine.prefill(np.stack([r[:5] for r in rows]))
+    engine.decode(np.array([rows[0][5], rows[1][5]]))  # slot 2 sits out
+    assert engine.lengths.tolist() == [6, 6, 5]
+    engine.release(0)
+    engine.move(2, 0)  # slot 2's sequence now lives in slot 0
+    assert engine.lengths.tolist() == [5, 6, 0]
+    out = engine.decode(np.array([rows[2][5], rows[1][6]]))
+    np.testing.assert_allclose(out[0], reference(model, rows[2][None, :6])[0, -1], atol=TOL, rtol=0)
+    np.testing.assert_allclose(out[1], reference(model, rows[1][None, :7])[0, -1], atol=TOL, rtol=0)
+
+
+def test_an_edited_config_is_refused_naming_the_field(tmp_path):
+    model = tiny_model()
+    onnx.save(build_graph(model.cfg, {k: v.numpy() for k, v in model.state_dict().items()}), str(tmp_path / "m.onnx"))
+    from dataclasses import replace
+
+    from edgecraft.runtime import BundleError
+
+    with pytest.raises(BundleError, match="config.block_size is 24 but the graph was exported with 48"):
+        OnnxEngine(tmp_path / "m.onnx", replace(model.cfg, block_size=24))

@@ -26,6 +26,8 @@ of numpy arrays.
 
 from __future__ import annotations
 
+import json
+
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,6 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgecraft.config import ROPE_THETA, GPTConfig
+from edgecraft.runtime.bundle import CONFIG_METADATA
 
 if TYPE_CHECKING:
     from edgecraft.model import GPT
@@ -221,5 +224,7 @@ def build_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], opset: int = 17)
         graph, opset_imports=opsets, producer_name="edgecraft",
         ir_version=helper.find_min_ir_version_for(opsets, ignore_unknown=True),
     )
+    # the config rides in the graph too: a runtime checks the manifest's config against it
+    helper.set_model_props(model, {CONFIG_METADATA: json.dumps(cfg.to_dict(), sort_keys=True)})
     onnx.checker.check_model(model)
     return model

@@ -1,20 +1,26 @@
-"""Reading and verifying a bundle (export/NAME/): the manifest, every file's hash, the model file.
+"""The bundle (export/NAME/): its typed manifest, every file's hash, the model file to run.
 
-A bundle is trusted only after its manifest's format version is one we read and every file it
-lists has the recorded size and sha256, so a truncated download or a hand-edited model fails here,
-naming the file, instead of producing wrong text later. Self-contained (stdlib only): the runtime
-must not import the training side, so `BundleError` lives here and the CLI maps it to a one-line
-error.
+A bundle is trusted only after its manifest's format version is one we read, its fields have the
+types below, and every file it lists has the recorded size and sha256, so a truncated download or
+a hand-edited model fails here, naming the file or field, instead of producing wrong text later.
+The exporter writes a `Manifest`; load, the engines, `edgecraft info`, bench and the genai
+config read its fields. Stdlib only: the runtime must not import the training side.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-try:  # CPython's built-in SHA-256, which hashlib itself falls back to without OpenSSL: importing
-    # hashlib maps libcrypto, 3.6 MB of the `edgecraft generate` process's 80 MB budget, for a
-    # hash of a few MB that the built-in code does in ~3 ms per MB.
+from edgecraft.config import GPTConfig
+
+try:  # CPython's built-in SHA-256: hashlib would map libcrypto into every `edgecraft generate`
+    # process (its memory budget, tests/test_runtime.py) for hashing a few MB
     from _sha2 import sha256  # CPython >= 3.12
 except ImportError:
     try:
@@ -28,6 +34,7 @@ MANIFEST = "edgecraft.json"
 TOKENIZER = "tokenizer.json"
 FP32_MODEL = "model.onnx"
 INT8_MODEL = "model.int8.onnx"
+CONFIG_METADATA = "edgecraft.config"  # the graph's metadata entry holding its config (JSON)
 
 
 class BundleError(ValueError):
@@ -35,28 +42,147 @@ class BundleError(ValueError):
     the file and the fix."""
 
 
-def read_manifest(path: str | Path) -> dict:
-    """The parsed edgecraft.json of bundle `path`, after checking its format version."""
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    file: str
+    kind: str  # "char" | "bpe"
+    tokens: int
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """How a program that knows only onnxruntime drives the graph (export/README.md)."""
+
+    files: list[str]  # the model files; all share these inputs and outputs
+    opset: dict[str, int]
+    nodes: int  # of the float32 graph
+    op_types: dict[str, int]
+    inputs: list[dict[str, Any]]  # {name, dtype, shape}
+    outputs: list[dict[str, Any]]
+    kv_cache: dict[str, Any]
+    drive: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """The settings the exporter recommends for running the graph."""
+
+    threads: int
+    session_config: dict[str, str]  # SessionOptions.add_session_config_entry entries
+    execution_provider: str = "CPUExecutionProvider"
+    graph_optimization_level: str = "ORT_ENABLE_BASIC"
+    onnxruntime: str = ""
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """edgecraft.json: what the bundle's files are, how to drive them, and the export's checks."""
+
+    format: str
+    name: str
+    created: str
+    edgecraft_version: str
+    parameters: int
+    config: GPTConfig
+    vocab_size: int
+    tokenizer: TokenizerInfo
+    quantization: dict[str, Any]  # per model file: "none (float32)" or the quantization report
+    files: dict[str, FileEntry]
+    onnx: GraphInfo
+    runtime: RuntimeSettings
+    checks: dict[str, Any]
+    web: dict[str, Any] | None = None  # present when exported with --web
+    extra: dict[str, Any] = field(default_factory=dict)  # sections a newer exporter added
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = MANIFEST) -> "Manifest":
+        """Validate and type a parsed edgecraft.json; BundleError names the first bad field."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        extra = {k: v for k, v in data.items() if k not in known}
+        return _typed(cls, {**{k: v for k, v in data.items() if k in known}, "extra": extra}, where, "")
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(out.pop("extra"))
+        if out["web"] is None:
+            del out["web"]
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
+def _typed(hint, value, where: str, path: str):
+    """`value` checked against the type `hint` (dataclasses, dict/list of them, scalars, Any,
+    optional), built into the dataclasses; BundleError naming the field otherwise."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (hint,) = [h for h in options if h is not type(None)]
+        return _typed(hint, value, where, path)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise BundleError(f"{where}: damaged manifest ({path or 'top level'} is not an object)")
+        hints = typing.get_type_hints(hint)
+        kwargs = {}
+        for f in dataclasses.fields(hint):
+            name = f"{path}.{f.name}" if path else f.name
+            if f.name in value:
+                kwargs[f.name] = _typed(hints[f.name], value[f.name], where, name)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise BundleError(f"{where}: damaged manifest (no {name!r})")
+        unknown = set(value) - set(hints)
+        if unknown and hint is GPTConfig:
+            raise BundleError(f"{where}: unknown config keys {sorted(unknown)}; upgrade edgecraft")
+        return hint(**kwargs)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise BundleError(f"{where}: damaged manifest ({path!r} is not an object)")
+        _, item = typing.get_args(hint)
+        return {k: _typed(item, v, where, f"{path}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise BundleError(f"{where}: damaged manifest ({path!r} is not a list)")
+        (item,) = typing.get_args(hint)
+        return [_typed(item, v, where, f"{path}[{i}]") for i, v in enumerate(value)]
+    ok = isinstance(value, hint) and not (hint in (int, float) and isinstance(value, bool))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise BundleError(f"{where}: damaged manifest ({path!r} should be {hint.__name__}, got {value!r})")
+    return value
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """The typed edgecraft.json of bundle `path`, after checking its format version."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise BundleError(f"{path}: not a bundle ({MANIFEST} not found)")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        data = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BundleError(f"{manifest_path}: damaged manifest ({err})") from None
-    if not isinstance(manifest, dict):
+    if not isinstance(data, dict):
         raise BundleError(f"{manifest_path}: damaged manifest (not a JSON object)")
-    fmt = manifest.get("format")
+    fmt = data.get("format")
     if fmt not in SUPPORTED_FORMATS:
         raise BundleError(
             f"{manifest_path}: bundle format {fmt!r} is not supported by this runtime "
-            f"(reads {', '.join(SUPPORTED_FORMATS)}); re-export the run or upgrade edgecraft"
+            f"(reads {', '.join(SUPPORTED_FORMATS)}); re-export the run with this version of edgecraft"
         )
-    for key in ("config", "files"):
-        if not isinstance(manifest.get(key), dict):
-            raise BundleError(f"{manifest_path}: damaged manifest (no {key!r} object)")
-    return manifest
+    return Manifest.from_dict(data, str(manifest_path))
 
 
 def sha256_file(path: Path) -> str:
@@ -67,25 +193,25 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_files(path: str | Path, manifest: dict) -> None:
+def verify_files(path: str | Path, manifest: Manifest) -> None:
     """Check every file the manifest lists: present, recorded size, recorded sha256."""
     path = Path(path)
-    for name, entry in manifest["files"].items():
+    for name, entry in manifest.files.items():
         file = path / name
         if not file.is_file():
             raise BundleError(f"{file}: missing from the bundle (listed in {MANIFEST})")
         size = file.stat().st_size
-        if size != entry.get("bytes"):
+        if size != entry.bytes:
             raise BundleError(
-                f"{file}: damaged ({size} bytes, the manifest says {entry.get('bytes')}); re-export or re-copy it"
+                f"{file}: damaged ({size} bytes, the manifest says {entry.bytes}); re-export or re-copy it"
             )
-        if sha256_file(file) != entry.get("sha256"):
+        if sha256_file(file) != entry.sha256:
             raise BundleError(f"{file}: damaged (sha256 does not match the manifest); re-export or re-copy it")
 
 
-def model_file(path: str | Path, manifest: dict, int8: bool) -> Path:
+def model_file(path: str | Path, manifest: Manifest, int8: bool) -> Path:
     """The ONNX file to run: int8 when asked; otherwise fp32, or int8 if that is all there is."""
-    files = manifest["files"]
+    files = manifest.files
     if int8:
         if INT8_MODEL not in files:
             raise BundleError(f"{path}: no {INT8_MODEL} in this bundle (export it with --int8)")
@@ -94,56 +220,3 @@ def model_file(path: str | Path, manifest: dict, int8: bool) -> Path:
         if name in files:
             return Path(path) / name
     raise BundleError(f"{path}: the manifest lists no model file ({FP32_MODEL} or {INT8_MODEL})")
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
-
-
-def _value(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, list) and len(value) > 6:
-        return f"[{', '.join(map(str, value[:3]))}, … ({len(value)} items)]"
-    return str(value)
-
-
-def _tree(section: dict, indent: str = "  ") -> list[str]:
-    """A manifest section as indented `key: value` lines, in the manifest's order."""
-    lines = []
-    for key, value in section.items():
-        if isinstance(value, dict):
-            lines += [f"{indent}{key}:", *_tree(value, indent + "  ")]
-        else:
-            lines.append(f"{indent}{key}: {_value(value)}")
-    return lines
-
-
-def describe_bundle(path: str | Path) -> str:
-    """A human summary for `edgecraft info`: format, config, sizes, quantization, export checks
-    and the recommended runtime settings."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    lines = [f"bundle {path}", f"  format: {manifest['format']}"]
-    for key in ("name", "created", "edgecraft_version"):
-        if key in manifest:
-            lines.append(f"  {key}: {manifest[key]}")
-    if isinstance(manifest.get("parameters"), int):
-        lines.append(f"  parameters: {manifest['parameters']:,}")
-    tokenizer = manifest.get("tokenizer")
-    if isinstance(tokenizer, dict):
-        lines.append(f"  tokenizer: {tokenizer.get('kind', '?')}, {tokenizer.get('tokens', '?')} tokens")
-    graph = manifest.get("onnx")
-    if isinstance(graph, dict) and "nodes" in graph:
-        opsets = ", ".join(f"{domain} {version}" for domain, version in graph.get("opset", {}).items())
-        lines.append(f"  onnx graph: {graph['nodes']} nodes (opsets: {opsets})")
-    lines += ["config", *_tree(manifest["config"])]
-    lines.append("files")
-    for name, entry in manifest["files"].items():
-        present = "" if (path / name).is_file() else "  (MISSING)"
-        lines.append(f"  {name}: {_size(entry.get('bytes', 0))}  sha256 {str(entry.get('sha256'))[:12]}…{present}")
-    for section in ("quantization", "checks", "runtime"):
-        if manifest.get(section) is not None:
-            section_value = manifest[section]
-            lines += [section, *(_tree(section_value) if isinstance(section_value, dict) else [f"  {section_value}"])]
-    return "\n".join(lines)

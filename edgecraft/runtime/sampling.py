@@ -2,9 +2,10 @@
 
 Every function takes logits (B, V) and returns new arrays (the engine's logits buffer is reused
 by its next call, so nothing here writes into it). The RNG is passed in, never global, so the same
-seed gives the same text and two models in one process never disturb each other. It is the
-standard library's `random.Random`, one uniform draw per row and token: numpy's Generator would
-cost the `edgecraft generate` process 2.6 MB of its 80 MB budget for importing numpy.random.
+seed gives the same text and two models in one process never disturb each other; each row may
+have its own, so a sequence's text does not depend on what else is in its batch. It is the
+standard library's `random.Random`, one uniform draw per row and token: importing numpy.random
+would cost the `edgecraft generate` process part of its memory budget (tests/test_runtime.py).
 """
 
 from __future__ import annotations
@@ -85,13 +86,17 @@ def filtered_logits(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
 
 
 def sample(
-    logits: np.ndarray, rng: random.Random, params: SamplingParams, seen: np.ndarray | None = None
+    logits: np.ndarray,
+    rng: random.Random | list[random.Random],
+    params: SamplingParams,
+    seen: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Next token ids (B,) int64 from logits (B, V); `seen` (B, V) bool feeds the repetition penalty.
+    """Next token ids (B,) int64 from logits (B, V); `rng` is one RNG for every row or one per row;
+    `seen` (B, V) bool feeds the repetition penalty.
 
     Inverse-CDF sampling: the first token whose cumulative probability exceeds a uniform draw,
-    exactly softmax(z) in a handful of numpy calls (the per-token cost matters at ~300 µs per
-    token). Tokens outside the support have probability 0 and can never be the first to exceed it.
+    exactly softmax(z) in a handful of numpy calls. Tokens outside the support have probability 0
+    and can never be the first to exceed it.
     """
     if params.repetition_penalty != 1.0:
         if seen is None:
@@ -101,6 +106,9 @@ def sample(
         return logits.argmax(axis=-1)
     z = filtered_logits(logits, params)  # (B, V)
     cdf = np.exp(z - z.max(axis=-1, keepdims=True)).cumsum(axis=-1)  # (B, V) unnormalised
+    rngs = rng if isinstance(rng, list) else [rng] * len(cdf)
     # per row, the first token whose cumulative mass exceeds u ~ U[0, total); searching all but the
     # last entry keeps a draw that rounds up to the total inside the vocabulary
-    return np.array([row[:-1].searchsorted(rng.random() * row[-1], "right") for row in cdf], dtype=np.int64)
+    return np.array(
+        [row[:-1].searchsorted(r.random() * row[-1], "right") for row, r in zip(cdf, rngs)], dtype=np.int64
+    )
