@@ -10,6 +10,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from edgecraft import data
+from edgecraft.data.tokenizer import PIECE_CHARS, UNK, pieces
 from edgecraft.errors import UserError
 from edgecraft.recipe import DataConfig
 
@@ -111,12 +112,12 @@ def test_char_tokenizer_round_trip_order_and_unknowns(tmp_path):
     vocab = tok.get_vocab()
     chars = sorted(set("ba\né→中\r\t"))
     assert [vocab[c] for c in chars] == list(range(len(chars)))
-    assert vocab[data.UNK] == len(chars)  # "<unk>" is last
+    assert vocab[UNK] == len(chars)  # "<unk>" is last
     text = "ab\r\n\tä中→é\n<unk>"
     ids = tok.encode(text).ids
     assert len(ids) == len(text)
-    assert ids[5] == vocab[data.UNK]  # "ä" was never seen
-    assert ids[-5:] == [vocab[data.UNK]] * 5  # a literal "<unk>" is five unknown characters here
+    assert ids[5] == vocab[UNK]  # "ä" was never seen
+    assert ids[-5:] == [vocab[UNK]] * 5  # a literal "<unk>" is five unknown characters here
     assert tok.decode(tok.encode("ab\n中\r\n").ids) == "ab\n中\r\n"  # pieces joined with no spaces
 
     tok.save(str(tmp_path / "tokenizer.json"))
@@ -148,17 +149,17 @@ def test_bpe_round_trip(tmp_path):
 
 def test_bpe_pieces_cut_after_newlines_whatever_the_chunking():
     text = "".join(f"line {i} " + "word " * (i % 37) + "\n" for i in range(3000)) + "x" * 500
-    expected = list(data._pieces([text], 1000))
+    expected = list(pieces([text], 1000))
     assert "".join(expected) == text
     assert all(len(p) <= 1000 for p in expected)
     assert all(p.endswith("\n") for p in expected[:-2])  # the tail of 500 x's has no newline
     rechunked = [text[i : i + 777] for i in range(0, len(text), 777)]
-    assert list(data._pieces(rechunked, 1000)) == expected
+    assert list(pieces(rechunked, 1000)) == expected
 
 
 def test_bpe_round_trip_over_many_pieces(tmp_path):
     text = "".join(f"{i}: the cat sat on the mat, é→中\n" * (i % 5 + 1) for i in range(2000))
-    assert len(text) > 2 * data.PIECE_CHARS
+    assert len(text) > 2 * PIECE_CHARS
     f = write(tmp_path / "many.txt", text)
     p = data.prepare(cfg_for(f, tmp_path, tokenizer="bpe", vocab_size=400), 8)
     assert p.tokenizer.decode(np.concatenate([p.train, p.val]).tolist()) == text
