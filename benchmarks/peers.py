@@ -53,7 +53,7 @@ SAMPLES = ("ttft_ms", "tok_s", "tok_per_cpu_s")  # per measured run
 
 def merge(rounds: list[dict]) -> list[dict]:
     """One result per (row, threads): the samples of every round, summarized; the last round's tokens."""
-    from edgecraft.bench_stats import summarize
+    from edgecraft.bench.stats import summarize
 
     merged: dict[tuple, dict] = {}
     for r in rounds:
@@ -128,7 +128,7 @@ def prompts(run: Path, batch: int, length: int) -> list[list[int]]:
     """`batch` prompts of `length` tokens: consecutive slices of the run's validation text."""
     from tokenizers import Tokenizer
 
-    from edgecraft.bench import validation_text
+    from edgecraft.bench.run import validation_text
 
     text = validation_text(run, batch * length * 4)[0] or ""
     ids = Tokenizer.from_file(str(run / "tokenizer.json")).encode(text).ids
@@ -184,7 +184,7 @@ def targets(lines: list[dict]) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    from edgecraft.bench_system import describe
+    from edgecraft.bench.system import describe
 
     s = report["settings"]
     out = [
@@ -268,7 +268,7 @@ def main() -> None:
         report["note"] = args.note or report.get("note", "")
         write_report(report, args.out)
         return
-    from edgecraft.bench_system import system_info
+    from edgecraft.bench.system import system_info
 
     run, bundle, cfg, threads, batches = start(args, train_run)
     rows = [r for r in args.rows.split(",") if r]
@@ -337,7 +337,7 @@ def write_report(report: dict, out: Path) -> None:
 
 
 def _versions() -> dict:
-    from edgecraft.bench_system import library_versions
+    from edgecraft.bench.system import library_versions
 
     return library_versions()
 

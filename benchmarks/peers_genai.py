@@ -410,7 +410,7 @@ def summarize(rounds: list[dict], warmup_rounds: int) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    from edgecraft.bench_system import describe
+    from edgecraft.bench.system import describe
 
     s = report["settings"]
     prep = report["prepare"]
@@ -541,7 +541,7 @@ def main() -> None:
         write_report(report, args.out)
         return
 
-    from edgecraft.bench_system import system_info
+    from edgecraft.bench.system import system_info
 
     run, bundle, cfg, threads, batches = start(args, train_run)
     kinds = [k for k in args.genai_precisions.split(",") if k]

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from edgecraft.bench_stats import percentiles, rates, summarize
-from edgecraft.bench_system import describe, system_info
+from edgecraft.bench.stats import percentiles, rates, summarize
+from edgecraft.bench.system import describe, system_info
 from edgecraft.errors import UserError
 
 # ------------------------------------------------------------------------------- statistics
@@ -160,5 +160,5 @@ def test_bench_on_bundles_never_imports_torch():
     import subprocess
     import sys
 
-    code = "import sys, edgecraft.bench, edgecraft.bench_worker; assert 'torch' not in sys.modules"
+    code = "import sys, edgecraft.bench, edgecraft.bench.worker; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""One benchmark row, measured in a process of its own: `python -m edgecraft.bench_worker`.
+"""One benchmark row, measured in a process of its own: `python -m edgecraft.bench.worker`.
 
 Reads a row spec (JSON) on stdin, writes one JSON result on stdout. A fresh process per row means
 one row's memory, thread pools and caches never disturb the next, and the peak resident memory
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecraft.bench_stats import percentiles, rates, summarize
+from edgecraft.bench.stats import percentiles, rates, summarize
 from edgecraft.errors import UserError
 from edgecraft.runtime.bundle import BundleError
 
@@ -241,7 +241,7 @@ def prompt_ids(eval_ids: np.ndarray | None, batch: int, length: int, vocab: int,
 
 
 def run_row(spec: dict) -> dict:
-    """Measure one row as described by `spec` (see edgecraft.bench.row_specs)."""
+    """Measure one row as described by `spec` (see edgecraft.bench.run.row_specs)."""
     loader = load_torch if spec["kind"] == "torch" else load_onnx
     engine, tokenizer, facts = loader(spec)
     block, vocab = engine.block_size, engine.vocab_size

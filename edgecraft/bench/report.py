@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from edgecraft.bench_system import describe
+from edgecraft.bench.system import describe
 from edgecraft.errors import UserError
 
 Table = tuple[list[str], list[list[str]]]  # header, rows of cells

@@ -2,7 +2,7 @@
 
 A row is one (path, precision, thread count): a bundle gives an fp32 row and/or an int8 row (its
 model.onnx / model.int8.onnx), a run directory gives a PyTorch eager row. Rows run one after the
-other, each in a fresh `python -m edgecraft.bench_worker` (spec in, JSON out), so one row's memory
+other, each in a fresh `python -m edgecraft.bench.worker` (spec in, JSON out), so one row's memory
 and thread pools never disturb the next and peak memory is per row. Quality is measured on the same
 text for every row, so a speed-up can never hide a quality loss.
 """
@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edgecraft.bench_report import write_outputs
-from edgecraft.bench_system import system_info
+from edgecraft.bench.report import write_outputs
+from edgecraft.bench.system import system_info
 from edgecraft.errors import UserError
 
 FORMAT = "edgecraft-bench/1"
@@ -146,7 +146,7 @@ def quality_text(paths: list[Path], options: BenchOptions) -> tuple[str | None, 
 def run_worker(spec: dict) -> dict:
     """Measure one row in a fresh interpreter; a crash becomes an error row, a user error is raised."""
     proc = subprocess.run(
-        [sys.executable, "-m", "edgecraft.bench_worker"], input=json.dumps(spec),
+        [sys.executable, "-m", "edgecraft.bench.worker"], input=json.dumps(spec),
         capture_output=True, text=True,
     )
     lines = proc.stdout.strip().splitlines()
@@ -187,7 +187,7 @@ def run_bench(
     if not paths:
         raise UserError("give at least one bundle or run directory")
     if plot is not None:
-        from edgecraft.bench_report import require_matplotlib
+        from edgecraft.bench.report import require_matplotlib
 
         require_matplotlib()
     err = Console(stderr=True)
