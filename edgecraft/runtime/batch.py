@@ -140,10 +140,15 @@ class Batch:
     def _choose(self, seqs: list[Sequence], logits: np.ndarray, first: int) -> None:
         """Sample each sequence's next token from its row of `logits` (rows in `seqs` order, slots
         from `first`), with its own options and RNG; rows sharing options are sampled together."""
-        if len(seqs) == 1 and seqs[0].params.greedy and seqs[0].seen is None:
-            token = int(logits[0].argmax())  # the common case, kept to plain ints
+        if len(seqs) == 1:  # the common case, kept short
+            seq = seqs[0]
+            if seq.params.greedy and seq.seen is None:
+                token = int(logits[0].argmax())
+            else:
+                seen = None if seq.seen is None else seq.seen[None]
+                token = int(sample(logits[:1], seq.rng, seq.params, seen)[0])
             self._last[first] = token
-            seqs[0].accept(token)
+            seq.accept(token)
             return
         order = sorted(range(len(seqs)), key=lambda i: id(seqs[i].params))
         for _, group in groupby(order, key=lambda i: id(seqs[i].params)):

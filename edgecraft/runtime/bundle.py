@@ -125,6 +125,10 @@ def _typed(hint, value, where: str, path: str):
     origin = typing.get_origin(hint)
     if hint is Any:
         return value
+    if origin is typing.Literal:
+        if value not in typing.get_args(hint):
+            raise BundleError(f"{where}: damaged manifest ({path!r} is {value!r}, expected one of {typing.get_args(hint)})")
+        return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
