@@ -8,6 +8,7 @@ must never import torch) can type the manifest with it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Literal
 
 ROPE_THETA = 10000.0  # rotary base frequency (RoFormer's), shared by the model and the graph
 
@@ -20,14 +21,22 @@ class GPTConfig:
     d_model: int = 128
     n_layers: int = 6
     n_heads: int = 8
+    # key/value heads: None = n_heads (multi-head); fewer share each K/V head among n_heads /
+    # n_kv_heads query heads (grouped-query; 1 = multi-query), shrinking the KV cache and qkv matrix
+    n_kv_heads: int | None = None
     d_ff: int = 512
     block_size: int = 256
     dropout: float = 0.0
-    norm: str = "layernorm"  # | "rmsnorm"
-    pos: str = "learned"  # | "rope"
-    mlp: str = "gelu"  # | "swiglu"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    pos: Literal["learned", "rope"] = "learned"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
     bias: bool = True
     tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        # configs saved before the key existed, and recipes that leave it out, mean multi-head
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
 
     @property
     def head_size(self) -> int:

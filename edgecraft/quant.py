@@ -116,20 +116,33 @@ def dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # --- which layers -------------------------------------------------------------------------------
 
 
-def quantized_layers(model: nn.Module, embeddings: bool) -> dict[str, nn.Module]:
-    """Modules the int8 graph quantizes, by name: every block linear; with `embeddings`, the
-    token/position tables and the head too. Training and export both use this list."""
+TABLE_BLOCK = 16  # the int8 graph's GatherBlockQuantized holds a table only when d_model % 16 == 0
+KEEP_FLOAT = ("embeddings", "head", "first", "last")  # the groups --keep-float may name
+
+
+def quantized_layers(model: nn.Module, embeddings: bool, keep_float: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+    """The one answer to which layers are quantized, for QAT and the int8 export alike: every block
+    linear; with `embeddings`, the head and (when the int8 graph can hold them) the token/position
+    tables; minus the KEEP_FLOAT groups named in `keep_float`."""
     layers = {
         name: module
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and name.startswith("blocks.")
     }
     if embeddings:
-        for name in ("tok_emb", "pos_emb", "head"):
+        tables = ("tok_emb", "pos_emb") if model.cfg.d_model % TABLE_BLOCK == 0 else ()
+        for name in (*tables, "head"):
             module = getattr(model, name, None)
             if module is not None:
                 layers[name] = module
-    return layers
+    last = f"blocks.{model.cfg.n_layers - 1}."
+    group = {
+        "embeddings": lambda n: n in ("tok_emb", "pos_emb"),
+        "head": lambda n: n == "head",
+        "first": lambda n: n.startswith("blocks.0."),
+        "last": lambda n: n.startswith(last),
+    }
+    return {name: m for name, m in layers.items() if not any(group[key](name) for key in keep_float)}
 
 
 # --- the hooks ----------------------------------------------------------------------------------

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from dataclasses import fields
+from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from edgecraft.config import GPTConfig
 from edgecraft.errors import UserError
 
 
@@ -31,28 +33,47 @@ class DataConfig(_Section):
     )
 
 
-class ModelConfig(_Section):
-    d_model: int = Field(128, ge=8)
-    n_layers: int = Field(6, ge=1)
-    n_heads: int = Field(8, ge=1)
-    d_ff: int = Field(512, ge=8)
-    block_size: int = Field(256, ge=2)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    pos: Literal["learned", "rope"] = "learned"
-    mlp: Literal["gelu", "swiglu"] = "gelu"
-    bias: bool = Field(True, description="Biases in linear layers and LayerNorm (GPT-2 style).")
-    tie_embeddings: bool = True
-
+class _ModelSection(_Section):
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> "ModelConfig":
+    def _heads_divide_width(self) -> "_ModelSection":
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
             )
         if self.pos == "rope" and (self.d_model // self.n_heads) % 2:
             raise ValueError("rotary positions need an even head size (d_model / n_heads)")
+        kv = self.n_kv_heads
+        if kv is not None and (kv > self.n_heads or self.n_heads % kv):
+            raise ValueError(
+                f"n_kv_heads ({kv}) must divide n_heads ({self.n_heads}): each key/value head "
+                f"serves n_heads / n_kv_heads query heads"
+            )
         return self
+
+
+# Limits and descriptions of the [model] keys; their names, types and defaults are GPTConfig's.
+# vocab_size is not a key: the tokenizer decides it.
+_MODEL_LIMITS: dict[str, dict[str, Any]] = {
+    "d_model": {"ge": 8},
+    "n_layers": {"ge": 1},
+    "n_heads": {"ge": 1},
+    "n_kv_heads": {"ge": 1, "description": "Key/value heads (grouped-query attention); must divide "
+                   "n_heads; default n_heads."},
+    "d_ff": {"ge": 8},
+    "block_size": {"ge": 2},
+    "dropout": {"ge": 0.0, "lt": 1.0},
+    "bias": {"description": "Biases in linear layers and LayerNorm (GPT-2 style)."},
+}
+_MODEL_TYPES = get_type_hints(GPTConfig)
+ModelConfig = create_model(
+    "ModelConfig",
+    __base__=_ModelSection,
+    **{
+        f.name: (_MODEL_TYPES[f.name], Field(f.default, **_MODEL_LIMITS.get(f.name, {})))
+        for f in fields(GPTConfig)
+        if f.name != "vocab_size"
+    },
+)
 
 
 class TrainConfig(_Section):
@@ -143,7 +164,7 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str], origin: str) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` overrides to raw recipe data (validation happens afterwards)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -177,7 +198,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not valid TOML: {err}") from None
-    data = apply_overrides(data, overrides or [], str(path))
+    data = apply_overrides(data, overrides or [])
     return validate(data, str(path))
 
 

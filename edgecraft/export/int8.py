@@ -17,7 +17,7 @@ import torch
 from edgecraft.errors import UserError
 from edgecraft.export.graph import state_arrays
 from edgecraft.export.int8_check import int8_report
-from edgecraft.export.int8_graph import TABLE_BLOCK, Int8Plan, build_int8_graph
+from edgecraft.export.int8_graph import Int8Plan, build_int8_graph
 from edgecraft.export.options import check_keep_float
 from edgecraft.export.parity import val_windows
 from edgecraft.model import GPT
@@ -33,22 +33,10 @@ PTQ_EMBEDDINGS = True
 
 
 def plan_layers(model: GPT, embeddings: bool, keep_float: tuple[str, ...]) -> frozenset[str]:
-    """The layers an int8 export quantizes: every block linear, plus the tables and the head when
-    `embeddings`, minus what `keep_float` names."""
+    """The layers an int8 export quantizes (quant.quantized_layers decides), after checking the
+    user's --keep-float."""
     check_keep_float(keep_float)
-    layers = set(quantized_layers(model, embeddings))
-    last = model.cfg.n_layers - 1
-    drop = {
-        "embeddings": lambda n: n in ("tok_emb", "pos_emb"),
-        "head": lambda n: n == "head",
-        "first": lambda n: n.startswith("blocks.0."),
-        "last": lambda n: n.startswith(f"blocks.{last}."),
-    }
-    if model.cfg.d_model % TABLE_BLOCK:
-        keep_float = (*keep_float, "embeddings")  # GatherBlockQuantized cannot hold these rows
-    for key in keep_float:
-        layers = {n for n in layers if not drop[key](n)}
-    return frozenset(layers)
+    return frozenset(quantized_layers(model, embeddings, keep_float))
 
 
 def calibrate_ranges(model: GPT, batches, embeddings: bool) -> dict[str, tuple[float, float]]:

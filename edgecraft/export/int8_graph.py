@@ -23,9 +23,7 @@ from onnx import helper, numpy_helper
 
 from edgecraft.config import GPTConfig
 from edgecraft.export.graph import MS, build_graph
-from edgecraft.quant import activation_qparams, fake_quant_weight, quantize_weight
-
-TABLE_BLOCK = 16  # GatherBlockQuantized's smallest block (a power of two)
+from edgecraft.quant import TABLE_BLOCK, activation_qparams, fake_quant_weight, quantize_weight
 
 
 @dataclass(frozen=True)
@@ -110,7 +108,7 @@ def build_int8_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], plan: Int8P
             if table in plan.layers:
                 q, scale = quantize_weight(torch.tensor(numpy_helper.to_array(inits[node.input[0]])))
                 D = q.shape[1]
-                block = max(b for b in (2**k for k in range(4, D.bit_length())) if D % b == 0)
+                block = max(b for b in (2**k for k in range(TABLE_BLOCK.bit_length() - 1, D.bit_length())) if D % b == 0)
                 stored = (q.numpy().astype(np.int16) + 128).astype(np.uint8)  # (V, D), zero point 128
                 scales = np.repeat(scale.numpy()[:, None], D // block, axis=1)  # (V, D / block)
                 tq = numpy_helper.from_array(stored, f"{table}.weight.uint8")

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from edgecraft.errors import UserError
 
 MIN_OPSET = 17  # LayerNormalization
-KEEP_FLOAT = ("embeddings", "head", "first", "last")  # what --keep-float may name
 
 
 @dataclass(frozen=True)
@@ -22,6 +21,8 @@ class ExportOptions:
 
 
 def check_keep_float(keep_float: tuple[str, ...]) -> None:
+    from edgecraft.quant import KEEP_FLOAT  # torch: only once there is an int8 export to check
+
     bad = [k for k in keep_float if k not in KEEP_FLOAT]
     if bad:
         raise UserError(f"--keep-float {bad[0]!r}: expected one of {', '.join(KEEP_FLOAT)}")
