@@ -142,9 +142,9 @@ class GPT(nn.Module):
         """GPT-NeoX's width-aware init: every matrix and embedding N(0, sqrt(2 / (5 d))) ("small_init",
         Nguyen & Salazar 2019), the residual output projections N(0, 2 / (n_layers sqrt(d))) ("wang_init").
 
-        GPT-2's fixed 0.02 is that std at GPT-2's width 768 (0.023), but 2.8x too small at width 128,
-        where it costs nanoGPT's baby Shakespeare run 0.15 of final val loss
-        (benchmarks/results/train_shakespeare.md). Norm gains stay 1; biases start at 0.
+        GPT-2's fixed 0.02 is about that std at GPT-2's width 768 but too small at narrow widths,
+        where it costs final validation loss (benchmarks/results/train_shakespeare.md compares the
+        inits). Norm gains stay 1; biases start at 0.
         """
         d = self.cfg.d_model
         for name, p in self.named_parameters():  # a tied head is its embedding, initialized once

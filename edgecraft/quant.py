@@ -78,8 +78,8 @@ def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
 
 
 class _FakeQuantActivation(torch.autograd.Function):
-    """uint8 round trip in place on one buffer (a chain of fresh tensors made QAT steps 2.6x slower
-    than float), with a straight-through gradient: masked where clipped when `clips` (a static
+    """uint8 round trip in place on one buffer (a chain of fresh tensors made QAT steps several
+    times slower than float), with a straight-through gradient: masked where clipped when `clips` (a static
     range), identity otherwise (a dynamic range holds the whole row; only its two ends can land
     half a step outside the grid)."""
 

@@ -111,8 +111,8 @@ class TrainConfig(_Section):
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32",
         description="Compute dtype (autocast); weights and optimizer stay float32. bfloat16 pays off "
-        "for wider models on CPUs with AMX (2.2x at width 384 on a Xeon with AMX; slower at width "
-        "128, where casts cost more than they save) and on recent GPUs.",
+        "for wider models on CPUs with AMX and on recent GPUs; on narrow models casts cost more than "
+        "they save (benchmarks/results/train_shakespeare.md).",
     )
     threads: int = Field(0, ge=0, description="0 = library default.")
     compile: bool = False
