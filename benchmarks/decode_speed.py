@@ -10,7 +10,7 @@ d_ff 512, block 256, vocab 65, GPT-2 style) with random weights, or a trained ru
 slows every row alike (one thread count after the other: the spinning pool threads of a
 multi-thread session disturb one-thread rows):
 
-- edgecraft: the direct-built graph (edgecraft.onnx_graph) driven by edgecraft.runtime.Engine
+- edgecraft: the direct-built graph (edgecraft.export.graph) driven by edgecraft.runtime.Engine
   (IO binding, KV buffers shared between past and present)
 - edgecraft llama-style: the same shape with RMSNorm, rotary positions, SwiGLU, no biases
 - plain: torch.onnx.export (dynamo, the default of torch 2.13) of the same model with an explicit

@@ -26,7 +26,7 @@ twice:
   (new 2j <- old j, new 2j+1 <- old j + hs/2); q.k is unchanged since both get the same order. A
   tokenizer.bin (int32 max_token_length, then per token: float32 score, int32 length, bytes) holds
   the character vocabulary.
-- for edgecraft, as the direct-built graph (edgecraft.onnx_graph.build_graph), driven by
+- for edgecraft, as the direct-built graph (edgecraft.export.graph.build_graph), driven by
   edgecraft.runtime.engine.Engine (IO binding, shared KV buffers, denormals flushed).
 
 What run.c does with `RUN model.bin -z tokenizer.bin -t 0 -n 256 -i PROMPT`: it feeds token 1
