@@ -12,7 +12,6 @@ renamed into place at the end, so a failure leaves nothing half-written.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
