@@ -7,7 +7,8 @@ the same logits as one full forward pass — the contract the ONNX export is che
 
 Parameter names are part of the file format (the exporter reads them):
   tok_emb.weight (V, D)            pos_emb.weight (block, D)   [pos = "learned"]
-  blocks.i.norm1 / norm2           blocks.i.attn.qkv (3D, D)   blocks.i.attn.proj (D, D)
+  blocks.i.norm1 / norm2           blocks.i.attn.qkv (D + 2 kv, D) [q; k; v rows]   blocks.i.attn.proj (D, D)
+                                   (kv = n_kv_heads * head_size: grouped-query attention)
   blocks.i.mlp.fc, mlp.proj        [gelu]     blocks.i.mlp.gate, mlp.up, mlp.proj   [swiglu]
   norm_f                           head.weight (V, D), tied to tok_emb.weight when tie_embeddings
 """
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from edgecraft.config import ROPE_THETA, GPTConfig
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v each (B, nh, T_past, hs)
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v each (B, n_kv_heads, T_past, hs)
 
 
 def _norm(cfg: GPTConfig) -> nn.Module:
@@ -48,7 +49,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.kv_width = cfg.n_kv_heads * cfg.head_size
+        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * self.kv_width, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -59,27 +61,28 @@ class CausalSelfAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, T, D = x.shape
-        nh, hs = self.cfg.n_heads, self.cfg.head_size
-        q, k, v = self.qkv(x).split(D, dim=2)
+        nh, nkv, hs = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_size
+        q, k, v = self.qkv(x).split((D, self.kv_width, self.kv_width), dim=2)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         n_past = 0
         if past is not None:
             n_past = past[0].shape[2]
-            k = torch.cat((past[0], k), dim=2)  # (B, nh, T_past + T, hs)
+            k = torch.cat((past[0], k), dim=2)  # (B, nkv, T_past + T, hs)
             v = torch.cat((past[1], v), dim=2)
-        drop = self.cfg.dropout if self.training else 0.0
+        # query head h reads key/value head h // (nh / nkv), as GroupQueryAttention does
+        sdpa = {"dropout_p": self.cfg.dropout if self.training else 0.0, "enable_gqa": nkv != nh}
         if n_past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **sdpa)
         elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+            y = F.scaled_dot_product_attention(q, k, v, **sdpa)
         else:
             # query i sits at position n_past + i and sees keys 0 .. n_past + i
             mask = torch.ones(T, n_past + T, dtype=torch.bool, device=x.device).tril(diagonal=n_past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **sdpa)
         y = y.transpose(1, 2).contiguous().view(B, T, D)  # (B, T, D)
         return self.resid_drop(self.proj(y)), (k, v)
 

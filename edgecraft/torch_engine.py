@@ -36,7 +36,7 @@ class TorchEngine:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.lengths = np.zeros(batch_size, dtype=np.int64)
         self._batched: KVCache | None = None  # every slot's cache, batched, while all are in lockstep
-        self._rows: list[KVCache | None] = [None] * batch_size  # per slot otherwise, each (1, nh, T, hs)
+        self._rows: list[KVCache | None] = [None] * batch_size  # per slot otherwise, each (1, n_kv_heads, T, hs)
 
     def _split(self) -> None:
         """Give every slot its own cache (once slots stop moving in lockstep)."""
