@@ -42,6 +42,13 @@ class GPTConfig:
     def head_size(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def cache_head_size(self) -> int:
+        """The head size of the exported graph's attention and KV cache: head_size rounded up to a
+        multiple of 8, which onnxruntime's CPU GroupQueryAttention needs (edgecraft/export/graph.py
+        zero-pads other heads)."""
+        return -(-self.head_size // 8) * 8
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -54,7 +54,7 @@ def genai_config(cfg: GPTConfig, tokenizer: Tokenizer, model_file: str, threads:
                     "graph_optimization_level": "ORT_ENABLE_BASIC",  # fused at export
                 },
                 "hidden_size": cfg.d_model,
-                "head_size": cfg.head_size,
+                "head_size": cfg.cache_head_size,  # the graph's (padded) heads
                 "num_attention_heads": cfg.n_heads,
                 "num_key_value_heads": cfg.n_heads,
                 "num_hidden_layers": cfg.n_layers,

@@ -20,6 +20,13 @@ caches of different lengths in one call) is left out on purpose: it arrived in o
 and a graph that names it does not load in 1.30 or 1.31; the engine runs such chunks row by row
 instead.
 
+GroupQueryAttention's CPU kernel takes head sizes that are multiples of 8 only. Other heads are
+zero-padded to the next multiple inside the weights (GPTConfig.cache_head_size, head_layout): the
+padded query and key dims are zero, so attention scores are unchanged (the kernel's scale is set from the
+real head size), the padded value dims stay zero and the output projection ignores them. The graph
+keeps the same inputs and outputs; only the KV cache's last dimension grows, and the manifest says
+so. The cost is the padding's share of attention and KV memory (a head of 12 pads to 16).
+
 Only numpy and onnx here (and the torch-free model config): the exporter hands in a state dict
 of numpy arrays.
 """
@@ -44,15 +51,38 @@ MS = "com.microsoft"
 NORM_EPS = 1e-5
 
 
+def head_layout(cfg: GPTConfig) -> np.ndarray:
+    """For each dim of a padded head (cache_head_size,), the model's head dim it holds, or -1 for
+    a zero. Rotary pairs dim i with i + size / 2, so a rotary head pads each half at its end;
+    other heads pad at the end."""
+    hs, hp = cfg.head_size, cfg.cache_head_size
+    if cfg.pos != "rope":
+        return np.concatenate([np.arange(hs), np.full(hp - hs, -1)])
+    half, pad = np.arange(hs // 2), np.full((hp - hs) // 2, -1)
+    return np.concatenate([half, pad, half + hs // 2, pad])
+
+
+def pad_heads(array: np.ndarray, cfg: GPTConfig, axis: int) -> np.ndarray:
+    """`array` with its head axis (of size head_size) laid out as head_layout says, zeros in the
+    padding: weights (n_heads * head_size along `axis`) and caches (..., head_size) alike."""
+    layout = head_layout(cfg)
+    if len(layout) == cfg.head_size:
+        return array
+    a = np.moveaxis(array, axis, -1)
+    a = a.reshape(*a.shape[:-1], -1, cfg.head_size)  # (..., heads, head_size)
+    out = np.where(layout >= 0, a[..., np.maximum(layout, 0)], 0).astype(a.dtype)  # (..., heads, padded)
+    return np.moveaxis(out.reshape(*a.shape[:-2], -1), -1, axis)
+
+
 def rotary_in_attention(cfg: GPTConfig) -> bool:
     """GroupQueryAttention rotates q and k itself only for head sizes that are multiples of 16
     (onnxruntime's CPU kernel rejects others); other rotary models get RotaryEmbedding nodes."""
-    return cfg.pos == "rope" and cfg.head_size % 16 == 0
+    return cfg.pos == "rope" and cfg.cache_head_size % 16 == 0
 
 
 def graph_io(cfg: GPTConfig) -> dict:
     """Names, shapes (symbolic dims named) and dtypes of the graph's inputs and outputs."""
-    cache = ["batch_size", cfg.n_heads, "max_sequence_length", cfg.head_size]
+    cache = ["batch_size", cfg.n_heads, "max_sequence_length", cfg.cache_head_size]
     inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]}]
     if cfg.pos == "learned" or (cfg.pos == "rope" and not rotary_in_attention(cfg)):
         inputs.append(
@@ -118,7 +148,12 @@ def build_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], opset: int = 17)
     """The decoder graph for `cfg` with `weights` (the model's state dict as numpy arrays)."""
     w = {k: _f32(v) for k, v in weights.items()}
     g = _Graph()
-    D, nh, hs = cfg.d_model, cfg.n_heads, cfg.head_size
+    D, nh, hs, hp = cfg.d_model, cfg.n_heads, cfg.head_size, cfg.cache_head_size
+    padded = {"scale": float(hs) ** -0.5} if hp != hs else {}  # GroupQueryAttention's default is hp's
+    for i in range(cfg.n_layers):  # heads padded to hp (module docstring); no-ops when hp == hs
+        for name, axis in (("attn.qkv.weight", 0), ("attn.qkv.bias", 0), ("attn.proj.weight", 1)):
+            if f"blocks.{i}.{name}" in w:  # qkv: q, k and v heads one after the other
+                w[f"blocks.{i}.{name}"] = pad_heads(w[f"blocks.{i}.{name}"], cfg, axis)
 
     def add_norm(x: str, skip: str, prefix: str, bias: str | None, with_sum: bool) -> tuple[str, str]:
         """norm(x + skip + bias) and the sum itself (the new residual stream).
@@ -161,17 +196,18 @@ def build_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], opset: int = 17)
     rope: list[str] = []
     if cfg.pos == "rope":
         inv_freq = 1.0 / ROPE_THETA ** (np.arange(0, hs, 2, dtype=np.float32) / hs)
-        angles = np.outer(np.arange(cfg.block_size, dtype=np.float32), inv_freq)  # (block, hs/2)
+        inv_freq = np.concatenate([inv_freq, np.zeros((hp - hs) // 2, np.float32)])  # padding: angle 0
+        angles = np.outer(np.arange(cfg.block_size, dtype=np.float32), inv_freq)  # (block, hp/2)
         rope = [g.const("rope.cos", np.cos(angles)), g.const("rope.sin", np.sin(angles))]
     fused_rope = rotary_in_attention(cfg)
 
     bias = (lambda name: name) if cfg.bias else (lambda name: None)
     for i in range(cfg.n_layers):
         p = f"blocks.{i}"
-        qkv = linear(h, f"{p}.attn.qkv", w[f"{p}.attn.qkv.weight"], bias(f"{p}.attn.qkv.bias"))  # (B, S, 3D)
+        qkv = linear(h, f"{p}.attn.qkv", w[f"{p}.attn.qkv.weight"], bias(f"{p}.attn.qkv.bias"))  # (B, S, 3 nh hp)
         q_k_v = [qkv, "", ""]  # packed
         if rope and not fused_rope:
-            split = g.const(f"{p}.attn.split", np.array([D, D, D], dtype=np.int64))
+            split = g.const(f"{p}.attn.split", np.array([nh * hp] * 3, dtype=np.int64))
             q_k_v = g.op("Split", [qkv, split], [f"{p}/q", f"{p}/k", f"{p}/v"], f"{p}.attn.split", axis=-1)
             for j in (0, 1):  # (B, S, D) each
                 q_k_v[j] = g.op("RotaryEmbedding", [q_k_v[j], "position_ids", *rope], [q_k_v[j] + "_rot"],
@@ -182,8 +218,8 @@ def build_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], opset: int = 17)
         attn = g.op(
             "GroupQueryAttention", gqa_inputs, [f"{p}/attn", f"present.{i}.key", f"present.{i}.value"],
             f"{p}.attn", MS, num_heads=nh, kv_num_heads=nh, do_rotary=int(fused_rope),
-            rotary_interleaved=0,
-        )[0]  # (B, S, D)
+            rotary_interleaved=0, **padded,
+        )[0]  # (B, S, nh * hp)
         y = linear(attn, f"{p}.attn.proj", w[f"{p}.attn.proj.weight"])
         h, res = add_norm(y, res, f"{p}.norm2", bias(f"{p}.attn.proj.bias"), with_sum=True)
         if cfg.mlp == "swiglu":

@@ -20,7 +20,7 @@ import torch
 
 from edgecraft.config import GPTConfig
 from edgecraft.errors import UserError
-from edgecraft.export.graph import graph_io
+from edgecraft.export.graph import graph_io, pad_heads
 from edgecraft.export.int8_graph import Int8Plan
 from edgecraft.export.parity import check_engine
 from edgecraft.model import GPT
@@ -55,9 +55,9 @@ def teacher_forced_logits(path: Path, cfg: GPTConfig, ids: np.ndarray, cache: li
     feed = {}
     for i, layer in enumerate(cache):
         for kind, t in zip(("key", "value"), layer):
-            buffer = np.zeros((1, cfg.n_heads, cfg.block_size, cfg.head_size), np.float32)
-            buffer[:, :, : t.shape[2]] = t.numpy()
-            feed[f"past_key_values.{i}.{kind}"] = buffer  # (1, nh, block, hs)
+            buffer = np.zeros((1, cfg.n_heads, cfg.block_size, cfg.cache_head_size), np.float32)
+            buffer[:, :, : t.shape[2]] = pad_heads(t.numpy(), cfg, axis=-1)
+            feed[f"past_key_values.{i}.{kind}"] = buffer  # (1, nh, block, padded hs)
     out = []
     for t, token in enumerate(ids):
         step = {

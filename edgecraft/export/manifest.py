@@ -40,10 +40,15 @@ def onnx_section(model: GPT, graph: onnx.ModelProto, model_files: list[str]) -> 
             "past": "past_key_values.{layer}.{key|value}",
             "present": "present.{layer}.{key|value}",
             "n_layers": cfg.n_layers,
-            "shape": ["batch_size", cfg.n_heads, cfg.block_size, cfg.head_size],
+            "shape": ["batch_size", cfg.n_heads, cfg.block_size, cfg.cache_head_size],
             "dtype": "float32",
             "layout": "BNSH: (batch, heads, position, head_size)",
             "shared_buffer": True,
+            **({"head_padding": (
+                f"the model's heads of size {cfg.head_size} are zero-padded to {cfg.cache_head_size} "
+                "for GroupQueryAttention (its CPU kernel takes multiples of 8): the padded dims of "
+                "the cache hold zeros"
+            )} if cfg.cache_head_size != cfg.head_size else {}),
             "note": (
                 "allocate one zeroed float32 buffer per layer and kind of the shape above and bind "
                 "it as both past_key_values.i.* and present.i.* (IO binding); the graph writes each "

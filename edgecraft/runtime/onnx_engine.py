@@ -61,7 +61,7 @@ class OnnxEngine:
     def __init__(self, model_path: str | Path, config: GPTConfig, threads: int = 0, device: str = "cpu") -> None:
         self.block_size = config.block_size
         self.vocab_size = config.vocab_size
-        self._cache_shape = (config.n_heads, config.block_size, config.head_size)
+        self._cache_shape = (config.n_heads, config.block_size, config.cache_head_size)
         self._n_layers = config.n_layers
         if device == "cpu":
             providers = ["CPUExecutionProvider"]
@@ -110,7 +110,7 @@ class OnnxEngine:
             ("n_layers", config.n_layers, layers),
             ("n_heads", config.n_heads, past[1]),
             ("block_size", config.block_size, past[2]),
-            ("d_model / n_heads", config.head_size, past[3]),
+            ("d_model / n_heads", config.cache_head_size, past[3]),  # heads padded to it at export
             ("vocab_size", config.vocab_size, logits[-1]),
         ):
             if isinstance(actual, int) and declared != actual:
