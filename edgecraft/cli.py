@@ -155,6 +155,12 @@ def export(
     max_loss_increase: Annotated[
         Optional[float], typer.Option(help="Fail (exit 3) if int8 loses more than PCT % val loss.")
     ] = None,
+    text: Annotated[
+        Optional[Path], typer.Option(help="Text file for the checks (default: the run's validation split).")
+    ] = None,
+    web: Annotated[
+        bool, typer.Option(help="Add web/: a static page and ES module running the bundle with onnxruntime-web.")
+    ] = False,
 ) -> None:
     """Export a run to an ONNX bundle with a KV cache, parity-checked against PyTorch."""
     from edgecraft.export import ExportOptions, export_run
@@ -162,8 +168,15 @@ def export(
     options = ExportOptions(
         opset=opset, force=force, int8=int8 or int8_only, int8_only=int8_only,
         calibrate=calibrate, keep_float=tuple(keep_float or ()), max_loss_increase=max_loss_increase,
+        text=text,
     )
+    if web:
+        from edgecraft.export.web import add_web, vendored_versions
+
+        vendored_versions()  # refuses before the export when onnxruntime-web is missing
     bundle = export_run(run_dir, out, options)
+    if web:
+        typer.echo(f"web page written to {add_web(bundle)}/index.html (serve {bundle} and open web/)")
     typer.echo(f"bundle written to {bundle}")
 
 

@@ -1,0 +1,182 @@
+"""Bundle -> bundle/web/: a static page and an ES module that run the bundle in a browser.
+
+    add_web(export/NAME) -> export/NAME/web/ {index.html, edgecraft.js, vendor/, model.webgpu*.onnx}
+
+The page and module are `web_assets/` (the module mirrors runtime/model.py's decode loop, sampling
+and streaming rule for rule); `vendor/` is onnxruntime-web and @huggingface/tokenizers, copied out
+of the npm packages that web/package-lock.json pins (`npm ci --prefix web` puts them in
+web_assets/vendor/, and a wheel built after it ships them, so an installed edgecraft needs no npm).
+
+WebGPU gets its own graphs: onnxruntime-web's WebGPU provider runs `Sum` and
+`DynamicQuantizeMatMul` on the CPU, with a copy from and back to the GPU around each, so the
+WebGPU files use `Add` chains and 8-bit `MatMulNBits` (the same int8 weights and scales; the
+activations stay float) instead. The manifest's `web` section says which graph is for which
+backend and holds the sha256 of every file the page loads; export/README.md specifies it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgecraft.errors import UserError
+from edgecraft.files import as_umask_allows
+from edgecraft.runtime.bundle import FP32_MODEL, INT8_MODEL, MANIFEST, BundleError, FileEntry, read_manifest, sha256_file
+
+WEB = "web"
+WEB_FORMAT = "edgecraft-web/1"
+ASSETS = Path(__file__).with_name("web_assets")
+VENDOR = ASSETS / "vendor"
+WEBGPU_GRAPHS = {FP32_MODEL: "web/model.webgpu.onnx", INT8_MODEL: "web/model.webgpu.int8.onnx"}
+NBITS_BLOCK = 32  # MatMulNBits' block along K; every block of a column carries that column's one scale
+
+
+def vendored_versions() -> dict[str, str]:
+    """The npm packages' versions in web_assets/vendor; UserError naming the fix when absent."""
+    versions = VENDOR / "versions.json"
+    if not versions.is_file():
+        raise UserError(
+            f"--web: onnxruntime-web is not in this edgecraft ({VENDOR} is empty); in a checkout of edgecraft "
+            "run `npm ci --prefix web` (it copies the locked npm packages there), then export again"
+        )
+    return json.loads(versions.read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------- the WebGPU graphs
+
+
+def _add_chains(graph: onnx.GraphProto) -> None:
+    """Sum(a, b, c, ...) -> Add(Add(a, b), c) ...: the same left-to-right order, on the GPU."""
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "Sum" or len(node.input) < 2:
+            nodes.append(node)
+            continue
+        acc = node.input[0]
+        for i, term in enumerate(node.input[1:], start=1):
+            last = i == len(node.input) - 1
+            out = node.output[0] if last else f"{node.name}/add{i}"
+            nodes.append(helper.make_node("Add", [acc, term], [out], name=f"{node.name}/add{i}"))
+            acc = out
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+
+
+def _matmul_nbits(graph: onnx.GraphProto) -> None:
+    """DynamicQuantizeMatMul (int8 weights (K, N), one scale per column) -> MatMulNBits with 8
+    bits: blocks of NBITS_BLOCK along K stored (N, blocks, NBITS_BLOCK) as uint8 q + 128 (its
+    default zero point), each block scaled by its column's scale; the bias becomes an Add."""
+    inits = {t.name: t for t in graph.initializer}
+    nodes, new_inits = [], []
+    for node in graph.node:
+        if node.op_type != "DynamicQuantizeMatMul":
+            nodes.append(node)
+            continue
+        x, w_name, s_name = node.input[:3]
+        bias = node.input[4] if len(node.input) > 4 else ""
+        w = numpy_helper.to_array(inits[w_name])  # (K, N) int8
+        scale = numpy_helper.to_array(inits[s_name]).astype(np.float32).reshape(-1)  # (N,)
+        K, N = w.shape
+        blocks = -(-K // NBITS_BLOCK)
+        q = np.full((N, blocks * NBITS_BLOCK), 128, dtype=np.uint8)  # (N, K padded): padding dequantizes to 0
+        q[:, :K] = (w.T.astype(np.int16) + 128).astype(np.uint8)
+        packed = numpy_helper.from_array(q.reshape(N, blocks, NBITS_BLOCK), f"{w_name}.nbits")
+        scales = numpy_helper.from_array(np.repeat(scale[:, None], blocks, axis=1).reshape(-1), f"{s_name}.nbits")  # (N * blocks,)
+        new_inits += [packed, scales]
+        out = node.output[0]
+        mm_out = f"{out}/nbits" if bias else out
+        nodes.append(helper.make_node(
+            "MatMulNBits", [x, packed.name, scales.name], [mm_out], name=node.name, domain="com.microsoft",
+            K=K, N=N, bits=8, block_size=NBITS_BLOCK,
+        ))
+        if bias:
+            nodes.append(helper.make_node("Add", [mm_out, bias], [out], name=f"{node.name}/bias"))
+    used = {name for n in nodes for name in n.input}
+    kept = [t for t in graph.initializer if t.name in used] + new_inits
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+
+
+def webgpu_graph(src: Path, dst: Path) -> dict[str, int]:
+    """Write the WebGPU form of graph `src` to `dst`; returns its operator counts."""
+    model = onnx.load(str(src))
+    _add_chains(model.graph)
+    _matmul_nbits(model.graph)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+# ---------------------------------------------------------------- the bundle's web/ folder
+
+
+def add_web(bundle: Path) -> Path:
+    """Write `bundle`/web/ (replacing one already there) and the manifest's `web` section; the
+    folder is assembled beside it and renamed into place, and the manifest rewritten atomically."""
+    bundle = Path(bundle)
+    try:
+        manifest = read_manifest(bundle)
+    except BundleError as err:
+        raise UserError(str(err)) from None
+    versions = vendored_versions()
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-web-", dir=bundle))
+    as_umask_allows(tmp)
+    try:
+        for name in ("index.html", "edgecraft.js"):
+            shutil.copyfile(ASSETS / name, tmp / name)
+        shutil.copytree(VENDOR, tmp / "vendor")
+        wasm, webgpu, changes = {}, {}, {}
+        for name in manifest.onnx.files:
+            kind = "int8" if name == INT8_MODEL else "fp32"
+            wasm[kind] = name
+            webgpu[kind] = WEBGPU_GRAPHS[name]
+            ops = webgpu_graph(bundle / name, tmp / Path(WEBGPU_GRAPHS[name]).name)
+            changes[WEBGPU_GRAPHS[name]] = {"from": name, "op_types": ops}
+        files = {
+            f"{WEB}/{p.relative_to(tmp).as_posix()}": FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
+            for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
+        section = {
+            "format": WEB_FORMAT,
+            "page": f"{WEB}/index.html",
+            "module": f"{WEB}/edgecraft.js",
+            "packages": versions,
+            "graphs": {"wasm": wasm, "webgpu": webgpu},
+            "webgpu_graphs": {
+                "why": "onnxruntime-web's WebGPU provider runs Sum and DynamicQuantizeMatMul on the CPU",
+                "changes": "Sum -> Add chains; DynamicQuantizeMatMul -> MatMulNBits (8 bits, same weights "
+                           "and scales, float activations) + Add for its bias",
+                **changes,
+            },
+            "files": {name: dataclasses.asdict(entry) for name, entry in files.items()},
+        }
+        old = bundle / f".old-web-{tmp.name}"
+        if (bundle / WEB).exists():
+            (bundle / WEB).rename(old)
+        tmp.rename(bundle / WEB)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _write_manifest(bundle, dataclasses.replace(manifest, web=section))
+    return bundle / WEB
+
+
+def _write_manifest(bundle: Path, manifest) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-manifest-", dir=bundle)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(manifest.to_json())
+    as_umask_allows(Path(tmp))
+    os.replace(tmp, bundle / MANIFEST)
