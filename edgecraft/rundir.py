@@ -13,8 +13,6 @@ import json
 import math
 from pathlib import Path
 
-from tokenizers import Tokenizer
-
 from edgecraft.errors import UserError
 from edgecraft.recipe import Recipe, load_recipe
 

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 
 from edgecraft.errors import UserError
 from edgecraft.model import GPT, KVCache
+from edgecraft.runtime.engine import prefill_lengths
 from edgecraft.runtime.model import Model
 
 
@@ -52,16 +53,7 @@ class TorchEngine:
 
     def prefill(self, ids: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
         B, S = ids.shape
-        if B != len(self.lengths):
-            raise ValueError(f"prefill got {B} rows for a batch of {len(self.lengths)}; call reset({B})")
-        n = np.full(B, S, dtype=np.int64) if lengths is None else np.asarray(lengths, dtype=np.int64)
-        if n.shape != (B,) or (n < 0).any() or (n > S).any():
-            raise ValueError(f"lengths must be (B,) = ({B},) values in 0..{S}, got {n.tolist()}")
-        if (self.lengths + n > self.block_size).any():
-            b = int(np.argmax(self.lengths + n))
-            raise ValueError(
-                f"row {b}: {int(self.lengths[b])} cached + {int(n[b])} new positions exceed block_size {self.block_size}"
-            )
+        n = prefill_lengths(ids, lengths, self.lengths, self.block_size)
         if (n == S).all() and not self.lengths.any():  # fresh prompts of one length: one batched call
             logits, self._batched = self._forward(ids, None)
             self.lengths[:] = S
@@ -128,5 +120,5 @@ def sample_text(model: GPT, tokenizer: Tokenizer, start: list[int], max_new_toke
     loop; the model is left in eval mode. Its own RNG leaves the training RNGs alone."""
     device = next(model.parameters()).device
     runtime = run_model(model, tokenizer, device)
-    text = runtime.generate(start, max_new_tokens, temperature=0.8, top_k=40, seed=seed)
+    text = runtime.generate(start, max_new_tokens=max_new_tokens, temperature=0.8, top_k=40, seed=seed)
     return tokenizer.decode(start) + text

@@ -37,3 +37,19 @@ class Engine(Protocol):
 
     def move(self, src: int, dst: int) -> None:
         """Slot `src`'s cache and length into slot `dst`; `src` is left empty."""
+
+
+def prefill_lengths(ids: np.ndarray, lengths: np.ndarray | None, cached: np.ndarray, block_size: int) -> np.ndarray:
+    """Every engine's prefill arguments checked alike: ids (B, S) for the B slots, `lengths` (B,)
+    real tokens per row (None: all S) fitting after what each slot holds. Returns the lengths."""
+    B, S = ids.shape
+    if B != len(cached):
+        raise ValueError(f"prefill got {B} rows for a batch of {len(cached)}; call reset({B})")
+    n = np.full(B, S, dtype=np.int64) if lengths is None else np.asarray(lengths, dtype=np.int64)
+    if n.shape != (B,) or (n < 0).any() or (n > S).any():
+        raise ValueError(f"lengths must be (B,) = ({B},) values in 0..{S}, got {n.tolist()}")
+    total = cached + n
+    if (total > block_size).any():
+        b = int(np.argmax(total))
+        raise ValueError(f"row {b}: {int(cached[b])} cached + {int(n[b])} new positions exceed block_size {block_size}")
+    return n

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -109,43 +109,22 @@ class Model:
 
     # ---------------------------------------------------------------- public API
 
-    def generate(
-        self,
-        prompt: str | list[int],
-        max_new_tokens: int = 200,
-        temperature: float = 0.8,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float = 1.0,
-        stop: list[str] | None = None,
-        seed: int | None = None,
-    ) -> str:
-        """The continuation of `prompt` (without the prompt), ending before the first stop string."""
-        seq = self.sequence(
-            prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, stream=False
-        )
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 200, **options: Any) -> str:
+        """The continuation of `prompt` (without the prompt), ending before the first stop string.
+        `options` are `sequence()`'s: max_new_tokens, temperature, top_k, top_p,
+        repetition_penalty, stop, seed."""
+        seq = self.sequence(prompt, max_new_tokens, **options, stream=False)
         batch = Batch(self.engine, 1)
         batch.join([seq])
         while batch.active:
             batch.step()
         return self._text(seq)
 
-    def stream(
-        self,
-        prompt: str,
-        max_new_tokens: int = 200,
-        temperature: float = 0.8,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float = 1.0,
-        stop: list[str] | None = None,
-        seed: int | None = None,
-    ) -> Iterator[str]:
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 200, **options: Any) -> Iterator[str]:
         """Like generate(), as text pieces while they are produced; the pieces join to generate()'s
         text. A piece never holds a broken character nor text that may turn out to start a stop
         string. Options are checked now; tokens are generated as the iterator is read."""
-        seq = self.sequence(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
-        return self._pieces(seq)
+        return self._pieces(self.sequence(prompt, max_new_tokens, **options))
 
     def _pieces(self, seq: Sequence) -> Iterator[str]:
         batch = Batch(self.engine, 1)
@@ -160,28 +139,14 @@ class Model:
     def _text(self, seq: Sequence) -> str:
         return self.decode(seq.generated) if seq.text is None else "".join(seq.pieces)
 
-    def generate_batch(
-        self,
-        prompts: list[str],
-        max_new_tokens: int = 200,
-        temperature: float = 0.8,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float = 1.0,
-        stop: list[str] | None = None,
-        seed: int | None = None,
-    ) -> list[str]:
+    def generate_batch(self, prompts: list[str], max_new_tokens: int = 200, **options: Any) -> list[str]:
         """generate() for many prompts in one batched decode loop; each row has its own RNG from
         `seed`, so every row's text equals generate() of its prompt alone."""
         if not prompts:
             return []
-        seqs = [
-            self.sequence(p, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed, stream=False)
-            for p in prompts
-        ]
-        params = seqs[0].params
+        seqs = [self.sequence(p, max_new_tokens, **options, stream=False) for p in prompts]
         for seq in seqs:  # one options object: the batch samples rows that share it together
-            seq.params = params
+            seq.params = seqs[0].params
         batch = Batch(self.engine, len(seqs))
         batch.join(seqs)
         while batch.active:

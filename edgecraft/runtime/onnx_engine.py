@@ -1,7 +1,7 @@
 """The onnxruntime engine: one session over a bundle's graph, driven through IO binding.
 
 A token of a 1M-parameter model costs a few hundred microseconds, so per-step Python counts. All
-state is allocated once per `reset()`: one KV buffer per layer and kind, (B, n_heads, block_size,
+state is allocated once per `reset()`: one KV buffer per layer and kind, (B, n_kv_heads, block_size,
 head_size), bound as BOTH the graph's `past_key_values.i.*` input and its `present.i.*` output, so
 GroupQueryAttention appends the new positions in place. The decode step's small inputs are numpy
 arrays that onnxruntime reads directly (an OrtValue made from a CPU numpy array wraps its memory),
@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 from edgecraft.config import GPTConfig
 from edgecraft.runtime.bundle import CONFIG_METADATA, BundleError
+from edgecraft.runtime.engine import prefill_lengths
 
 # One intra-op thread: robust wherever an app runs; an idle multi-core machine gains from more, a
 # busy one loses much more (benchmarks/results/decode_speed.md). Callers that own the machine pass threads=N.
@@ -61,7 +62,7 @@ class OnnxEngine:
     def __init__(self, model_path: str | Path, config: GPTConfig, threads: int = 0, device: str = "cpu") -> None:
         self.block_size = config.block_size
         self.vocab_size = config.vocab_size
-        self._cache_shape = (config.n_heads, config.block_size, config.cache_head_size)
+        self._cache_shape = (config.n_kv_heads, config.block_size, config.cache_head_size)
         self._n_layers = config.n_layers
         if device == "cpu":
             providers = ["CPUExecutionProvider"]
@@ -108,7 +109,7 @@ class OnnxEngine:
         logits = {o.name: o.shape for o in self.session.get_outputs()}.get("logits", [None])
         for field_name, declared, actual in (
             ("n_layers", config.n_layers, layers),
-            ("n_heads", config.n_heads, past[1]),
+            ("n_kv_heads", config.n_kv_heads, past[1]),
             ("block_size", config.block_size, past[2]),
             ("d_model / n_heads", config.cache_head_size, past[3]),  # heads padded to it at export
             ("vocab_size", config.vocab_size, logits[-1]),
@@ -131,7 +132,7 @@ class OnnxEngine:
             self.lengths[:] = 0
             return
         self.lengths = np.zeros(B, dtype=np.int64)
-        # (B, n_heads, block_size, head_size) per layer and kind; the OrtValues wrap this memory
+        # (B, n_kv_heads, block_size, head_size) per layer and kind; the OrtValues wrap this memory
         self._kv = [np.zeros((B, *self._cache_shape), dtype=np.float32) for _ in range(2 * self._n_layers)]
         # the decode step's buffers, written in place and read by onnxruntime through the bindings
         self._step_ids = np.zeros((B, 1), dtype=np.int64)  # (B, 1)
@@ -198,18 +199,9 @@ class OnnxEngine:
         """
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         B, S = ids.shape
-        if B != len(self.lengths):
-            raise ValueError(f"prefill got {B} rows for a batch of {len(self.lengths)}; call reset({B})")
-        n = np.full(B, S, dtype=np.int64) if lengths is None else np.asarray(lengths, dtype=np.int64)
-        if n.shape != (B,) or (n < 0).any() or (n > S).any():
-            raise ValueError(f"lengths must be (B,) = ({B},) values in 0..{S}, got {n.tolist()}")
+        n = prefill_lengths(ids, lengths, self.lengths, self.block_size)
         past = self.lengths
         total = past + n  # (B,) cached after this call
-        if (total > self.block_size).any():
-            b = int(np.argmax(total))
-            raise ValueError(
-                f"row {b}: {int(past[b])} cached + {int(n[b])} new positions exceed block_size {self.block_size}"
-            )
         logits = np.empty((B, S, self.vocab_size), dtype=np.float32)  # (B, S, V)
         rows = np.flatnonzero(n)
         if not len(rows):
