@@ -4,9 +4,11 @@ Reads a row spec (JSON) on stdin, writes one JSON result on stdout. A fresh proc
 one row's memory, thread pools and caches never disturb the next, and the peak resident memory
 (getrusage's ru_maxrss) is this row's alone.
 
-Both backends are driven through the same three calls — reset(B), prefill(ids (B, S)) -> logits
-(B, S, V), decode(ids (B,)) -> logits (B, V) — with greedy argmax in numpy, so the figures count
-the model's forward passes and the KV cache, and exclude tokenization and sampling.
+Every row loads a `runtime.Model` (a bundle's onnxruntime engine, or a run's PyTorch engine from
+edgecraft/torch_engine.py) and drives its engine through the interface of runtime/engine.py —
+reset(B), prefill(ids (B, S)) -> logits (B, S, V), decode(ids (B,)) -> logits (B, V) — with greedy
+argmax in numpy, so the figures count the model's forward passes and the KV cache, and exclude
+tokenization and sampling.
 """
 
 from __future__ import annotations
@@ -27,35 +29,6 @@ from edgecraft.runtime.bundle import BundleError
 
 class Skip(Exception):
     """The row cannot run here (e.g. no CUDA in this build); reported as a skipped row."""
-
-
-class TorchEngine:
-    """A PyTorch eager GPT behind the runtime Engine's reset/prefill/decode calls (numpy in and out)."""
-
-    def __init__(self, model, device: str) -> None:
-        import torch
-
-        self.torch = torch
-        self.model = model
-        self.device = device
-        self.block_size = model.cfg.block_size
-        self.vocab_size = model.cfg.vocab_size
-        self.cache = None
-
-    def reset(self, batch: int) -> None:
-        self.cache = None
-
-    def prefill(self, ids: np.ndarray, lengths=None) -> np.ndarray:
-        with self.torch.inference_mode():
-            idx = self.torch.from_numpy(ids).to(self.device)  # (B, S)
-            logits, _, self.cache = self.model(idx)  # (B, S, V)
-            return logits.float().cpu().numpy()
-
-    def decode(self, ids: np.ndarray) -> np.ndarray:
-        with self.torch.inference_mode():
-            idx = self.torch.from_numpy(ids).to(self.device)[:, None]  # (B, 1)
-            logits, _, self.cache = self.model(idx, cache=self.cache)  # (B, 1, V)
-            return logits[:, -1].float().cpu().numpy()
 
 
 # ---------------------------------------------------------------- loading
@@ -94,7 +67,7 @@ def load_onnx(spec: dict) -> tuple[object, object, dict]:
     load_s = time.perf_counter() - start
     onnx = path / ("model.int8.onnx" if spec["int8"] else "model.onnx")
     files = [onnx, *path.glob(onnx.name + ".data")]  # external weights, if the exporter wrote any
-    meta = json.loads((path / "edgecraft.json").read_text())
+    manifest = model.manifest
     facts = {
         "backend": f"onnxruntime {ort.__version__}",
         "import_s": import_s,
@@ -102,9 +75,9 @@ def load_onnx(spec: dict) -> tuple[object, object, dict]:
         "load_s": load_s,
         "file": onnx.name,
         "file_bytes": sum(f.stat().st_size for f in files),
-        "params": meta.get("parameters"),
-        "export_checks": meta.get("checks"),  # what the exporter measured (parity, its perplexity)
-        "quantization": (meta.get("quantization") or {}).get(onnx.name),  # scheme, sizes, loss delta
+        "params": manifest.parameters,
+        "export_checks": manifest.checks,  # what the exporter measured (parity, its perplexity)
+        "quantization": manifest.quantization.get(onnx.name),  # scheme, sizes, loss delta
         "threads_used": model.engine.threads,
     }
     return model.engine, model.tokenizer, facts
@@ -116,6 +89,7 @@ def load_torch(spec: dict) -> tuple[object, object, dict]:
     import torch
 
     from edgecraft.rundir import load_run
+    from edgecraft.torch_engine import run_model
 
     import_s, rss_baseline = time.perf_counter() - start, _rss_mb()
     if spec["device"] == "cuda" and not torch.cuda.is_available():
@@ -123,8 +97,8 @@ def load_torch(spec: dict) -> tuple[object, object, dict]:
     if spec["threads"] > 0:
         torch.set_num_threads(spec["threads"])
     start = time.perf_counter()
-    model, tokenizer, _ = load_run(Path(spec["path"]))
-    model = model.to(spec["device"]).eval()
+    model, tokenizer, _ = load_run(Path(spec["path"]), device=spec["device"])
+    runtime = run_model(model, tokenizer, spec["device"])
     load_s = time.perf_counter() - start
     weights = Path(spec["path"]) / "model.safetensors"  # absent while a run is still training
     facts = {
@@ -137,7 +111,7 @@ def load_torch(spec: dict) -> tuple[object, object, dict]:
         "params": model.num_params(),
         "threads_used": torch.get_num_threads(),
     }
-    return TorchEngine(model, spec["device"]), tokenizer, facts
+    return runtime.engine, tokenizer, facts
 
 
 # ---------------------------------------------------------------- measuring
