@@ -155,6 +155,9 @@ def export(
     max_loss_increase: Annotated[
         Optional[float], typer.Option(help="Fail (exit 3) if int8 loses more than PCT % val loss.")
     ] = None,
+    text: Annotated[
+        Optional[Path], typer.Option(help="Text file for the checks (default: the run's validation split).")
+    ] = None,
     web: Annotated[
         bool, typer.Option(help="Add web/: a static page and ES module running the bundle with onnxruntime-web.")
     ] = False,
@@ -165,6 +168,7 @@ def export(
     options = ExportOptions(
         opset=opset, force=force, int8=int8 or int8_only, int8_only=int8_only,
         calibrate=calibrate, keep_float=tuple(keep_float or ()), max_loss_increase=max_loss_increase,
+        text=text,
     )
     if web:
         from edgecraft.export.web import add_web, vendored_versions

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from edgecraft.errors import UserError
 
@@ -18,6 +20,7 @@ class ExportOptions:
     calibrate: int = 0
     keep_float: tuple[str, ...] = ()
     max_loss_increase: float | None = None
+    text: Path | None = None  # the checks' text instead of the run's validation split
 
 
 def check_keep_float(keep_float: tuple[str, ...]) -> None:
@@ -40,4 +43,7 @@ def check_options(options: ExportOptions) -> None:
                                        ("--max-loss-increase", options.max_loss_increase is not None)) if on]
         if given:
             raise UserError(f"{given[0]} applies to the int8 export; add --int8")
+    increase = options.max_loss_increase
+    if increase is not None and not 0 <= increase < math.inf:  # NaN fails this too
+        raise UserError(f"--max-loss-increase {increase}: expected a percentage of at least 0, e.g. 2")
     check_keep_float(options.keep_float)
