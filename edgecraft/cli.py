@@ -42,6 +42,38 @@ def is_bundle(path: Path) -> bool:
     return (path / "edgecraft.json").is_file()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import edgecraft
+
+        typer.echo(f"edgecraft {edgecraft.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+def read_prompt(path: Path) -> str:
+    """The prompt in a UTF-8 file, or on stdin for `-`, exactly as written."""
+    try:
+        data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+    except OSError as err:
+        raise UserError(f"--prompt-file {path}: cannot read it ({err.strerror or err})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"--prompt-file {path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
+        ) from None
+
+
+
 @app.command()
 @friendly
 def train(
@@ -86,6 +118,9 @@ def recipe_schema() -> None:
 def generate(
     path: Annotated[Path, typer.Argument(help="A bundle (export/NAME) or a run directory (runs/NAME).")],
     prompt: Annotated[str, typer.Argument(help="Text to continue.")] = "",
+    prompt_file: Annotated[
+        Optional[Path], typer.Option(help="Read the prompt from FILE, UTF-8, exactly as written (- = stdin).")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option("-n", "--max-new-tokens", min=1)] = 200,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.8,
     top_k: Annotated[Optional[int], typer.Option(min=1)] = None,
@@ -101,6 +136,10 @@ def generate(
 ) -> None:
     """Continue a prompt: from a bundle (onnxruntime or tinygrad) or a run (PyTorch), through the
     same decode loop and sampling."""
+    if prompt_file is not None:
+        if prompt:
+            raise UserError("give the prompt as an argument or with --prompt-file, not both")
+        prompt = read_prompt(prompt_file)
     if not path.exists():
         raise UserError(f"{path}: no such bundle or run directory")
     if is_bundle(path):
@@ -182,10 +221,30 @@ def export(
 
 @app.command()
 @friendly
-def info(path: Annotated[Path, typer.Argument(help="A run directory or a bundle.")]) -> None:
+def info(
+    path: Annotated[Path, typer.Argument(help="A run directory or a bundle.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print it as JSON.")] = False,
+) -> None:
     """What a run or bundle holds: config, parameters, sizes, quantization, metrics."""
     if not path.exists():
         raise UserError(f"{path}: no such bundle or run directory")
+    if json_out:
+        import json
+
+        if is_bundle(path):
+            from edgecraft.runtime import BundleError
+            from edgecraft.runtime.bundle import read_manifest
+
+            try:
+                data = {"kind": "bundle", "path": str(path), **read_manifest(path).to_dict()}
+            except BundleError as err:
+                raise UserError(str(err)) from None
+        else:
+            from edgecraft.rundir import run_info
+
+            data = run_info(path)
+        typer.echo(json.dumps(data, indent=2))
+        return
     if is_bundle(path):
         from edgecraft.runtime import BundleError, describe_bundle
 

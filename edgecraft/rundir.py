@@ -51,8 +51,7 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
     return model, tokenizer, recipe
 
 
-def _size(path: Path) -> str:
-    n = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def _size(n: int) -> str:
     if n < 1000:
         return f"{n} B"
     for unit in ("KB", "MB"):
@@ -75,8 +74,9 @@ def _last_metrics(path: Path) -> dict[str, dict]:
     return last
 
 
-def describe_run(run_dir: str | Path) -> str:
-    """`edgecraft info` for a run: recipe, parameters, files and sizes, last metrics, checkpoints."""
+def run_info(run_dir: str | Path) -> dict:
+    """What a run holds, as data (`edgecraft info --json`): recipe, config, parameters, status,
+    files and sizes, last metrics, checkpoints."""
     from edgecraft.checkpoint import list_checkpoints, read_config
 
     run_dir = Path(run_dir)
@@ -84,35 +84,49 @@ def describe_run(run_dir: str | Path) -> str:
         raise UserError(f"{run_dir}: not a run directory or bundle (no recipe.toml or edgecraft.json)")
     recipe: Recipe = load_recipe(run_dir / "recipe.toml")
     weights = _weights_path(run_dir)
-    cfg = read_config(weights)
-    lines = [f"run {run_dir}  (recipe name {recipe.name!r}, seed {recipe.seed})"]
-    lines.append(f"  data: {recipe.data.source}, {recipe.data.tokenizer} tokenizer, vocab {cfg.vocab_size}")
+    finished = (run_dir / "model.safetensors").is_file()
+    return {
+        "kind": "run",
+        "path": str(run_dir),
+        "recipe": recipe.model_dump(),
+        "config": read_config(weights).to_dict(),
+        "parameters": _count_params(weights),
+        "status": "finished" if finished else f"not finished (weights from {weights.parent.name})",
+        "last": _last_metrics(run_dir / "metrics.jsonl"),
+        "files": {
+            name: (run_dir / name).stat().st_size if (run_dir / name).is_file()
+            else sum(p.stat().st_size for p in (run_dir / name).rglob("*") if p.is_file())
+            for name in ("recipe.toml", "tokenizer.json", "model.safetensors", "metrics.jsonl", "samples.txt", "tb")
+            if (run_dir / name).exists()
+        },
+        "checkpoints": [p.name for p in list_checkpoints(run_dir / "checkpoints")],
+    }
+
+
+def describe_run(run_dir: str | Path) -> str:
+    """`edgecraft info` for a run: recipe, parameters, files and sizes, last metrics, checkpoints."""
+    info = run_info(run_dir)
+    recipe, cfg, t = info["recipe"], info["config"], info["recipe"]["train"]
+    lines = [f"run {info['path']}  (recipe name {recipe['name']!r}, seed {recipe['seed']})"]
+    lines.append(f"  data: {recipe['data']['source']}, {recipe['data']['tokenizer']} tokenizer, vocab {cfg['vocab_size']}")
+    lines.append("  model: " + ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "vocab_size"))
+    lines.append(f"  parameters: {info['parameters']:,}")
     lines.append(
-        "  model: "
-        + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items() if k != "vocab_size")
+        f"  train: {t['max_steps']} steps of {t['batch_size']}x{t['grad_accum']} x {cfg['block_size']} tokens, "
+        f"lr {t['lr']:g} -> {t['min_lr']:g}, warmup {t['warmup_steps']}"
+        + (f", QAT from step {recipe['quant']['start_step']}" if recipe["quant"]["qat"] else "")
     )
-    lines.append(f"  parameters: {_count_params(weights):,}")
-    t = recipe.train
-    lines.append(
-        f"  train: {t.max_steps} steps of {t.batch_size}x{t.grad_accum} x {cfg.block_size} tokens, "
-        f"lr {t.lr:g} -> {t.min_lr:g}, warmup {t.warmup_steps}"
-        + (f", QAT from step {recipe.quant.start_step}" if recipe.quant.qat else "")
-    )
-    last = _last_metrics(run_dir / "metrics.jsonl")
+    last = info["last"]
     if "train" in last:
         ev = last["train"]
         lines.append(f"  last train: step {ev['step']}, loss {ev['loss']:.4f}, {ev['tokens_per_s']:,.0f} tokens/s")
     if "eval" in last:
         lines.append(f"  last val: step {last['eval']['step']}, loss {last['eval']['loss']:.4f}")
-    status = "finished" if (run_dir / "model.safetensors").is_file() else f"not finished (weights from {weights.parent.name})"
-    lines.append(f"  status: {status}")
+    lines.append(f"  status: {info['status']}")
     lines.append("  files:")
-    for name in ("recipe.toml", "tokenizer.json", "model.safetensors", "metrics.jsonl", "samples.txt", "tb"):
-        if (run_dir / name).exists():
-            lines.append(f"    {name:<18} {_size(run_dir / name):>10}")
-    ckpts = list_checkpoints(run_dir / "checkpoints")
-    names = ", ".join(p.name for p in ckpts) if ckpts else "none"
-    lines.append(f"  checkpoints: {names}")
+    for name, n in info["files"].items():
+        lines.append(f"    {name:<18} {_size(n):>10}")
+    lines.append(f"  checkpoints: {', '.join(info['checkpoints']) or 'none'}")
     return "\n".join(lines)
 
 

@@ -1,15 +1,16 @@
 """A terminal autocomplete: type the start of a line, get a few ways to finish it.
 
-    python examples/autocomplete.py export/shakespeare
-    > ROMEO: I
-      1. ROMEO: I ...        (up to three different endings of the line, as the model writes them)
-      2. ROMEO: I ...
+    edgecraft train recipes/quickstart.toml && edgecraft export runs/quickstart
+    python examples/autocomplete.py export/quickstart
+    > The
+      1. The ...        (up to three different endings of the line, as the model writes them)
+      2. The ...
 
 An app embedding edgecraft's runtime needs only `pip install edgecraft` (numpy, onnxruntime,
 tokenizers; no PyTorch). All suggestions for a line come from one batched decode loop, and each
 ends at the end of the line (a stop string). Lines come from stdin, so it also works in a pipe:
 
-    printf 'ROMEO: I\\nJULIET:\\n' | python examples/autocomplete.py export/shakespeare --seed 1
+    printf 'The \\nA \\n' | python examples/autocomplete.py export/quickstart --seed 1
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def suggestions(model, prefix: str, n: int, max_new_tokens: int, temperature: fl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("bundle", help="an exported bundle directory (export/NAME)")
+    parser.add_argument("bundle", help="an exported bundle directory (export/quickstart, say)")
     parser.add_argument("-n", "--suggestions", type=int, default=3, help="how many completions per line")
     parser.add_argument("--max-new-tokens", type=int, default=40, help="longest completion, in tokens")
     parser.add_argument("--temperature", type=float, default=0.8)
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     except BundleError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # bytes that are not UTF-8 arrive as surrogate escapes, which the runtime names in one line
+    sys.stdin.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
     if interactive:
         print("type the start of a line and press Enter (Ctrl-D to quit)")
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         try:
             found = suggestions(model, line.rstrip("\n"), args.suggestions, args.max_new_tokens, args.temperature, args.seed)
-        except ValueError as err:  # a bad option value, e.g. --temperature -1
+        except ValueError as err:  # a bad option value (--temperature -1), a line that is not text
             print(f"error: {err}", file=sys.stderr)
             return 2
         for i, text in enumerate(found, 1):

@@ -63,6 +63,17 @@ def _options(
     return SamplingParams(temperature, top_k, top_p, repetition_penalty), stops
 
 
+def _not_text(text: str) -> str:
+    """Why `text` is not UTF-8: bytes that were not (argv and stdin carry them as surrogate
+    escapes, U+DC80..U+DCFF) or a lone surrogate."""
+    i = next((i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF), None)
+    if i is None:
+        return "the prompt is not text the tokenizer can read; give it as UTF-8"
+    code = ord(text[i])
+    what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+    return f"the prompt is not UTF-8 text ({what} at character {i}); give it as UTF-8"
+
+
 class Model:
     """Generation, streaming, batches and scoring over one engine. Build it with `load()` (a
     bundle) or `edgecraft.torch_engine.load_run_model` (a run directory)."""
@@ -83,7 +94,10 @@ class Model:
         ValueError for anything but a str (bytes that are not text, say)."""
         if not isinstance(text, str):
             raise ValueError(f"a prompt must be text (str), got {type(text).__name__}")
-        return self.tokenizer.encode(text, add_special_tokens=False).ids or [self.start_id]
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False).ids or [self.start_id]
+        except TypeError:  # tokenizers' answer to a str it cannot pass on as UTF-8
+            raise ValueError(_not_text(text)) from None
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
@@ -103,7 +117,13 @@ class Model:
         """One generation's state, options checked (ValueError naming the option): what the
         server schedules into a shared `Batch`. With `stream`, each step's text is `seq.piece`."""
         params, stops = _options(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop)
-        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt) or [self.start_id]
+        if isinstance(prompt, (str, bytes, bytearray)):  # bytes: encode's ValueError, not token ids
+            ids = self.encode(prompt)
+        else:
+            ids = list(prompt) or [self.start_id]
+            bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
         text = TextStream(self.tokenizer, stops) if stream or stops else None
         return Sequence(ids, params, max_new_tokens, self.vocab_size, seed, text)
 
