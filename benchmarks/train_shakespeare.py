@@ -321,7 +321,7 @@ def interleaved(corpus: Path, threads: int, iters: int, block: int = 25) -> dict
     both alike. Reports the median wall and CPU milliseconds per iteration of each.
 
     edgecraft's side makes the calls edgecraft.train makes each step (lr_at, data.get_batch, the
-    fused AdamW from train._optimizer, clip, step, the recipe's weight average); no logging, eval
+    fused AdamW from train.state.make_optimizer, clip, step, the recipe's weight average); no logging, eval
     or checkpoints on either side.
     """
     import torch
@@ -329,7 +329,10 @@ def interleaved(corpus: Path, threads: int, iters: int, block: int = 25) -> dict
     from edgecraft import data
     from edgecraft.model import GPT, GPTConfig
     from edgecraft.recipe import load_recipe
-    from edgecraft.train import _optimizer, _to_device, _update_ema, lr_at
+    from edgecraft.train.ema import update_ema as _update_ema
+    from edgecraft.train.loop import lr_at
+    from edgecraft.train.loop import to_device as _to_device
+    from edgecraft.train.state import make_optimizer as _optimizer
 
     n_model, n_opt, get_batch, get_lr, *_ = _nanogpt_parts(corpus, threads, iters)
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,7 +32,8 @@ def friendly(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            typer.echo(f"error: {err}", err=True)
+            if str(err):  # empty: a DDP rank whose failure rank 0 (or another rank) reports
+                typer.echo(f"error: {err}", err=True)
             raise typer.Exit(err.exit_code) from None
 
     return wrapper
@@ -89,7 +90,7 @@ def train(
     force: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
 ) -> None:
     """Validate a recipe, prepare its data and train, writing runs/NAME/."""
-    from edgecraft.train import resume_run, train_recipe
+    from edgecraft.train import is_main_process, resume_run, train_recipe
 
     if resume is not None:
         if recipe is not None or set_:
@@ -102,7 +103,8 @@ def train(
 
         loaded = load_recipe(recipe, set_ or [])
         run_dir = train_recipe(loaded, runs_dir=runs_dir, force=force, origin=str(recipe))
-    typer.echo(f"run written to {run_dir}")
+    if is_main_process():  # under torchrun, rank 0 speaks for every process
+        typer.echo(f"run written to {run_dir}")
 
 
 @recipe_app.command("schema")

@@ -256,7 +256,7 @@ def test_get_batch_is_a_pure_function():
         assert np.array_equal(row_y, tokens[start + 1 : start + 17])
     again = data.get_batch(tokens, 4, 16, seed=1, step=7)
     assert np.array_equal(x, again[0]) and np.array_equal(y, again[1])
-    for other in [dict(seed=1, step=8), dict(seed=2, step=7), dict(seed=1, step=7, micro=1), dict(seed=1, step=7, rank=1)]:
+    for other in [dict(seed=1, step=8), dict(seed=2, step=7), dict(seed=1, step=7, micro=1), dict(seed=1, step=7, rank=1, world_size=2)]:
         assert not np.array_equal(x, data.get_batch(tokens, 4, 16, **other)[0])
     x_neg, _ = data.get_batch(tokens, 4, 16, seed=-5, step=0)
     assert x_neg.shape == (4, 16)

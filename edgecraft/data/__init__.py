@@ -3,7 +3,7 @@
     corpus.py     what data.source names, read as one exact text; is it long enough
     tokenizer.py  char and BPE tokenizers, tokenizer.json files, token dtypes
     cache.py      prepare(): the corpus tokenized once, cached as a flat array, split train/val
-    batches.py    training batches (a pure function of seed, step, micro-step, rank), eval batches
+    batches.py    training batches (a pure function of seed, step, micro-step, global row), eval batches
 """
 
 from edgecraft.data.batches import eval_batches, get_batch, val_blocks

@@ -1,7 +1,8 @@
 """Training and validation batches drawn from a token array.
 
-Batches are a pure function of (seed, step, micro, rank), so a resumed run reads exactly the
-batches an uninterrupted run would, and each DDP rank draws its own without any shared state.
+Batches are a pure function of (seed, step, micro-step, global row), so a resumed run reads
+exactly the batches an uninterrupted run would, and each DDP rank draws its own rows of the
+global batch without any shared state.
 """
 
 from __future__ import annotations
@@ -27,16 +28,27 @@ def _gather(tokens: np.ndarray, offsets: np.ndarray, block_size: int) -> tuple[n
 
 
 def get_batch(
-    tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int, micro: int = 0, rank: int = 0
+    tokens: np.ndarray,
+    batch_size: int,
+    block_size: int,
+    seed: int,
+    step: int,
+    micro: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Random blocks x (B, T) and their next tokens y (B, T), int64.
+    """Random blocks x (B, T) and their next tokens y (B, T), int64: rows [rank*B, (rank+1)*B) of
+    the micro-step's global batch of B * world_size rows.
 
-    The offsets are a pure function of (seed, step, micro, rank): no RNG state to save or restore,
-    a resumed run reads exactly the batches it would have read, and ranks never coordinate.
+    The global batch is a pure function of (seed, step, micro, its size): no RNG state to save or
+    restore, a resumed run reads exactly the batches it would have read, ranks never coordinate,
+    and 2 processes of 8 rows read what 1 process of 16 rows reads.
     """
-    rng = np.random.default_rng([_entropy(seed), step, micro, rank])
-    offsets = rng.integers(0, _n_offsets(tokens, block_size), size=batch_size)  # (B,)
-    return _gather(tokens, offsets, block_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size}")
+    rng = np.random.default_rng([_entropy(seed), step, micro, 0])  # 0: the stream 1-process runs always had
+    offsets = rng.integers(0, _n_offsets(tokens, block_size), size=batch_size * world_size)  # (B * world,)
+    return _gather(tokens, offsets[rank * batch_size : (rank + 1) * batch_size], block_size)
 
 
 def eval_batches(
