@@ -1,7 +1,7 @@
 """edgecraft against the tools people would use instead, on the same weights, side by side.
 
     python benchmarks/peers.py --run runs/char-1m [--bundle export/char-1m] [--peer-python PY]
-    python benchmarks/peers.py --corpus data.txt          # trains recipes/char-1m.toml briefly first
+    python benchmarks/peers.py [--corpus PATH]      # trains recipes/char-1m.toml briefly first
 
 Rows, all greedy, all with a KV cache, all from the SAME trained edgecraft run:
 - edgecraft fp32 / int8: the bundle's model.onnx / model.int8.onnx through edgecraft's engine;
@@ -9,22 +9,21 @@ Rows, all greedy, all with a KV cache, all from the SAME trained edgecraft run:
   weights, `generate` in PyTorch eager;
 - optimum fp32 / int8: that GPT-2 exported by optimum (ORTModelForCausalLM), and the export
   quantized by onnxruntime's `quantize_dynamic` (QInt8 weights, per tensor).
-Each (row, threads) runs in a process of its own; token ids go in and come out, so tokenization is
-excluded everywhere, and each peer's `generate()` overhead is part of what it costs to use it.
-Figures: time to first token after a P-token prompt, and tokens/s for N new tokens after a prompt
-(prefill included). Every row's greedy tokens are compared with edgecraft fp32's: same weights,
-same tokens, or the comparison is meaningless.
+Each (row, threads) runs in a process of its own per round (peers_models.py); token ids go in and
+come out, so tokenization is excluded everywhere, and each peer's `generate()` overhead is part of
+what it costs to use it. Figures: time to first token after a P-token prompt, and tokens/s for N
+new tokens after a prompt (prefill included). Every row's greedy tokens are compared with
+edgecraft fp32's: same weights, same tokens, or the comparison is meaningless.
 
-transformers and optimum-onnx live in the `peers` extra; optimum-onnx pins transformers 4.x (and an
-older tokenizers), so they may sit in a separate environment: point --peer-python at its
-interpreter. One way that reuses edgecraft's torch and onnxruntime instead of downloading them:
+--corpus defaults to /work/shared/data/tinyshakespeare.txt where it exists, else the recipe's
+built-in corpus. transformers and optimum-onnx live in the `peers` extra; optimum-onnx pins
+transformers 4.x (and an older tokenizers), so they may sit in a separate environment: point
+--peer-python at its interpreter. One way that reuses edgecraft's torch and onnxruntime:
 
     python3 -m venv /tmp/peers-venv
     echo "$(python -c 'import site; print(site.getsitepackages()[0])')" \
         > /tmp/peers-venv/lib/python3.X/site-packages/zz_edgecraft.pth   # edgecraft venv's packages
     /tmp/peers-venv/bin/pip install "optimum-onnx[onnxruntime]==0.1.0" "transformers<4.58" torch==2.13.0
-
-(pin torch to the version already installed so pip never fetches another one).
 """
 
 from __future__ import annotations
@@ -35,93 +34,50 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from peers_models import measure_row, prepare_peers
+import harness
+import peers_models
 
 if TYPE_CHECKING:
-    from edgecraft.model import GPTConfig
+    from edgecraft.config import GPTConfig
 
-REPO = Path(__file__).resolve().parents[1]
 PEERS = ("transformers", "optimum-fp32", "optimum-int8")
 ORDER = ("edgecraft-fp32", "edgecraft-int8", *PEERS)
 SAMPLES = ("ttft_ms", "tok_s", "tok_per_cpu_s")  # per measured run
-
-def merge(rounds: list[dict]) -> list[dict]:
-    """One result per (row, threads): the samples of every round, summarized; the last round's tokens."""
-    from edgecraft.bench.stats import summarize
-
-    merged: dict[tuple, dict] = {}
-    for r in rounds:
-        into = merged.setdefault((r["row"], r["threads"]), {"row": r["row"], "threads": r["threads"], "batches": {}})
-        for batch, v in r["batches"].items():
-            cell = into["batches"].setdefault(batch, {key: [] for key in SAMPLES})
-            for key in SAMPLES:
-                cell[key] += v[key]
-            cell["tokens"] = v["tokens"]
-    for r in merged.values():
-        for cell in r["batches"].values():
-            cell["samples"] = {key: cell[key] for key in SAMPLES}
-            cell.update({key: summarize(cell[key]) for key in SAMPLES})
-    return list(merged.values())
+TITLE = "edgecraft vs transformers and optimum, same weights"
 
 
-# ---------------------------------------------------------------- the comparison (main python)
+# ---------------------------------------------------------------- shared with peers_genai.py
 
 
-def child(python: str, args: list[str], payload: dict | None = None, script: str = __file__) -> dict:
-    """Run `script` (this one by default) in `python`, a fresh process; the JSON on its last stdout
-    line. benchmarks/peers_genai.py uses it too."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(
-        [python, script, *args], input=json.dumps(payload or {}), capture_output=True, text=True, env=env,
-    )
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{' '.join(args[:2])} failed in {python} (exit {proc.returncode})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def train_run(args, recipe: str, *sets: str) -> Path:
+    """recipes/RECIPE.toml trained --steps steps on --corpus (else its built-in corpus) in --work."""
+    if args.corpus is not None:
+        sets += ("--set", f"data.source={json.dumps(str(args.corpus))}")
+    harness.edgecraft_cli("train", str(harness.REPO / "recipes" / f"{recipe}.toml"), "--set",
+                          f"train.max_steps={args.steps}", *sets, "--runs-dir", str(args.work / "runs"), "--force")
+    return args.work / "runs" / recipe
 
 
-def edgecraft_cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "edgecraft.cli", *args], check=True)
-
-
-def export_bundle(run: Path, bundle: Path) -> None:
-    """`edgecraft export RUN --int8`, or fp32 alone when the int8 quality gate refuses."""
-    if subprocess.run([sys.executable, "-m", "edgecraft.cli", "export", str(run), "--int8", "--out", str(bundle),
-                       "--force"]).returncode != 0:
-        print("int8 export failed (above); measuring fp32 only", file=sys.stderr)
-        edgecraft_cli("export", str(run), "--out", str(bundle), "--force")
-
-
-def train_run(args) -> Path:
-    """Without --run: recipes/char-1m.toml trained briefly on --corpus in the work dir."""
-    if args.corpus is None:
-        raise SystemExit("give --run RUN_DIR, or --corpus FILE to train recipes/char-1m.toml briefly")
-    edgecraft_cli("train", str(REPO / "recipes" / "char-1m.toml"), "--set", f"data.source={args.corpus}",
-                  "--set", f"train.max_steps={args.steps}", "--runs-dir", str(args.work / "runs"), "--force")
-    return args.work / "runs" / "char-1m"
-
-
-def start(args, train) -> tuple[Path, Path, GPTConfig, list[int], list[int]]:
-    """What peers.py and peers_genai.py start from: the run (--run, else `train(args)`), its bundle
-    with model.onnx and model.int8.onnx (--bundle, else exported into the work dir), the run's
-    model config, and the --threads and --batches lists."""
+def start(args, train) -> tuple[Path, Path, GPTConfig]:
+    """The run (--run, else `train(args)`), its bundle with model.onnx and model.int8.onnx (--bundle,
+    else `edgecraft export --int8`, fp32 alone when the int8 quality gate refuses), its config."""
     from edgecraft.checkpoint import read_config
 
     args.work.mkdir(parents=True, exist_ok=True)
     run = args.run or train(args)
-    bundle = args.bundle
-    if bundle is None:
-        bundle = args.work / "bundle"
-        export_bundle(run, bundle)
-    threads = [int(t) for t in args.threads.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
-    return run, bundle, read_config(run / "model.safetensors"), threads, batches
+    bundle = args.bundle or args.work / "bundle"
+    if args.bundle is None:
+        try:
+            harness.edgecraft_cli("export", str(run), "--int8", "--out", str(bundle), "--force")
+        except subprocess.CalledProcessError:
+            print("int8 export failed (above); measuring fp32 only", file=sys.stderr)
+            harness.edgecraft_cli("export", str(run), "--out", str(bundle), "--force")
+    return run, bundle, read_config(run / "model.safetensors")
 
 
 def prompts(run: Path, batch: int, length: int) -> list[list[int]]:
@@ -137,27 +93,40 @@ def prompts(run: Path, batch: int, length: int) -> list[list[int]]:
     return np.array(ids[: batch * length]).reshape(batch, length).tolist()
 
 
-def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
-    """How far two rows' greedy tokens agree: identical sequences, and the shortest common prefix."""
-    prefixes = []
-    for x, y in zip(a, b):
-        prefixes.append(next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), len(x)))
-    return {"identical": sum(p == len(x) for p, x in zip(prefixes, a)), "of": len(a), "min_prefix": min(prefixes)}
+def has_int8(bundle: Path) -> bool:
+    return "model.int8.onnx" in json.loads((bundle / "edgecraft.json").read_text())["files"]
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+def merge(results: list[dict]) -> list[dict]:
+    """One result per (row, threads): every round's samples, summarized; the last round's tokens."""
+    from edgecraft.bench.stats import summarize
+
+    merged: dict[tuple, dict] = {}
+    for r in results:
+        into = merged.setdefault((r["row"], r["threads"]), {"row": r["row"], "threads": r["threads"], "batches": {}})
+        for batch, v in r["batches"].items():
+            cell = into["batches"].setdefault(batch, {key: [] for key in SAMPLES})
+            for key in SAMPLES:
+                cell[key] += v[key]
+            cell["tokens"] = v["tokens"]
+    for r in merged.values():
+        for cell in r["batches"].values():
+            cell["samples"] = {key: cell[key] for key in SAMPLES}
+            cell.update({key: summarize(cell[key]) for key in SAMPLES})
+    return list(merged.values())
 
 
 def compare(results: list[dict]) -> list[dict]:
     """Flat lines (row, threads, batch) with ratios and greedy agreement against edgecraft fp32."""
     base = {(r["threads"], b): v for r in results if r["row"] == "edgecraft-fp32" for b, v in r["batches"].items()}
-    lines = []
-    for r in sorted(results, key=lambda r: (r["threads"], ORDER.index(r["row"]))):
-        for batch, v in r["batches"].items():
-            ref = base[(r["threads"], batch)]
-            lines.append({
-                "row": r["row"], "threads": r["threads"], "batch": int(batch),
-                "ttft_ms": v["ttft_ms"], "tok_s": v["tok_s"], "tok_per_cpu_s": v["tok_per_cpu_s"],
-                "edgecraft_fp32_speedup": ref["tok_s"]["median"] / v["tok_s"]["median"],
-                "greedy_vs_edgecraft_fp32": agreement(v["tokens"], ref["tokens"]),
-            })
+    lines = [{"row": r["row"], "threads": r["threads"], "batch": int(batch),
+              **{key: v[key] for key in SAMPLES},
+              "edgecraft_fp32_speedup": base[(r["threads"], batch)]["tok_s"]["median"] / v["tok_s"]["median"],
+              "greedy_vs_edgecraft_fp32": harness.agreement(v["tokens"], base[(r["threads"], batch)]["tokens"])}
+             for r in results for batch, v in r["batches"].items()]
     return sorted(lines, key=lambda x: (x["batch"], x["threads"], ORDER.index(x["row"])))
 
 
@@ -169,10 +138,8 @@ def targets(lines: list[dict]) -> list[dict]:
         ("edgecraft fp32 >= 5x optimum fp32 (batch 1, 1 thread)", "edgecraft-fp32", "optimum-fp32", 1, 1, 5.0),
         ("edgecraft fp32 >= 10x transformers eager (batch 1, 1 thread)", "edgecraft-fp32", "transformers", 1, 1, 10.0),
         ("edgecraft int8 >= edgecraft fp32 (batch 1, 1 thread)", "edgecraft-int8", "edgecraft-fp32", 1, 1, 1.0),
-    ]
-    for threads in sorted({x["threads"] for x in lines}):
-        wanted.append((f"edgecraft fp32 >= 3x optimum fp32 (batch 16, {threads} thread(s))",
-                       "edgecraft-fp32", "optimum-fp32", threads, 16, 3.0))
+    ] + [(f"edgecraft fp32 >= 3x optimum fp32 (batch 16, {t} thread(s))", "edgecraft-fp32", "optimum-fp32", t, 16, 3.0)
+         for t in sorted({x["threads"] for x in lines})]
     out = []
     for name, ours, theirs, threads, batch, needed in wanted:
         a, b = med.get((ours, threads, batch)), med.get((theirs, threads, batch))
@@ -184,41 +151,32 @@ def targets(lines: list[dict]) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    from edgecraft.bench.system import describe
-
     s = report["settings"]
     out = [
-        f"Machine: {describe(report['machine'])}".replace("\n", "  \n") + "  ",
         "Peers' Python: " + ", ".join(f"{k} {v}" for k, v in report["peer_libraries"].items()
                                       if k in ("transformers", "optimum", "optimum-onnx", "torch", "onnxruntime")), "",
         f"Model: {report['model']}. Greedy, KV cache on everywhere; token ids in and out (no tokenization). "
         f"TTFT: `generate` of 1 token after a {s['prompt_len']}-token prompt. tok/s: {s['new_tokens']} new tokens "
-        f"after a {s['gen_prompt_len']}-token prompt, prefill included; median [min–max] of {report['rounds_done']} rounds × "
-        f"{s['runs']} runs, each round a fresh process per (row, threads) with {s['warmup']} warm-up run(s) per batch "
-        "size, rounds interleaved so background load hits every row alike. tok per CPU-s: the same tokens per "
-        "CPU-second the process got (at 1 thread, what the row would do on an idle core). "
-        f"Load average before/after: {report['load_before'][0]:.1f} / {report['load_after'][0]:.1f}."
+        f"after a {s['gen_prompt_len']}-token prompt, prefill included; median [min–max] of {report['rounds_done']} "
+        f"rounds × {s['runs']} runs, each round a fresh process per (row, threads) with {s['warmup']} warm-up run(s) "
+        "per batch size, rounds interleaved so background load hits every row alike. tok per CPU-s: the same "
+        "tokens per CPU-second the process got (at 1 thread, what the row would do on an idle core)."
         + (f" {report['note']}" if report.get("note") else ""), "",
-        "| batch | threads | row | TTFT ms | tok/s median [min–max] | tok per CPU-s | edgecraft fp32 ÷ row | greedy = edgecraft fp32 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| batch | threads | row | TTFT ms | tok/s median [min–max] | tok per CPU-s | edgecraft fp32 ÷ row | "
+        "greedy = edgecraft fp32 |", "|---|---|---|---|---|---|---|---|",
     ]
     for x in report["lines"]:
         t, g = x["tok_s"], x["greedy_vs_edgecraft_fp32"]
         agree = "all" if g["identical"] == g["of"] else f"{g['identical']}/{g['of']} seqs (first diff at token {g['min_prefix']})"
-        out.append(
-            f"| {x['batch']} | {x['threads']} | {x['row']} | {x['ttft_ms']['median']:.2f} | "
-            f"{t['median']:,.0f} [{t['min']:,.0f}–{t['max']:,.0f}] | {x['tok_per_cpu_s']['median']:,.0f} | "
-            f"{x['edgecraft_fp32_speedup']:.2f}× | {agree} |"
-        )
+        out.append(f"| {x['batch']} | {x['threads']} | {x['row']} | {x['ttft_ms']['median']:.2f} | "
+                   f"{t['median']:,.0f} [{t['min']:,.0f}–{t['max']:,.0f}] | {x['tok_per_cpu_s']['median']:,.0f} | "
+                   f"{x['edgecraft_fp32_speedup']:.2f}× | {agree} |")
     out += ["", "| target | measured (wall) | by CPU time | result |", "|---|---|---|---|"]
     for t in report["targets"]:
-        if t["ratio"] is None:
-            out.append(f"| {t['target']} | not measured | | – |")
-        else:
-            out.append(f"| {t['target']} | {t['ratio']:.2f}× | {t['ratio_by_cpu_time']:.2f}× | "
-                       f"{'met' if t['met'] else 'MISSED'} |")
+        out.append(f"| {t['target']} | not measured | | – |" if t["ratio"] is None else
+                   f"| {t['target']} | {t['ratio']:.2f}× | {t['ratio_by_cpu_time']:.2f}× | {'met' if t['met'] else 'MISSED'} |")
     out += [f"\nNot measured: {note}" for note in report["missing"]]
-    return "\n".join(out) + "\n"
+    return "\n".join(out)
 
 
 def plot(report: dict, path: Path) -> None:
@@ -243,115 +201,91 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_report(report: dict, out: Path) -> None:
+    """peers.json (each cell keeping its first sequence's greedy tokens), peers.md, peers.png."""
+    slim = json.loads(json.dumps(report))
+    for r in slim["raw"]:
+        for cell in r["batches"].values():
+            cell["tokens"] = cell["tokens"][:1]
+    harness.write_atomic(out / "peers.json", json.dumps(slim, indent=1) + "\n")
+    harness.write_atomic(out / "peers.md", harness.render(report, markdown(report)))
+    plot(report, out / "peers.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", type=Path, help="A trained edgecraft run (GPT-2-style recipe).")
-    parser.add_argument("--corpus", type=Path, help="Without --run: train recipes/char-1m.toml on this first.")
-    parser.add_argument("--steps", type=int, default=300, help="Training steps with --corpus.")
-    parser.add_argument("--bundle", type=Path, help="The run's bundle with fp32 and int8 (default: export it).")
-    parser.add_argument("--peer-python", default=sys.executable, help="Python with transformers and optimum-onnx.")
-    parser.add_argument("--threads", default=f"1,{len(os.sched_getaffinity(0))}", help="Default: 1 and all usable cores.")
-    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--run", type=Path, help="a trained edgecraft run (GPT-2-style recipe)")
+    parser.add_argument("--corpus", type=Path, default=harness.default_corpus(),
+                        help="without --run: train recipes/char-1m.toml on this (default: tinyshakespeare if present)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps without --run")
+    parser.add_argument("--bundle", type=Path, help="the run's bundle with fp32 and int8 (default: export it)")
+    parser.add_argument("--peer-python", default=sys.executable, help="Python with transformers and optimum-onnx")
+    parser.add_argument("--threads", type=harness.int_list, default=[1, len(os.sched_getaffinity(0))],
+                        help="default: 1 and all usable cores")
+    parser.add_argument("--batches", type=harness.int_list, default=[1, 16])
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=200)
-    parser.add_argument("--runs", type=int, default=3, help="Measured runs per row and round.")
-    parser.add_argument("--rounds", type=int, default=3, help="Rounds over all rows (each a fresh process).")
+    parser.add_argument("--runs", type=int, default=3, help="measured runs per row and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all rows (each a fresh process)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rows", default=",".join(ORDER), help="Subset of rows to measure.")
+    parser.add_argument("--rows", default=",".join(ORDER), help="subset of rows to measure")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgecraft-peers")
-    parser.add_argument("--note", default="", help="A line for the report, e.g. how the run was trained.")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="Where peers.{md,json,png} go.")
-    parser.add_argument("--render", type=Path, help="Only re-render peers.md/png from this peers.json (with --note).")
+    parser.add_argument("--note", default="", help="a line for the report, e.g. how the run was trained")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS, help="where peers.{md,json,png} go")
+    parser.add_argument("--render", type=Path, help="only re-render peers.md/png from this peers.json (with --note)")
     args = parser.parse_args()
     if args.render:
-        report = json.loads(args.render.read_text())
+        report = {"title": TITLE, "command": "not recorded", **json.loads(args.render.read_text())}
         report["note"] = args.note or report.get("note", "")
         write_report(report, args.out)
         return
-    from edgecraft.bench.system import system_info
 
-    run, bundle, cfg, threads, batches = start(args, train_run)
+    run, bundle, cfg = start(args, lambda a: train_run(a, "char-1m"))
+    threads, batches = args.threads, args.batches
     rows = [r for r in args.rows.split(",") if r]
     missing = []
-    files = json.loads((bundle / "edgecraft.json").read_text())["files"]
-    for row, name in (("edgecraft-fp32", "model.onnx"), ("edgecraft-int8", "model.int8.onnx")):
-        if row in rows and name not in files:
-            rows.remove(row)
-            missing.append(f"{row}: {bundle} has no {name}")
-    if "edgecraft-fp32" not in rows:
-        raise SystemExit(f"{bundle} has no model.onnx: edgecraft fp32 is the reference row")
+    if "edgecraft-int8" in rows and not has_int8(bundle):
+        rows.remove("edgecraft-int8")
+        missing.append(f"edgecraft-int8: {bundle} has no model.int8.onnx")
     # a learned-position model holds block_size positions: the generation prompt shrinks to fit
     gen_prompt_len = min(args.prompt_len, cfg.block_size - args.new_tokens)
     all_prompts = prompts(run, max(batches), args.prompt_len)
+    script = Path(peers_models.__file__)
     if any(r in PEERS for r in rows):
-        check = child(args.peer_python, ["--prepare", str(run), str(args.work / "peers")], {"probe": all_prompts[0]})
-        print(f"peers prepared: GPT-2 vs edgecraft max |logit diff| {check['max_abs_logit_diff_gpt2_vs_edgecraft']:.2e}", file=sys.stderr)
+        check = harness.child(script, "prepare", {"run": str(run), "work": str(args.work / "peers"),
+                                                  "probe": all_prompts[0]}, python=args.peer_python)
+        print(f"peers prepared: GPT-2 vs edgecraft max |logit diff| {check['max_abs_logit_diff_gpt2_vs_edgecraft']:.2e}",
+              file=sys.stderr)
+    info = harness.RunInfo(TITLE)
     header = {
-        "format": "edgecraft-peers/1",
-        "machine": system_info(),
-        "load_before": os.getloadavg(),
-        "peer_libraries": child(args.peer_python, ["--versions"]),
+        **info.data, "format": "edgecraft-peers/1", "missing": missing, "note": args.note,
+        "peer_libraries": harness.child(script, "versions", python=args.peer_python),
         "model": f"{run.name}: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}, "
                  f"context {cfg.block_size}, vocab {cfg.vocab_size}",
         "settings": {"prompt_len": args.prompt_len, "gen_prompt_len": gen_prompt_len, "new_tokens": args.new_tokens,
                      "runs": args.runs, "rounds": args.rounds, "warmup": args.warmup, "threads": threads,
                      "batches": batches},
-        "missing": missing,
-        "note": args.note,
     }
-    rounds = []
-    # rounds interleave the rows in time, so a change in the machine's background load hits them all;
-    # the report is rewritten after every round, so a run cut short still leaves its numbers
-    for k in range(args.rounds):
-        for t in threads:
-            for row in rows:
-                spec = {
-                    "row": row, "threads": t, "batches": batches, "bundle": str(bundle), "work": str(args.work / "peers"),
-                    "prompts": all_prompts, "prompt_len": args.prompt_len, "gen_prompt_len": gen_prompt_len,
-                    "new_tokens": args.new_tokens, "runs": args.runs, "warmup": args.warmup,
-                }
-                print(f"round {k + 1}/{args.rounds}: {row} at {t} thread(s) ...", file=sys.stderr, flush=True)
-                python = sys.executable if row.startswith("edgecraft") else args.peer_python
-                rounds.append(child(python, ["--row"], spec))
-        results = merge(rounds)
+
+    def row(name: str, t: int):
+        spec = {"row": name, "threads": t, "batches": batches, "bundle": str(bundle), "work": str(args.work / "peers"),
+                "prompts": all_prompts, "prompt_len": args.prompt_len, "gen_prompt_len": gen_prompt_len,
+                "new_tokens": args.new_tokens, "runs": args.runs, "warmup": args.warmup}
+        python = sys.executable if name.startswith("edgecraft") else args.peer_python
+        return lambda: harness.child(script, "row", spec, python=python)
+
+    def report(done: dict[str, list]) -> dict:
+        results = merge([r for rounds in done.values() for r in rounds])
         lines = compare(results)
-        report = {
-            **header, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rounds_done": k + 1,
-            "load_after": os.getloadavg(), "lines": lines, "targets": targets(lines), "raw": results,
-        }
-        write_report(report, args.out)
-    print(markdown(report))
+        return {**header, "rounds_done": len(next(iter(done.values()))), "load_after": os.getloadavg(),
+                "lines": lines, "targets": targets(lines), "raw": results}
 
-
-def write_report(report: dict, out: Path) -> None:
-    """peers.json (each cell keeping its first sequence's greedy tokens), peers.md, peers.png."""
-    out.mkdir(parents=True, exist_ok=True)
-    slim = json.loads(json.dumps(report))
-    for r in slim["raw"]:
-        for cell in r["batches"].values():
-            cell["tokens"] = cell["tokens"][:1]
-    for name, text in (("peers.json", json.dumps(slim, indent=1) + "\n"), ("peers.md", markdown(report))):
-        (out / (name + ".tmp")).write_text(text)
-        os.replace(out / (name + ".tmp"), out / name)
-    plot(report, out / "peers.png")
-
-
-def _versions() -> dict:
-    from edgecraft.bench.system import library_versions
-
-    return library_versions()
+    # rewritten after every round, so a run cut short still leaves its numbers
+    done = harness.interleave({f"{n} t{t}": row(n, t) for t in threads for n in rows}, args.rounds, warmup=0,
+                              after_round=lambda d: write_report(report(d), args.out))
+    final = report(done)
+    print(harness.render(final, markdown(final)))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("--row", "--prepare", "--versions"):
-        payload = json.loads(sys.stdin.read() or "{}")
-        out, sys.stdout = sys.stdout, sys.stderr  # libraries' prints must not corrupt the JSON line
-        if sys.argv[1] == "--row":
-            result = measure_row(payload)
-        elif sys.argv[1] == "--prepare":
-            result = prepare_peers(Path(sys.argv[2]), Path(sys.argv[3]), payload["probe"])
-        else:
-            result = _versions()
-        out.write(json.dumps(result) + "\n")
-    else:
-        main()
+    main()

@@ -1,5 +1,5 @@
 """The peers' side of benchmarks/peers.py: GPT-2 built from an edgecraft run, the optimum exports,
-and one measured row per process (`peers.py --row` / `--prepare` run the functions here).
+and one measured row per process (peers.py runs this file's roles through harness.child).
 
 Runs in whichever Python has transformers and optimum-onnx (--peer-python); edgecraft rows run in
 edgecraft's own environment through the same `measure_row`.
@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+import harness
 
 # edgecraft parameter -> GPT-2 parameter (i = layer); Linear weights are transposed for Conv1D
 GPT2_NAMES = {
@@ -105,7 +107,7 @@ def prepare_peers(run_dir: Path, work: Path, probe: list[int]) -> dict:
 
 
 class EdgecraftGen:
-    """Greedy decoding through edgecraft's engine: prefill, then one-token decode steps."""
+    """Greedy decoding through edgecraft's engine (the bundle's graph)."""
 
     def __init__(self, bundle: Path, int8: bool, threads: int) -> None:
         from edgecraft.runtime import load
@@ -113,15 +115,7 @@ class EdgecraftGen:
         self.engine = load(bundle, int8=int8, threads=threads).engine
 
     def generate(self, prompt: np.ndarray, n: int) -> np.ndarray:
-        B = prompt.shape[0]
-        self.engine.reset(B)
-        tok = self.engine.prefill(prompt)[:, -1].argmax(-1)  # (B,)
-        out = np.empty((B, n), dtype=np.int64)  # (B, n)
-        out[:, 0] = tok
-        for i in range(1, n):
-            tok = self.engine.decode(tok).argmax(-1)
-            out[:, i] = tok
-        return out
+        return harness.greedy(self.engine, prompt, n)[0]
 
 
 class HFGen:
@@ -184,3 +178,13 @@ def measure_row(spec: dict) -> dict:
                 tokens = out
         results[str(batch)] = {"ttft_ms": ttft, "tok_s": speed, "tok_per_cpu_s": cpu_speed, "tokens": tokens.tolist()}
     return {"row": spec["row"], "threads": threads, "batches": results}
+
+
+if __name__ == "__main__":
+    from edgecraft.bench.system import library_versions
+
+    harness.serve_child({
+        "prepare": lambda p: prepare_peers(Path(p["run"]), Path(p["work"]), p["probe"]),
+        "row": measure_row,
+        "versions": lambda p: library_versions(),
+    })

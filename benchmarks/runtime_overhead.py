@@ -8,16 +8,13 @@ machine slows every row alike:
 1. An engine that does no work (a fixed logits buffer) under `Model`: what remains is the decode
    loop, sampling, the context-window bookkeeping and text decoding, per token, for each way of
    calling the runtime. This is the runtime's own overhead.
-2. The 1M-parameter character shape (d_model 128, 6 layers, 8 heads, d_ff 512, block 256,
-   vocab 65; random weights, exported with export_run): `Model.generate`/`stream` against a bare
-   loop of `Engine.decode` + argmax with no Model around it.
+2. recipes/char-1m.toml's shape with random weights, exported: `Model.generate`/`stream` against
+   a bare loop of engine decode + argmax with no Model around it.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -25,67 +22,40 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecraft.runtime import load
-from edgecraft.runtime.model import Model
+import harness
 
 PROMPT = "ROMEO:"
-CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # tiny-shakespeare's 65
 
 
 class IdleEngine:
-    """The Engine interface over a fixed logits buffer: decode costs next to nothing."""
+    """The engine interface (edgecraft/runtime/engine.py) over a fixed logits buffer: decode
+    costs next to nothing."""
 
     def __init__(self, vocab_size: int, block_size: int) -> None:
         self.vocab_size, self.block_size = vocab_size, block_size
-        self.logits = np.random.default_rng(0).standard_normal((1, vocab_size)).astype(np.float32)
+        self.row = np.random.default_rng(0).standard_normal(vocab_size).astype(np.float32)  # (V,)
+        self.reset(1)
 
     def reset(self, batch_size: int) -> None:
         self.lengths = np.zeros(batch_size, dtype=np.int64)
-        self.logits = np.resize(self.logits, (batch_size, self.vocab_size))
+        self.logits = np.tile(self.row, (batch_size, 1))  # (B, V)
 
     def prefill(self, ids: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
         self.lengths += ids.shape[1] if lengths is None else lengths
         return np.repeat(self.logits[:, None], ids.shape[1], axis=1)  # (B, S, V)
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
-        self.lengths += 1
-        return self.logits
+        self.lengths[: len(ids)] += 1
+        return self.logits[: len(ids)]
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def move(self, src: int, dst: int) -> None:
+        self.lengths[dst], self.lengths[src] = self.lengths[src], 0
 
 
-def char_run(root: Path) -> Path:
-    """A run directory with the 1M-parameter shape and random weights (needs the train extra)."""
-    import torch
-
-    from edgecraft.checkpoint import save_model
-    from edgecraft.data import make_char_tokenizer
-    from edgecraft.model import GPT, GPTConfig
-    from edgecraft.recipe import to_toml, validate
-
-    run = root / "run"
-    run.mkdir(parents=True)
-    recipe = validate({"name": "char-1m", "data": {"source": str(root / "absent.txt")}}, "benchmark")
-    (run / "recipe.toml").write_text(to_toml(recipe))
-    tokenizer = make_char_tokenizer([CHARS])
-    tokenizer.save(str(run / "tokenizer.json"))
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=tokenizer.get_vocab_size(), **recipe.model.model_dump())
-    save_model(GPT(cfg), run / "model.safetensors")
-    return run
-
-
-def per_token_us(rows: dict, tokens: int, runs: int) -> dict[str, float]:
-    """Median µs per token of each row, rows interleaved round by round (one warm-up round)."""
-    times: dict[str, list[float]] = {name: [] for name in rows}
-    for round_ in range(runs + 1):
-        for name, fn in rows.items():
-            start = time.perf_counter()
-            fn()
-            if round_:
-                times[name].append((time.perf_counter() - start) / tokens * 1e6)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def calls(model: Model, n: int) -> dict:
+def calls(model, n: int) -> dict:
     return {
         "generate, greedy": lambda: model.generate(PROMPT, n, temperature=0),
         "generate, temperature 0.8": lambda: model.generate(PROMPT, n, seed=1),
@@ -97,52 +67,42 @@ def calls(model: Model, n: int) -> dict:
     }
 
 
+def per_token_us(rows: dict, tokens: int, runs: int) -> dict[str, float]:
+    """Median µs per token of each row over interleaved rounds (one warm-up round)."""
+    def timed(fn):
+        return lambda: harness.best_time(fn, 1) / tokens * 1e6
+
+    rounds = harness.interleave({name: timed(fn) for name, fn in rows.items()}, runs)
+    return {name: statistics.median(t) for name, t in rounds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=None, help="also write the tables as markdown")
+    parser.add_argument("--runs", type=int, default=7, help="measured rounds (after one warm-up)")
+    parser.add_argument("--out", type=Path, help="also write the report here (benchmarks/results/runtime_overhead.md)")
     args = parser.parse_args()
+    info = harness.RunInfo("Runtime overhead per token")
 
-    from edgecraft.data import make_char_tokenizer
-
-    tokenizer = make_char_tokenizer([CHARS])
-    idle = Model(IdleEngine(tokenizer.get_vocab_size(), 256), tokenizer, {"config": {}})
-    n_idle = 2000  # crosses the 256-token window: the re-fill bookkeeping is included
-    idle_us = per_token_us(calls(idle, n_idle), n_idle, args.runs)
+    from edgecraft.runtime import Model, load
 
     with tempfile.TemporaryDirectory() as tmp:
         from edgecraft.export import ExportOptions, export_run
 
-        model = load(export_run(char_run(Path(tmp)), Path(tmp) / "bundle", ExportOptions()), threads=1)
+        model = load(export_run(harness.random_run(Path(tmp)), Path(tmp) / "bundle", ExportOptions()), threads=1)
+    idle = Model(IdleEngine(model.vocab_size, model.block_size), model.tokenizer)
+    n_idle = 2000  # crosses the 256-token window: the re-fill bookkeeping is included
+    idle_us = per_token_us(calls(idle, n_idle), n_idle, args.runs)
     engine, n = model.engine, 200
-    prompt_ids = np.array([model.encode(PROMPT)], dtype=np.int64)
-
-    def bare_loop() -> None:
-        engine.reset(1)
-        token = engine.prefill(prompt_ids)[:, -1].argmax(-1)
-        for _ in range(n - 1):
-            token = engine.decode(token).argmax(-1)
-
-    real = {"bare Engine.decode + argmax loop": bare_loop, **calls(model, n)}
-    real_us = per_token_us(real, n, args.runs)
-
-    lines = [
-        "| call | µs/token, idle engine (runtime overhead) | µs/token, 1M-param model, 1 thread |",
-        "|---|---|---|",
-        f"| bare Engine.decode + argmax loop | – | {real_us['bare Engine.decode + argmax loop']:.1f} |",
-    ]
+    prompt = np.array([model.encode(PROMPT)], dtype=np.int64)
+    bare = "bare engine decode + argmax loop"
+    real_us = per_token_us({bare: lambda: harness.greedy(engine, prompt, n), **calls(model, n)}, n, args.runs)
+    lines = ["| call | µs/token, idle engine (runtime overhead) | µs/token, 1M-param model, 1 thread |",
+             "|---|---|---|", f"| {bare} | – | {real_us[bare]:.1f} |"]
     lines += [f"| {name} | {idle_us[name]:.1f} | {real_us[name]:.1f} |" for name in idle_us]
-    table = "\n".join(lines)
-    print(table)
+    body = f"Medians of {args.runs} interleaved rounds, {time.strftime('%Y-%m-%d')}.\n\n" + "\n".join(lines)
+    print(info.markdown(body))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(
-            f"# Runtime overhead per token\n\n`python benchmarks/runtime_overhead.py --runs {args.runs}`, "
-            f"medians, {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end "
-            "(a shared machine: compare rows with each other, not with other files).\n\n"
-            f"{table}\n", encoding="utf-8"
-        )
+        info.write(args.out, body)
 
 
 if __name__ == "__main__":
