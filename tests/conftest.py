@@ -92,6 +92,26 @@ def tiny_bundle(trained_run, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def readonly_dir(tmp_path: Path):
+    """An empty folder nobody may create files in, root included (CI runs as root, whom file
+    modes do not stop: the folder is made immutable with chattr +i there)."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+            pytest.skip("chattr +i is not available on this filesystem")
+        yield folder
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    else:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+
+
+@pytest.fixture
 def one_torch_thread():
     """Tiny tensors: a second thread only contends (30x slower on a busy 2-core machine)."""
     import torch

@@ -5,7 +5,6 @@ and leaves nothing half-made."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -35,22 +34,6 @@ def one_error_line(result, code: int = 2) -> str:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("faults"))
-
-
-@pytest.fixture
-def readonly_dir(tmp_path: Path):
-    """A folder nobody may create files in, root included (CI runs as root: chattr +i there)."""
-    folder = tmp_path / "readonly"
-    folder.mkdir()
-    if os.geteuid() == 0:
-        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
-            pytest.skip("chattr +i is not available on this filesystem")
-        yield folder
-        subprocess.run(["chattr", "-i", str(folder)], check=True)
-    else:
-        folder.chmod(0o555)
-        yield folder
-        folder.chmod(0o755)
 
 
 def test_out_under_a_read_only_folder_is_one_line(run: Path, readonly_dir: Path) -> None:

@@ -141,6 +141,24 @@ def _open_cache(path: Path) -> tuple[Tokenizer, np.ndarray, dict] | None:
     return tok, tokens, meta
 
 
+def _write_entry(cfg: DataConfig, corpus: Corpus, n_chars: int, corpus_sha: str, path: Path) -> None:
+    """Build the cache entry `path` under a temporary name and rename it into place."""
+    root = path.parent
+    if path.exists():  # damaged by something outside edgecraft: rebuild it
+        shutil.rmtree(path)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=root))
+    try:
+        _build(cfg, corpus, n_chars, corpus_sha, tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process finished the same entry first: use theirs
+            if _open_cache(path) is None:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def prepare(cfg: DataConfig, block_size: int) -> PreparedData:
     """Tokenize the corpus (or reuse the cache) and split it into train and val token arrays."""
     check_vocab_size(cfg)
@@ -150,19 +168,13 @@ def prepare(cfg: DataConfig, block_size: int) -> PreparedData:
     path = root / _cache_name(cfg, corpus_sha)
     cached = _open_cache(path)
     if cached is None:
-        if path.exists():  # damaged by something outside edgecraft: rebuild it
-            shutil.rmtree(path)
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=root))
         try:
-            _build(cfg, corpus, n_chars, corpus_sha, tmp)
-            try:
-                os.replace(tmp, path)
-            except OSError:  # another process finished the same entry first: use theirs
-                if _open_cache(path) is None:
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _write_entry(cfg, corpus, n_chars, corpus_sha, path)
+        except OSError as err:  # a read-only or full cache folder
+            raise UserError(
+                f"data.cache_dir: cannot write the token cache in {root} ({err.strerror or err}); set "
+                f"data.cache_dir (or XDG_CACHE_HOME) to a writable folder"
+            ) from None
         cached = _open_cache(path)
         assert cached is not None, f"cache entry {path} unreadable right after writing it"
         state = "prepared"
@@ -174,7 +186,7 @@ def prepare(cfg: DataConfig, block_size: int) -> PreparedData:
         raise UserError(f"data.source: {cfg.source!r}: {why}")
     split = split_point(n, cfg.val_fraction)
     print(
-        f"data: {cfg.source}: {meta['n_chars']:,} chars -> {n:,} tokens "
+        f"data: {cfg.source}{corpus.describe()}: {meta['n_chars']:,} chars -> {n:,} tokens "
         f"({cfg.tokenizer}, vocab {meta['vocab_size']:,}, {meta['dtype']}); "
         f"train {split:,}, val {n - split:,}; {state} in {path}",
         file=sys.stderr,

@@ -51,25 +51,34 @@ def _looks_like_text(path: Path) -> bool:
 
 
 def text_files(source: str) -> list[Path]:
-    """The files a path source names, in corpus order; [] when it names nothing.
+    """The files a path source names, in corpus order; [] when it names nothing."""
+    return scan_files(source)[0]
+
+
+def scan_files(source: str) -> tuple[list[Path], list[Path]]:
+    """The files a path source names, in corpus order, and those it skips as not text.
 
     A file is itself; a folder is its text files (recursively, hidden entries skipped); a glob is
     its text matches (`**` recurses). Folders and globs are sorted by path and skip files that do
-    not look like UTF-8 text, so a stray image does not end up in the corpus.
+    not look like UTF-8 text, so a stray image does not end up in the corpus; the data line says
+    how many were skipped.
     """
     if _is_glob(source):
-        matches = [Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True)]
-        return sorted((p for p in matches if p.is_file() and _looks_like_text(p)), key=str)
-    path = Path(source).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = (
-            p for p in path.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        found = sorted((Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True)), key=str)
+        found = [p for p in found if p.is_file()]
+    else:
+        path = Path(source).expanduser()
+        if path.is_file():
+            return [path], []
+        if not path.is_dir():
+            return [], []
+        found = sorted(
+            (p for p in path.rglob("*")
+             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+            key=lambda p: p.relative_to(path).as_posix(),
         )
-        return sorted((p for p in files if _looks_like_text(p)), key=lambda p: p.relative_to(path).as_posix())
-    return []
+    text = [_looks_like_text(p) for p in found]
+    return [p for p, t in zip(found, text) if t], [p for p, t in zip(found, text) if not t]
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,14 @@ class Corpus:
     source: str
     files: tuple[Path, ...] = ()
     text: str | None = None
+    skipped: tuple[Path, ...] = ()  # a folder's or glob's files that are not UTF-8 text
+
+    def describe(self) -> str:
+        """Which files the corpus is made of, for the data line ('' for one file or a built-in)."""
+        if not self.skipped and len(self.files) <= 1:
+            return ""
+        skipped = f", {len(self.skipped)} skipped as not UTF-8 text (first: {self.skipped[0]})" if self.skipped else ""
+        return f" ({len(self.files)} file{'s' if len(self.files) != 1 else ''} used{skipped})"
 
     def byte_chunks(self) -> Iterator[bytes]:
         if self.text is not None:
@@ -115,18 +132,19 @@ def resolve(source: str) -> Corpus:
             known = ", ".join(f"builtin:{n}" for n in sorted(BUILTINS))
             raise UserError(f"data.source: unknown built-in corpus {source!r} (known: {known})")
         return Corpus(source, text=BUILTINS[name]())
-    files = text_files(source)
+    files, skipped = scan_files(source)
     if not files:
+        none = f" ({len(skipped)} skipped as not UTF-8 text, first: {skipped[0]})" if skipped else ""
         if _is_glob(source):
-            raise UserError(f"data.source: {source!r}: the glob matches no text files")
+            raise UserError(f"data.source: {source!r}: the glob matches no text files{none}")
         if Path(source).expanduser().is_dir():
-            raise UserError(f"data.source: {source!r}: the folder holds no text files")
+            raise UserError(f"data.source: {source!r}: the folder holds no text files{none}")
         raise UserError(f"data.source: {source!r}: no such file or folder")
     if len(files) == 1 and not _looks_like_text(files[0]):
         raise UserError(f"data.source: {source!r}: not UTF-8 text")
     if all(p.stat().st_size == 0 for p in files):
         raise UserError(f"data.source: {source!r}: the corpus is empty")
-    return Corpus(source, files=tuple(files))
+    return Corpus(source, files=tuple(files), skipped=tuple(skipped))
 
 
 def read_text(source: str) -> str:
