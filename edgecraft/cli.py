@@ -132,6 +132,7 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help="Same seed, same text.")] = None,
     stream: Annotated[bool, typer.Option(help="Print text as it is generated.")] = False,
     int8: Annotated[bool, typer.Option(help="Use the bundle's int8 model.")] = False,
+    int4: Annotated[bool, typer.Option(help="Use the bundle's int4 model.")] = False,
     threads: Annotated[int, typer.Option(min=0, help="0 = the runtime's measured default.")] = 0,
     device: Annotated[str, typer.Option(help="cpu | cuda (tinygrad: CPU, CUDA, METAL, GPU, WEBGPU).")] = "cpu",
     backend: Annotated[str, typer.Option(help="Bundles: onnxruntime | tinygrad.")] = "onnxruntime",
@@ -144,16 +145,21 @@ def generate(
         prompt = read_prompt(prompt_file)
     if not path.exists():
         raise UserError(f"{path}: no such bundle or run directory")
+    if int8 and int4:
+        raise UserError("--int8 and --int4: choose one model")
+    quant = "int4" if int4 else ("int8" if int8 else None)
     if is_bundle(path):
         from edgecraft.runtime import BundleError, load
 
         try:  # bundle problems and onnxruntime/tinygrad load errors each say what is wrong
-            model = load(path, int8=int8, threads=threads, device=device, backend=backend)
+            model = load(path, threads=threads, device=device, backend=backend, quant=quant)
         except (BundleError, ValueError, RuntimeError) as err:
             raise UserError(str(err)) from None
     else:
-        if int8:
-            raise UserError(f"--int8: {path} is a run (float weights); export it with --int8 and generate from the bundle")
+        if quant:
+            raise UserError(
+                f"--{quant}: {path} is a run (float weights); export it with --{quant} and generate from the bundle"
+            )
         if backend != "onnxruntime":
             raise UserError(f"--backend {backend}: runs generate with PyTorch; export the run to use {backend}")
         from edgecraft.torch_engine import load_run_model
@@ -186,6 +192,10 @@ def export(
     force: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
     int8: Annotated[bool, typer.Option(help="Also write model.int8.onnx.")] = False,
     int8_only: Annotated[bool, typer.Option(help="Write int8 instead of fp32 (with --int8).")] = False,
+    int4: Annotated[bool, typer.Option(help="Also write model.int4.onnx (4-bit block-wise weights).")] = False,
+    block_size: Annotated[
+        Optional[int], typer.Option(help="int4: weights per scale, 16|32|64|128 (default: the QAT run's, or 32).")
+    ] = None,
     calibrate: Annotated[
         int, typer.Option(min=0, help="Static post-training quantization from N validation batches.")
     ] = 0,
@@ -194,7 +204,7 @@ def export(
         typer.Option(help="Leave in float: embeddings, head, first, last (repeatable)."),
     ] = None,
     max_loss_increase: Annotated[
-        Optional[float], typer.Option(help="Fail (exit 3) if int8 loses more than PCT % val loss.")
+        Optional[float], typer.Option(help="Fail (exit 3) if int8/int4 loses more than PCT % val loss.")
     ] = None,
     text: Annotated[
         Optional[Path], typer.Option(help="Text file for the checks (default: the run's validation split).")
@@ -209,7 +219,7 @@ def export(
     options = ExportOptions(
         opset=opset, force=force, int8=int8 or int8_only, int8_only=int8_only,
         calibrate=calibrate, keep_float=tuple(keep_float or ()), max_loss_increase=max_loss_increase,
-        text=text,
+        text=text, int4=int4, block_size=block_size,
     )
     if web:
         from edgecraft.export.web import add_web, vendored_versions

@@ -1,4 +1,4 @@
-"""Quantization-aware training: fake quant that computes what the int8 ONNX graph computes.
+"""Quantization-aware training: fake quant that computes what the int8 and int4 ONNX graphs compute.
 
 The hooks are edgecraft's own (torch.ao.quantization is deprecated, and fake-quant export through
 the dynamo exporter has been unreliable); the exporter (edgecraft/export/int8_graph.py) writes the int8
@@ -17,6 +17,16 @@ The arithmetic, matching onnxruntime's DynamicQuantizeMatMul / MatMulIntegerToFl
     frozen at export; the same numbers in every call.
 - the product: int32 accumulation, times scale_a * scale_w, plus the float bias. The float
   matmul of the dequantized values below equals it up to float32 rounding.
+
+At 4 bits (quant.bits = 4), the arithmetic of onnxruntime's MatMulNBits at accuracy level 4 (its
+int8-compute kernel), checked against the kernel in tests/test_int4.py:
+- weights: blocks of `block_size` along the input dimension, one scale per block, symmetric with
+  the default zero point: m = the block's value of largest magnitude (signed), s = m / -8,
+  q = clamp(round(w / s), -8, 7), so the largest magnitude lands exactly on -8
+- activations: int8, symmetric, per block of the same size along K: s = max|x_block| / 127,
+  q = round(x * (1 / s)) (the kernel multiplies by the reciprocal)
+- embedding tables stay 8-bit per row (as in the int8 graph); the head reads the tied table's
+  8-bit round trip in float
 
 Gradients are straight-through: identity inside the representable range, zero where clipped.
 Hooks are forward pre-hooks that shadow `module.weight` for one call and fake-quantize the
@@ -113,6 +123,38 @@ def dynamic_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return activation_qparams(lo, hi)
 
 
+# --- block-wise weights and activations (MatMulNBits, accuracy level 4) ---------------------------
+
+
+def block_grid(w: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) -> integer grid values (N, K / block, block) as float in [-2^(bits-1), 2^(bits-1) - 1]
+    and scales (N, K / block, 1). A block of zeros gets scale 0, not 1: the kernel's zero-point
+    term (8 * scale * the activations' sum) would otherwise cost float32 cancellation error."""
+    N, K = w.shape
+    wb = w.detach().float().reshape(N, K // block, block)  # (N, nb, block)
+    peak = wb.gather(-1, wb.abs().argmax(-1, keepdim=True))  # (N, nb, 1) signed largest magnitude
+    qmax = 2 ** (bits - 1)
+    scale = peak / -qmax
+    q = torch.clamp(torch.round(wb / torch.where(scale != 0, scale, torch.ones_like(scale))), -qmax, qmax - 1)
+    return q, scale
+
+
+def fake_quant_weight_blocks(w: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """Block-wise symmetric round trip of w (N, K), straight-through gradient."""
+    q, scale = block_grid(w, bits, block)
+    return w + ((q * scale).reshape(w.shape).to(w.dtype) - w).detach()
+
+
+def fake_quant_activation_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """int8 symmetric round trip of x (..., K) per block of `block` along K, as MatMulNBits'
+    accuracy level 4 quantizes its input; straight-through gradient (a block's range holds it)."""
+    xb = x.detach().reshape(*x.shape[:-1], -1, block)  # (..., K / block, block)
+    scale = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    q = torch.round(xb * inv) * scale
+    return x + (q.reshape(x.shape) - x).detach()
+
+
 # --- which layers -------------------------------------------------------------------------------
 
 
@@ -157,6 +199,7 @@ class QATHandle:
 
     def __init__(self, model: nn.Module, cfg: QuantConfig, only: set[str] | None = None) -> None:
         self.scheme = cfg.scheme
+        self.bits, self.block = cfg.bits, cfg.block_size
         self.calibrating = False  # static ranges: True = running min/max (PTQ), else training EMA
         self.layers = {
             name: module
@@ -170,6 +213,8 @@ class QATHandle:
             if is_linear and self.scheme == "static":
                 self.ranges[name] = torch.tensor([float("inf"), float("-inf")])
             pre = self._linear_pre_hook(name) if is_linear else self._embedding_pre_hook
+            if name == "head" and self.bits == 4:  # the int4 graph's head: float over the 8-bit table
+                pre = self._embedding_pre_hook
             self._hooks.append(module.register_forward_pre_hook(pre))
             self._hooks.append(module.register_forward_hook(_unshadow, always_call=True))
         torch.compiler.reset()  # code compiled before the hooks existed would silently skip them
@@ -180,6 +225,9 @@ class QATHandle:
     def _linear_pre_hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> tuple:
             x = args[0]  # (..., K)
+            if self.bits == 4:
+                module.__dict__["weight"] = fake_quant_weight_blocks(module._parameters["weight"], 4, self.block)
+                return (fake_quant_activation_blocks(x, self.block), *args[1:])
             module.__dict__["weight"] = fake_quant_weight(module._parameters["weight"])
             if self.scheme == "dynamic":
                 scale, zp = dynamic_qparams(x)  # (..., 1)

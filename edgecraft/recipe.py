@@ -133,6 +133,21 @@ class QuantConfig(_Section):
         description="Activation quantization the int8 graph runs: dynamic = per-call uint8 range "
         "(DynamicQuantizeMatMul), static = ranges observed in training (MatMulIntegerToFloat).",
     )
+    bits: Literal[8, 4] = Field(
+        8,
+        description="Weight bits QAT trains for: 8 = the int8 graph (per-channel weights), 4 = the "
+        "int4 graph (block-wise weights and int8 activations per block: MatMulNBits, accuracy "
+        "level 4; `edgecraft export --int4`). scheme applies to 8 bits only.",
+    )
+    block_size: Literal[16, 32, 64, 128] = Field(
+        32, description="4 bits: weights per scale along the input dimension (export --block-size)."
+    )
+
+    @model_validator(mode="after")
+    def _scheme_is_8_bit(self) -> "QuantConfig":
+        if self.bits == 4 and self.scheme != "dynamic":
+            raise ValueError("scheme 'static' is an 8-bit scheme; 4-bit activations are quantized per call")
+        return self
 
 
 class Recipe(_Section):

@@ -56,7 +56,7 @@ def genai_config(cfg: GPTConfig, tokenizer: Tokenizer, model_file: str, threads:
                 "hidden_size": cfg.d_model,
                 "head_size": cfg.cache_head_size,  # the graph's (padded) heads
                 "num_attention_heads": cfg.n_heads,
-                "num_key_value_heads": cfg.n_heads,
+                "num_key_value_heads": cfg.n_kv_heads,
                 "num_hidden_layers": cfg.n_layers,
                 "inputs": {
                     "input_ids": "input_ids",

@@ -11,7 +11,7 @@ GPT-2-style layer:
     -> MatMul out-proj -> Sum + norm -> MatMul fc -> BiasGelu -> MatMul
     (SwiGLU: MatMul gate, MatMul up -> QuickGelu(gate) * up -> MatMul)
 
-The KV cache is a preallocated buffer per layer, (batch, n_heads, block_size, head_size), bound
+The KV cache is a preallocated buffer per layer, (batch, n_kv_heads, block_size, head_size), bound
 as both `past_key_values.i.*` and `present.i.*`; the caller says where each sequence stands with
 `seqlens_k` (tokens cached after this step, minus one; (B, 1), squeezed once for all layers, so
 that onnxruntime-genai can feed it too). `graph_io()` describes all of it for the bundle
@@ -82,7 +82,7 @@ def rotary_in_attention(cfg: GPTConfig) -> bool:
 
 def graph_io(cfg: GPTConfig) -> dict:
     """Names, shapes (symbolic dims named) and dtypes of the graph's inputs and outputs."""
-    cache = ["batch_size", cfg.n_heads, "max_sequence_length", cfg.cache_head_size]
+    cache = ["batch_size", cfg.n_kv_heads, "max_sequence_length", cfg.cache_head_size]
     inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]}]
     if cfg.pos == "learned" or (cfg.pos == "rope" and not rotary_in_attention(cfg)):
         inputs.append(
@@ -148,7 +148,7 @@ def build_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], opset: int = 17)
     """The decoder graph for `cfg` with `weights` (the model's state dict as numpy arrays)."""
     w = {k: _f32(v) for k, v in weights.items()}
     g = _Graph()
-    D, nh, hs, hp = cfg.d_model, cfg.n_heads, cfg.head_size, cfg.cache_head_size
+    D, nh, nkv, hs, hp = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size, cfg.cache_head_size
     padded = {"scale": float(hs) ** -0.5} if hp != hs else {}  # GroupQueryAttention's default is hp's
     for i in range(cfg.n_layers):  # heads padded to hp (module docstring); no-ops when hp == hs
         for name, axis in (("attn.qkv.weight", 0), ("attn.qkv.bias", 0), ("attn.proj.weight", 1)):
@@ -204,20 +204,20 @@ def build_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], opset: int = 17)
     bias = (lambda name: name) if cfg.bias else (lambda name: None)
     for i in range(cfg.n_layers):
         p = f"blocks.{i}"
-        qkv = linear(h, f"{p}.attn.qkv", w[f"{p}.attn.qkv.weight"], bias(f"{p}.attn.qkv.bias"))  # (B, S, 3 nh hp)
+        qkv = linear(h, f"{p}.attn.qkv", w[f"{p}.attn.qkv.weight"], bias(f"{p}.attn.qkv.bias"))  # (B, S, (nh + 2 nkv) hp)
         q_k_v = [qkv, "", ""]  # packed
         if rope and not fused_rope:
-            split = g.const(f"{p}.attn.split", np.array([nh * hp] * 3, dtype=np.int64))
+            split = g.const(f"{p}.attn.split", np.array([nh * hp, nkv * hp, nkv * hp], dtype=np.int64))
             q_k_v = g.op("Split", [qkv, split], [f"{p}/q", f"{p}/k", f"{p}/v"], f"{p}.attn.split", axis=-1)
-            for j in (0, 1):  # (B, S, D) each
+            for j, heads in ((0, nh), (1, nkv)):  # (B, S, heads * hp) each
                 q_k_v[j] = g.op("RotaryEmbedding", [q_k_v[j], "position_ids", *rope], [q_k_v[j] + "_rot"],
-                                f"{p}.attn.rotary_{'qk'[j]}", MS, num_heads=nh)[0]
+                                f"{p}.attn.rotary_{'qk'[j]}", MS, num_heads=heads)[0]
         gqa_inputs = q_k_v + [f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                               seqlens, "total_sequence_length"]
         gqa_inputs += rope if fused_rope else []
         attn = g.op(
             "GroupQueryAttention", gqa_inputs, [f"{p}/attn", f"present.{i}.key", f"present.{i}.value"],
-            f"{p}.attn", MS, num_heads=nh, kv_num_heads=nh, do_rotary=int(fused_rope),
+            f"{p}.attn", MS, num_heads=nh, kv_num_heads=nkv, do_rotary=int(fused_rope),
             rotary_interleaved=0, **padded,
         )[0]  # (B, S, nh * hp)
         y = linear(attn, f"{p}.attn.proj", w[f"{p}.attn.proj.weight"])

@@ -55,9 +55,9 @@ def teacher_forced_logits(path: Path, cfg: GPTConfig, ids: np.ndarray, cache: li
     feed = {}
     for i, layer in enumerate(cache):
         for kind, t in zip(("key", "value"), layer):
-            buffer = np.zeros((1, cfg.n_heads, cfg.block_size, cfg.cache_head_size), np.float32)
+            buffer = np.zeros((1, cfg.n_kv_heads, cfg.block_size, cfg.cache_head_size), np.float32)
             buffer[:, :, : t.shape[2]] = pad_heads(t.numpy(), cfg, axis=-1)
-            feed[f"past_key_values.{i}.{kind}"] = buffer  # (1, nh, block, padded hs)
+            feed[f"past_key_values.{i}.{kind}"] = buffer  # (1, n_kv_heads, block, padded hs)
     out = []
     for t, token in enumerate(ids):
         step = {

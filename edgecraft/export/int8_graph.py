@@ -54,6 +54,24 @@ def _dequantized_tables(weights: dict[str, np.ndarray], layers: frozenset[str]) 
     return out
 
 
+def quantized_table(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[onnx.NodeProto, list]:
+    """A Gather from tok_emb/pos_emb rewritten as GatherBlockQuantized over the table in 8 bits
+    (one scale per row, repeated per block), and the new initializers."""
+    table = node.input[0].removesuffix(".weight")
+    q, scale = quantize_weight(torch.tensor(numpy_helper.to_array(inits[node.input[0]])))
+    D = q.shape[1]
+    block = max(b for b in (2**k for k in range(TABLE_BLOCK.bit_length() - 1, D.bit_length())) if D % b == 0)
+    stored = (q.numpy().astype(np.int16) + 128).astype(np.uint8)  # (V, D), zero point 128
+    scales = np.repeat(scale.numpy()[:, None], D // block, axis=1)  # (V, D / block)
+    tq = numpy_helper.from_array(stored, f"{table}.weight.uint8")
+    ts = numpy_helper.from_array(scales, f"{table}.weight.scale")
+    gather = helper.make_node(
+        "GatherBlockQuantized", [tq.name, node.input[1], ts.name], list(node.output),
+        name=node.name, domain=MS, gather_axis=0, quantize_axis=1, block_size=block, bits=8,
+    )
+    return gather, [tq, ts]
+
+
 def build_int8_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], plan: Int8Plan, opset: int = 17) -> onnx.ModelProto:
     """The fp32 graph of graph.build_graph with the plan's matrices and tables in int8."""
     model = build_graph(cfg, _dequantized_tables(weights, plan.layers), opset)
@@ -103,23 +121,12 @@ def build_int8_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], plan: Int8P
                     name=node.name, domain=MS,
                 ))
             continue
-        if node.op_type == "Gather" and node.input[0] in ("tok_emb.weight", "pos_emb.weight"):
-            table = node.input[0].removesuffix(".weight")
-            if table in plan.layers:
-                q, scale = quantize_weight(torch.tensor(numpy_helper.to_array(inits[node.input[0]])))
-                D = q.shape[1]
-                block = max(b for b in (2**k for k in range(TABLE_BLOCK.bit_length() - 1, D.bit_length())) if D % b == 0)
-                stored = (q.numpy().astype(np.int16) + 128).astype(np.uint8)  # (V, D), zero point 128
-                scales = np.repeat(scale.numpy()[:, None], D // block, axis=1)  # (V, D / block)
-                tq = numpy_helper.from_array(stored, f"{table}.weight.uint8")
-                ts = numpy_helper.from_array(scales, f"{table}.weight.scale")
-                added += [tq, ts]
-                dropped.add(node.input[0])
-                new_nodes.append(helper.make_node(
-                    "GatherBlockQuantized", [tq.name, node.input[1], ts.name], list(node.output),
-                    name=node.name, domain=MS, gather_axis=0, quantize_axis=1, block_size=block, bits=8,
-                ))
-                continue
+        if node.op_type == "Gather" and node.input[0].removesuffix(".weight") in plan.layers:
+            new_node, tables = quantized_table(node, inits)
+            new_nodes.append(new_node)
+            added += tables
+            dropped.add(node.input[0])
+            continue
         new_nodes.append(node)
 
     still_used = {name for node in new_nodes for name in node.input}

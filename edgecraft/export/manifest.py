@@ -19,7 +19,7 @@ from edgecraft.export.graph import graph_io
 from edgecraft.model import GPT
 from edgecraft.recipe import Recipe
 from edgecraft.runtime.bundle import (
-    FORMAT, FP32_MODEL, INT8_MODEL, TOKENIZER, FileEntry, GraphInfo, Manifest, RuntimeSettings, TokenizerInfo,
+    FORMAT, FP32_MODEL, INT4_MODEL, INT8_MODEL, TOKENIZER, FileEntry, GraphInfo, Manifest, RuntimeSettings, TokenizerInfo,
     sha256_file,
 )
 from edgecraft.runtime.onnx_engine import DEFAULT_THREADS, SESSION_CONFIG
@@ -40,9 +40,9 @@ def onnx_section(model: GPT, graph: onnx.ModelProto, model_files: list[str]) -> 
             "past": "past_key_values.{layer}.{key|value}",
             "present": "present.{layer}.{key|value}",
             "n_layers": cfg.n_layers,
-            "shape": ["batch_size", cfg.n_heads, cfg.block_size, cfg.cache_head_size],
+            "shape": ["batch_size", cfg.n_kv_heads, cfg.block_size, cfg.cache_head_size],
             "dtype": "float32",
-            "layout": "BNSH: (batch, heads, position, head_size)",
+            "layout": "BNSH: (batch, key/value heads, position, head_size)",
             "shared_buffer": True,
             **({"head_padding": (
                 f"the model's heads of size {cfg.head_size} are zero-padded to {cfg.cache_head_size} "
@@ -79,14 +79,16 @@ def onnx_section(model: GPT, graph: onnx.ModelProto, model_files: list[str]) -> 
 
 
 def bundle_manifest(model: GPT, tokenizer: Tokenizer, recipe: Recipe, graph: onnx.ModelProto,
-                    checks: dict, root: Path, int8: dict | None = None) -> Manifest:
+                    checks: dict, root: Path, int8: dict | None = None, int4: dict | None = None) -> Manifest:
     """The manifest of the bundle files in `root`: their hashes, the config, the checks' figures."""
     cfg = model.cfg
-    files = [name for name in (FP32_MODEL, INT8_MODEL, TOKENIZER, GENAI_CONFIG, GENAI_TOKENIZER_CONFIG)
+    files = [name for name in (FP32_MODEL, INT8_MODEL, INT4_MODEL, TOKENIZER, GENAI_CONFIG, GENAI_TOKENIZER_CONFIG)
              if (root / name).is_file()]
     quantization: dict = {FP32_MODEL: "none (float32)"} if FP32_MODEL in files else {}
     if int8 is not None:  # the int8 step's scheme, sizes, parity and fp32/int8 val loss
         quantization[INT8_MODEL] = int8
+    if int4 is not None:  # the int4 step's block size, sizes, parity and fp32/int4 val loss
+        quantization[INT4_MODEL] = int4
     return Manifest(
         format=FORMAT,
         name=recipe.name,
@@ -98,7 +100,7 @@ def bundle_manifest(model: GPT, tokenizer: Tokenizer, recipe: Recipe, graph: onn
         tokenizer=TokenizerInfo(file=TOKENIZER, kind=recipe.data.tokenizer, tokens=tokenizer.get_vocab_size()),
         quantization=quantization,
         files={name: FileEntry(sha256=sha256_file(root / name), bytes=(root / name).stat().st_size) for name in files},
-        onnx=GraphInfo(**onnx_section(model, graph, [name for name in files if name in (FP32_MODEL, INT8_MODEL)])),
+        onnx=GraphInfo(**onnx_section(model, graph, [name for name in files if name in (FP32_MODEL, INT8_MODEL, INT4_MODEL)])),
         runtime=RuntimeSettings(
             threads=DEFAULT_THREADS,
             why=(

@@ -20,6 +20,8 @@ class ExportOptions:
     calibrate: int = 0
     keep_float: tuple[str, ...] = ()
     max_loss_increase: float | None = None
+    int4: bool = False  # also write model.int4.onnx (export/int4.py)
+    block_size: int | None = None  # int4 weights per scale; None = the QAT run's, or 32
     text: Path | None = None  # the checks' text instead of the run's validation split
 
 
@@ -41,8 +43,12 @@ def check_options(options: ExportOptions) -> None:
     if not options.int8:
         given = [flag for flag, on in (("--keep-float", options.keep_float), ("--calibrate", options.calibrate),
                                        ("--max-loss-increase", options.max_loss_increase is not None)) if on]
+        if options.int4:  # int4 takes the same quality flags, except calibration (no static ranges)
+            given = [flag for flag in given if flag == "--calibrate"]
         if given:
             raise UserError(f"{given[0]} applies to the int8 export; add --int8")
+    if options.block_size is not None and not options.int4:
+        raise UserError("--block-size applies to the int4 export; add --int4")
     increase = options.max_loss_increase
     if increase is not None and not 0 <= increase < math.inf:  # NaN fails this too
         raise UserError(f"--max-loss-increase {increase}: expected a percentage of at least 0, e.g. 2")

@@ -31,7 +31,7 @@ from edgecraft.files import as_umask_allows
 from edgecraft.model import GPT
 from edgecraft.recipe import Recipe
 from edgecraft.rundir import load_run
-from edgecraft.runtime.bundle import FP32_MODEL, INT8_MODEL, MANIFEST, TOKENIZER
+from edgecraft.runtime.bundle import FP32_MODEL, INT4_MODEL, INT8_MODEL, MANIFEST, TOKENIZER
 
 
 def _text_tokens(path: Path, tokenizer) -> np.ndarray:
@@ -172,10 +172,18 @@ def export_run(run_dir: Path, out: Path | None, options: ExportOptions) -> Path:
                 run_dir, model, recipe, val, tmp / FP32_MODEL, tmp / INT8_MODEL, options.keep_float,
                 options.calibrate, options.max_loss_increase, options.opset,
             )
-            if options.int8_only:
-                (tmp / FP32_MODEL).unlink()
+        int4 = None
+        if options.int4:  # the same gate: raises before anything is kept
+            from edgecraft.export.int4 import export_int4
+
+            int4 = export_int4(
+                model, recipe, val, tmp / FP32_MODEL, tmp / INT4_MODEL, options.block_size, options.keep_float,
+                options.max_loss_increase, options.opset,
+            )
+        if options.int8_only:
+            (tmp / FP32_MODEL).unlink()
         write_genai_files(model.cfg, tokenizer, recipe.data.tokenizer, tmp)
-        manifest = bundle_manifest(model, tokenizer, recipe, graph, checks, tmp, int8)
+        manifest = bundle_manifest(model, tokenizer, recipe, graph, checks, tmp, int8, int4)
         (tmp / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
         _publish(tmp, out)
         done = True

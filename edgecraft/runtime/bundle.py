@@ -34,6 +34,8 @@ MANIFEST = "edgecraft.json"
 TOKENIZER = "tokenizer.json"
 FP32_MODEL = "model.onnx"
 INT8_MODEL = "model.int8.onnx"
+INT4_MODEL = "model.int4.onnx"
+QUANT_MODELS = {"fp32": FP32_MODEL, "int8": INT8_MODEL, "int4": INT4_MODEL}  # load(quant=...) -> file
 CONFIG_METADATA = "edgecraft.config"  # the graph's metadata entry holding its config (JSON)
 
 
@@ -213,14 +215,19 @@ def verify_files(path: str | Path, manifest: Manifest) -> None:
             raise BundleError(f"{file}: damaged (sha256 does not match the manifest); re-export or re-copy it")
 
 
-def model_file(path: str | Path, manifest: Manifest, int8: bool) -> Path:
-    """The ONNX file to run: int8 when asked; otherwise fp32, or int8 if that is all there is."""
+def model_file(path: str | Path, manifest: Manifest, int8: bool = False, quant: str | None = None) -> Path:
+    """The ONNX file to run: `quant` ("fp32", "int8", "int4"; int8=True means "int8") when asked;
+    otherwise fp32, or the quantized file if that is all there is."""
     files = manifest.files
-    if int8:
-        if INT8_MODEL not in files:
-            raise BundleError(f"{path}: no {INT8_MODEL} in this bundle (export it with --int8)")
-        return Path(path) / INT8_MODEL
-    for name in (FP32_MODEL, INT8_MODEL):
+    quant = "int8" if int8 and quant is None else quant
+    if quant is not None:
+        if quant not in QUANT_MODELS:
+            raise BundleError(f"quant {quant!r}: expected one of {', '.join(QUANT_MODELS)}")
+        name = QUANT_MODELS[quant]
+        if name not in files:
+            raise BundleError(f"{path}: no {name} in this bundle (export it with --{quant})")
+        return Path(path) / name
+    for name in QUANT_MODELS.values():
         if name in files:
             return Path(path) / name
-    raise BundleError(f"{path}: the manifest lists no model file ({FP32_MODEL} or {INT8_MODEL})")
+    raise BundleError(f"{path}: the manifest lists no model file ({', '.join(QUANT_MODELS.values())})")

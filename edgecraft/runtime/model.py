@@ -203,18 +203,20 @@ def load(
     device: str = "cpu",
     verify: bool = True,
     backend: str = "onnxruntime",
+    quant: str | None = None,
 ) -> Model:
     """Open bundle `path`: check its format and (with verify) every file's sha256, then build the
-    engine. int8 picks model.int8.onnx; threads 0 uses the bundle's recommended count; backend
-    "tinygrad" runs the same graph's weights on tinygrad (the `tinygrad` extra), `device` then
-    naming a tinygrad device."""
+    engine. quant "fp32" / "int8" / "int4" picks model.onnx / model.int8.onnx / model.int4.onnx
+    (int8=True is quant="int8"; neither: fp32, or what the bundle holds); threads 0 uses the
+    bundle's recommended count; backend "tinygrad" runs the same graph's weights on tinygrad (the
+    `tinygrad` extra), `device` then naming a tinygrad device."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     path = Path(path)
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)
-    onnx_path = model_file(path, manifest, int8)
+    onnx_path = model_file(path, manifest, int8, quant)
     try:
         tokenizer = Tokenizer.from_file(str(path / TOKENIZER))
     except Exception as err:  # tokenizers raises a bare Exception for unreadable files

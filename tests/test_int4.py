@@ -1,0 +1,174 @@
+"""The int4 graph: edgecraft.quant's 4-bit fake quant against onnxruntime's MatMulNBits kernel, the
+graph against the fake-quant model within a stated bound, its structure, and the export / gate /
+load / generate path end to end on a 4-bit QAT run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from edgecraft.errors import UserError
+from edgecraft.export.graph import MS, build_graph, state_arrays
+from edgecraft.export.int4 import int4_report
+from edgecraft.export.int4_graph import ACCURACY_LEVEL, Int4Plan, build_int4_graph, pack_weight
+from edgecraft.export.parity import val_windows
+from edgecraft.model import GPT, GPTConfig
+from edgecraft.quant import fake_quant_activation_blocks, fake_quant_weight_blocks, quantized_layers
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# The fake-quant model and the graph round the same numbers the same way; what is left is float32
+# summation order (measured: mean 3e-7, max 2e-6 on these models), so the bound is 1e-4 / 1e-3.
+MEAN_BOUND, MAX_BOUND = 1e-4, 1e-3
+BASE = dict(vocab_size=19, d_model=32, n_layers=2, n_heads=4, d_ff=64, block_size=24)
+VARIANTS = {
+    "gpt2": {},
+    "llama-gqa": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, d_model=64, n_kv_heads=2),
+}
+
+
+def trained_model(seed: int = 0, **overrides) -> GPT:
+    """A tiny model after a few real optimizer steps (so weights and activations are not init noise)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**BASE, **overrides}))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pattern = torch.arange(BASE["block_size"] + 1) % 7
+    idx = torch.stack([torch.roll(pattern, s) for s in range(8)])  # (8, T + 1)
+    for _ in range(30):
+        _, loss, _ = model(idx[:, :-1], targets=idx[:, 1:].contiguous())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def windows() -> np.ndarray:
+    tokens = np.random.default_rng(0).integers(0, BASE["vocab_size"], 400)
+    tokens[::3] = 5
+    return val_windows(tokens, BASE["block_size"], 2)
+
+
+@pytest.mark.parametrize("block", [16, 32, 64])
+def test_fake_quant_is_the_kernel(block):
+    """One Linear's fake-quant output equals one MatMulNBits node's (4-bit weights, int8 blocks)."""
+    rng = np.random.default_rng(block)
+    K, N = 128, 48
+    w = rng.normal(0, 0.1, (N, K)).astype(np.float32)
+    w[3, :block] = 0  # an all-zero block
+    b = rng.normal(0, 0.1, N).astype(np.float32)
+    x = rng.normal(0, 1, (5, K)).astype(np.float32)
+    x[1, :block] *= 50  # a block with a wide range beside narrow ones
+    packed, scales = pack_weight(w, 4, block)
+    node = helper.make_node("MatMulNBits", ["x", "B", "S", "", "", "bias"], ["y"], domain=MS, K=K, N=N, bits=4,
+                            block_size=block, accuracy_level=ACCURACY_LEVEL)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N])],
+        initializer=[numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S"),
+                     numpy_helper.from_array(b, "bias")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)], ir_version=8)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    wq = fake_quant_weight_blocks(torch.from_numpy(w), 4, block)
+    assert len(torch.unique(wq[0, :block])) <= 16  # 16 levels a block
+    want = fake_quant_activation_blocks(torch.from_numpy(x), block) @ wq.T + torch.from_numpy(b)
+    # float32 only: the kernel adds its zero-point term (8 * scale * sum of the int8 activations)
+    # separately, whose cancellation costs ~1e-5 in the row with the wide (x50) block
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_int4_graph_computes_what_the_fake_quant_model_computes(tmp_path, variant):
+    model = trained_model(**VARIANTS[variant])
+    plan = Int4Plan(frozenset(quantized_layers(model, True)), 32)
+    fp32 = build_graph(model.cfg, state_arrays(model))
+    graph = build_int4_graph(model.cfg, state_arrays(model), plan)
+    onnx.save(fp32, tmp_path / "fp32.onnx")
+    onnx.save(graph, tmp_path / "int4.onnx")
+    ops = [n.op_type for n in graph.graph.node]
+    per_layer = 5 if model.cfg.mlp == "swiglu" else 4
+    assert ops.count("MatMulNBits") == per_layer * model.cfg.n_layers
+    assert ops.count("Add") == (1 if model.cfg.pos == "learned" else 0)  # token + position only
+    assert ops.count("GatherBlockQuantized") == (1 if model.cfg.pos == "rope" else 2)
+    assert len(ops) <= len(fp32.graph.node)  # biases ride in MatMulNBits
+    report = int4_report(model, plan, tmp_path / "int4.onnx", tmp_path / "fp32.onnx", windows(), None)
+    assert report["parity_mean_abs_logit_diff"] <= MEAN_BOUND
+    assert report["parity_max_abs_logit_diff"] <= MAX_BOUND
+    assert report["parity_top1_agreement"] == 1.0
+    assert report["quantization_mean_abs_logit_effect"] > 100 * MEAN_BOUND  # 4 bits do change logits
+
+
+def test_int4_gate_raises_exit_code_3(tmp_path):
+    model = trained_model(3)
+    plan = Int4Plan(frozenset(quantized_layers(model, True)), 32)
+    onnx.save(build_graph(model.cfg, state_arrays(model)), tmp_path / "fp32.onnx")
+    onnx.save(build_int4_graph(model.cfg, state_arrays(model), plan), tmp_path / "int4.onnx")
+    with pytest.raises(UserError, match="max-loss-increase") as err:
+        int4_report(model, plan, tmp_path / "int4.onnx", tmp_path / "fp32.onnx", windows(), -100.0)
+    assert err.value.exit_code == 3
+
+
+# --- end to end: a 4-bit QAT run through train, export --int4, load and generate -------------------
+
+
+def cli(*args: str):
+    from typer.testing import CliRunner
+
+    from edgecraft.cli import app
+
+    return CliRunner().invoke(app, [*map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def qat4_run(tmp_path_factory) -> Path:
+    from conftest import write_tiny_recipe
+
+    from edgecraft.recipe import load_recipe
+    from edgecraft.train import train_recipe
+
+    root = tmp_path_factory.mktemp("qat4")
+    extra = "\n[quant]\nqat = true\nstart_step = 20\nbits = 4\nblock_size = 16\nembeddings = true\n"
+    return train_recipe(load_recipe(write_tiny_recipe(root, extra)), runs_dir=root / "runs")
+
+
+def test_qat4_run_exports_loads_and_generates(qat4_run, tmp_path):
+    from edgecraft.runtime import load
+
+    result = cli("export", qat4_run, "--int4", "--out", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    assert "int4 (blocks of 16): val loss" in result.output
+    m = json.loads((tmp_path / "b" / "edgecraft.json").read_text())
+    assert {"model.onnx", "model.int4.onnx"} <= set(m["files"]) and "model.int4.onnx" in m["onnx"]["files"]
+    q = m["quantization"]["model.int4.onnx"]
+    assert q["method"] == "qat" and q["block_size"] == 16 and q["kernel"].startswith("MatMulNBits")
+    assert q["parity_mean_abs_logit_diff"] <= MEAN_BOUND and q["parity_max_abs_logit_diff"] <= MAX_BOUND
+    assert q["bytes"] == (tmp_path / "b" / "model.int4.onnx").stat().st_size < 0.5 * q["fp32_bytes"]
+    assert {"tok_emb", "pos_emb", "head", "blocks.0.attn.qkv"} <= set(q["quantized_layers"])
+
+    model = load(tmp_path / "b", quant="int4")
+    greedy = model.generate("The cat", max_new_tokens=12, temperature=0)
+    result = cli("generate", tmp_path / "b", "The cat", "--int4", "-n", "12", "--temperature", "0")
+    assert result.exit_code == 0 and result.output.strip() == ("The cat" + greedy).strip()
+    result = cli("generate", tmp_path / "b", "The cat", "--int8")
+    assert result.exit_code != 0 and "no model.int8.onnx" in result.output
+
+    # the run trained for blocks of 16: another block size is refused, and so is --block-size alone
+    result = cli("export", qat4_run, "--int4", "--block-size", "32", "--out", tmp_path / "c")
+    assert result.exit_code == 2 and "trained for 4-bit blocks of 16" in result.output
+    result = cli("export", qat4_run, "--block-size", "32", "--out", tmp_path / "c")
+    assert result.exit_code == 2 and "add --int4" in result.output
+    assert not (tmp_path / "c").exists()
+
+
+def test_int4_gate_keeps_nothing(trained_run, tmp_path):
+    result = cli("export", trained_run, "--int4", "--max-loss-increase", "0", "--out", tmp_path / "b")
+    assert result.exit_code == 3, result.output
+    assert "int4 validation loss" in result.output and "nothing written" in result.output
+    assert list(tmp_path.iterdir()) == []
