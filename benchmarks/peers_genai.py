@@ -1,19 +1,18 @@
 """edgecraft's llama-style bundle against onnxruntime-genai on the same weights, side by side.
 
-    python benchmarks/peers_genai.py [--run runs/char-1m-llama] [--corpus FILE] \
-        [--genai-python /work/genai-venv/bin/python] [--threads 1,2] [--rounds 7]
+    python benchmarks/peers_genai.py [--run runs/char-1m-llama] [--corpus PATH] \
+        [--genai-python VENV/bin/python] [--threads 1,2] [--rounds 7]
 
 Both sides decode the SAME trained edgecraft llama-style run (recipes/char-1m-llama.toml: RMSNorm,
 rotary positions, SwiGLU, width 128, 6 layers, 8 heads, d_ff 512, context 256). Without --run the
 recipe is trained briefly (--steps 300 at --batch-size 8 by default) on --corpus (default:
-tinyshakespeare.txt in the shared data folder beside the repository, else the recipe's built-in
-corpus).
+/work/shared/data/tinyshakespeare.txt where it exists, else the recipe's built-in corpus).
 
 Steps:
 1. edgecraft side (this Python): the run is exported to a bundle (model.onnx, and model.int8.onnx).
 2. genai side (--genai-python, an environment with onnxruntime-genai, transformers 5.x, onnx,
    onnx-ir, torch; it does not share one with edgecraft's transformers 4.x peers; SETUP below
-   has the commands that made it): the run's weights become a Hugging Face LlamaForCausalLM
+   has the commands that make it, VENV being its folder): the run's weights become a Hugging Face LlamaForCausalLM
    directory (rotary in the half-split "rotate_half" form that both use, RMSNorm eps 1e-5, tied
    embeddings, the run's vocabulary; q/k/v are the rows of edgecraft's fused qkv matrix); its
    logits are checked against edgecraft's PyTorch model; then onnxruntime-genai's model builder
@@ -50,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -61,17 +59,15 @@ from pathlib import Path
 
 import numpy as np
 
-from peers import agreement, child, edgecraft_cli, prompts, start  # shared with peers.py
+import harness
+from peers import has_int8, prompts, start, train_run  # shared with peers.py
 
 SETUP = (
-    "python -m venv /work/genai-venv && /work/genai-venv/bin/pip install torch==2.13.0 && "
-    "/work/genai-venv/bin/pip install torch==2.13.0 onnxruntime-genai 'transformers>=5,<6' onnx onnx-ir numpy "
-    "safetensors"
+    "python -m venv VENV && VENV/bin/pip install torch==2.13.0 && "
+    "VENV/bin/pip install torch==2.13.0 onnxruntime-genai 'transformers>=5,<6' onnx onnx-ir numpy safetensors"
 )  # torch pinned first (the local CPU wheel) so pip never resolves another, CUDA-sized torch
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-DEFAULT_GENAI_PYTHON = "/work/genai-venv/bin/python"
+GENAI_LIBRARIES = ("onnxruntime-genai", "onnxruntime", "transformers", "torch", "onnx", "onnx-ir", "numpy")
+TITLE = "edgecraft llama-style vs onnxruntime-genai"
 # genai's own decode loop over edgecraft's fp32 graph, through the bundle's genai_config.json
 # (batch 1 only: genai feeds the graph's sequence counters at batch 1): against genai-fp32 it
 # compares the two graphs under one loop, against edgecraft-fp32 the two loops over one graph
@@ -223,7 +219,7 @@ def prepare_genai(run_dir: Path, work: Path, probe: list[int], threads: list[int
 
 
 class EdgecraftGen:
-    """Greedy decoding through edgecraft's engine (the bundle's graph), as decode_speed.py does."""
+    """Greedy decoding through edgecraft's engine (the bundle's graph)."""
 
     def __init__(self, bundle: Path, int8: bool, threads: int) -> None:
         from edgecraft.runtime import load
@@ -235,25 +231,13 @@ class EdgecraftGen:
         self.engine.reset(prompt.shape[0])
 
     def ttft(self, prompt: np.ndarray) -> int:
-        e = self.engine
-        e.reset(prompt.shape[0])
-        return int(e.prefill(prompt)[0, -1].argmax(-1))
+        self.engine.reset(prompt.shape[0])
+        return int(self.engine.prefill(prompt)[0, -1].argmax(-1))
 
     def generate(self, prompt: np.ndarray, n: int) -> tuple[np.ndarray, float, float, float]:
         """(tokens (B, n), seconds for the prefill and first token, seconds for the n - 1 steps,
-        CPU seconds of this process for those steps)."""
-        e = self.engine
-        B = prompt.shape[0]
-        out = np.empty((B, n), dtype=np.int64)
-        t0 = time.perf_counter()
-        e.reset(B)
-        tok = e.prefill(prompt)[:, -1].argmax(-1)  # (B,)
-        out[:, 0] = tok
-        t1, c1 = time.perf_counter(), time.process_time()
-        for i in range(1, n):
-            tok = e.decode(tok).argmax(-1)
-            out[:, i] = tok
-        return out, t1 - t0, time.perf_counter() - t1, time.process_time() - c1
+        CPU seconds of this process for those steps), as harness.greedy gives them."""
+        return harness.greedy(self.engine, prompt, n)
 
 
 class GenaiGen:
@@ -311,63 +295,38 @@ def measure_row(spec: dict) -> dict:
     if (prompts == spec["pad_token_id"]).any():
         raise SystemExit(f"a prompt holds genai's pad_token_id {spec['pad_token_id']}: genai would mask it")
     n = spec["new_tokens"]
-    gen_len = spec["gen_prompt_len"]
-    result = {"row": row, "threads": threads, "process_threads": {"before_load": before, "after_load": after},
-              "batches": {}}
     ttft_prompt = prompts[:1, : spec["prompt_len"]]
     for _ in range(spec["warmup"]):
         gen.ttft(ttft_prompt)
-    ttft = []
-    for _ in range(spec["runs"]):
-        best = min(_timed(gen.ttft, ttft_prompt) for _ in range(5))
-        ttft.append(best * 1e3)
-    result["ttft_ms"] = statistics.median(ttft)
-    result["start_ms"] = min(_timed(gen.start, ttft_prompt) for _ in range(20)) * 1e3
-    result["ttft_first_token"] = gen.ttft(ttft_prompt)
+    result = {"row": row, "threads": threads, "process_threads": {"before_load": before, "after_load": after},
+              "ttft_ms": statistics.median(harness.best_time(lambda: gen.ttft(ttft_prompt)) * 1e3
+                                           for _ in range(spec["runs"])),
+              "start_ms": harness.best_time(lambda: gen.start(ttft_prompt), 20) * 1e3,
+              "ttft_first_token": gen.ttft(ttft_prompt), "batches": {}}
     for batch in spec["batches"]:
         if row == GENAI_LOOP and batch > 1:
             continue
-        prompt = prompts[:batch, :gen_len]
+        prompt = prompts[:batch, : spec["gen_prompt_len"]]
         for _ in range(spec["warmup"]):
             gen.generate(prompt, n)
-        decode, decode_cpu, total, cpu_ratio, tokens = [], [], [], [], None
+        decode, decode_cpu, total, cpu_ratio = [], [], [], []
         for _ in range(spec["runs"]):
             c0, w0 = time.process_time(), time.perf_counter()
             tokens, first, steps, steps_cpu = gen.generate(prompt, n)
-            c1, w1 = time.process_time(), time.perf_counter()
+            cpu_ratio.append((time.process_time() - c0) / (time.perf_counter() - w0))
             decode.append(batch * (n - 1) / steps)
             decode_cpu.append(batch * (n - 1) / steps_cpu)
             total.append(batch * n / (first + steps))
-            cpu_ratio.append((c1 - c0) / (w1 - w0))
         result["batches"][str(batch)] = {
             "decode_tok_s": statistics.median(decode), "decode_tok_per_cpu_s": statistics.median(decode_cpu),
-            "total_tok_s": statistics.median(total),
-            "cpu_over_wall": statistics.median(cpu_ratio), "tokens": tokens.tolist(),
-            "runs_decode_tok_s": decode,
+            "total_tok_s": statistics.median(total), "cpu_over_wall": statistics.median(cpu_ratio),
+            "tokens": tokens.tolist(), "runs_decode_tok_s": decode,
         }
     result["process_threads"]["after_decoding"] = _threads_now()
     return result
 
 
-def _timed(fn, *args) -> float:
-    t0 = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t0
-
-
 # ---------------------------------------------------------------- the comparison (edgecraft's Python)
-
-
-def train_run(args) -> Path:
-    """Without --run: recipes/char-1m-llama.toml trained briefly (on --corpus if given)."""
-    sets = ["--set", f"train.max_steps={args.steps}", "--set", f"train.batch_size={args.batch_size}",
-            "--set", "train.eval_every=100", "--set", "train.eval_batches=5",
-            "--set", f"train.checkpoint_every={args.steps}", "--set", f"train.sample_every={10 * args.steps}"]
-    if args.corpus is not None:
-        sets += ["--set", f"data.source={args.corpus}"]
-    edgecraft_cli("train", str(REPO / "recipes" / "char-1m-llama.toml"), *sets, "--runs-dir", str(args.work / "runs"),
-                  "--force")
-    return args.work / "runs" / "char-1m-llama"
 
 
 def bundle_for_genai(bundle: Path, work: Path, threads: int) -> Path:
@@ -381,12 +340,8 @@ def bundle_for_genai(bundle: Path, work: Path, threads: int) -> Path:
     return out
 
 
-def summarize(rounds: list[dict], warmup_rounds: int) -> list[dict]:
+def summarize(cells: dict[tuple, list[dict]]) -> list[dict]:
     """Per (row, threads): medians over the measured rounds, all rounds' values, agreement."""
-    cells: dict[tuple, list[dict]] = {}
-    for k, r in rounds:
-        if k >= warmup_rounds:
-            cells.setdefault((r["row"], r["threads"]), []).append(r)
     ref = {t: rs[-1] for (row, t), rs in cells.items() if row == "edgecraft-fp32"}
     lines = []
     for (row, t), rs in sorted(cells.items(), key=lambda kv: (kv[0][1], ROWS.index(kv[0][0]))):
@@ -396,239 +351,200 @@ def summarize(rounds: list[dict], warmup_rounds: int) -> list[dict]:
                 "process_threads": rs[-1]["process_threads"], "batches": {}}
         for b in rs[-1]["batches"]:
             vals = [r["batches"][b] for r in rs]
-            line["batches"][b] = {
-                "decode_tok_s": statistics.median(v["decode_tok_s"] for v in vals),
-                "decode_tok_s_all": [v["decode_tok_s"] for v in vals],
-                "decode_tok_per_cpu_s": statistics.median(v["decode_tok_per_cpu_s"] for v in vals),
-                "total_tok_s": statistics.median(v["total_tok_s"] for v in vals),
-                "cpu_over_wall": statistics.median(v["cpu_over_wall"] for v in vals),
-                "greedy_vs_edgecraft_fp32": agreement(vals[-1]["tokens"], ref[t]["batches"][b]["tokens"]),
-                "tokens_first_seq": vals[-1]["tokens"][0],
+            line["batches"][b] = {key: statistics.median(v[key] for v in vals) for key in
+                                  ("decode_tok_s", "decode_tok_per_cpu_s", "total_tok_s", "cpu_over_wall")}
+            line["batches"][b] |= {
+                "decode_tok_s_all": [v["decode_tok_s"] for v in vals], "tokens_first_seq": vals[-1]["tokens"][0],
+                "greedy_vs_edgecraft_fp32": harness.agreement(vals[-1]["tokens"], ref[t]["batches"][b]["tokens"]),
             }
         lines.append(line)
     return lines
 
 
 def markdown(report: dict) -> str:
-    from edgecraft.bench.system import describe
-
-    s = report["settings"]
-    prep = report["prepare"]
-    libs = report["genai_libraries"]
+    s, prep = report["settings"], report["prepare"]
+    builder = prep["builder"].items()
     out = [
-        "# edgecraft llama-style vs onnxruntime-genai", "",
-        f"Machine: {describe(report['machine'])}".replace("\n", "  \n") + "  ",
-        "genai's Python: " + ", ".join(f"{k} {v}" for k, v in libs.items()), "",
-        f"Load average (1/5/15 min) before: {'/'.join(f'{x:.2f}' for x in report['load_before'])}, after: "
-        f"{'/'.join(f'{x:.2f}' for x in report['load_after'])}; per round: "
-        f"{', '.join(f'{x:.2f}' for x in report['load_per_round'])}.", "",
+        "genai's Python: " + ", ".join(f"{k} {v}" for k, v in report["genai_libraries"].items()) + "  ",
+        f"genai's environment: `{SETUP}`.  ",
+        f"Load average per round: {', '.join(f'{x:.2f}' for x in report['load_per_round'])}.", "",
         f"Model: {report['model']}. {report['run_note']}", "",
-        f"Command: `{report['command']}` (edgecraft's Python; genai's environment: `{SETUP}`).", "",
         f"Both sides run the same weights. The Hugging Face LlamaForCausalLM made from the run matches "
         f"edgecraft's PyTorch model to {prep['max_abs_logit_diff_hf_vs_edgecraft']:.1e} (max |logit diff| over a "
         f"{s['prompt_len']}-token prompt); genai's graphs' last-position logits after that prompt differ from "
-        "edgecraft's by " + ", ".join(f"{k} {v['max_abs_last_logit_diff_vs_edgecraft']:.1e}" for k, v in prep["builder"].items())
+        "edgecraft's by " + ", ".join(f"{k} {v['max_abs_last_logit_diff_vs_edgecraft']:.1e}" for k, v in builder)
         + ". Graphs: " + "; ".join(
             f"genai {k}: {v['nodes']} nodes ({', '.join(f'{n} {op}' for op, n in sorted(v['ops'].items(), key=lambda x: -x[1]))}), "
-            f"{v['bytes'] / 1e6:.2f} MB" for k, v in prep["builder"].items()) + ".", "",
+            f"{v['bytes'] / 1e6:.2f} MB" for k, v in builder) + ".", "",
         f"Figures: decode tok/s = greedy one-token steps after the first token ({s['new_tokens'] - 1} steps for "
         f"{s['new_tokens']} new tokens after a {s['gen_prompt_len']}-token prompt, each step's token read back); "
-        f"total = {s['new_tokens']} tokens / (prefill + steps); TTFT = fresh sequence, {s['prompt_len']}-token prompt to "
-        f"its first token (best of 5 per run); start = starting a sequence before any model call (edgecraft: "
-        "Engine.reset; genai: GeneratorParams + Generator, which allocates its KV buffers), best of 20. Each (row, threads) is a fresh worker process per round "
-        f"({s['runs']} runs after {s['warmup']} warm-up inside it); rows alternate within a round; "
-        f"{report['rounds_measured']} measured rounds after {s['warmup_rounds']} warm-up round(s); medians over rounds. "
-        "per CPU-s: the same decode steps per CPU-second the worker got (at 1 thread, what the row would do on "
-        "an idle core; at 2 threads it counts the pool thread's spinning too). CPU/wall: the worker's CPU time "
-        "over wall time for a whole generation (about 1 at 1 thread on an idle machine; up to 2 when a second "
-        "thread works). Paired ratios: the median over rounds of the two rows' ratio within the same round. "
-        f"{GENAI_LOOP}: genai's Generator over edgecraft's own fp32 graph (the bundle's genai_config.json, batch 1 "
-        "only): beside genai-fp32 it compares the two graphs under one decode loop, beside edgecraft-fp32 the two "
-        "decode loops over one graph.", "",
+        f"total = {s['new_tokens']} tokens / (prefill + steps); TTFT = fresh sequence, {s['prompt_len']}-token prompt "
+        "to its first token (best of 5 per run); start = starting a sequence before any model call (edgecraft: "
+        "engine reset; genai: GeneratorParams + Generator, which allocates its KV buffers), best of 20. Each (row, "
+        f"threads) is a fresh worker process per round ({s['runs']} runs after {s['warmup']} warm-up inside it); rows "
+        f"alternate within a round; {report['rounds_measured']} measured rounds after {s['warmup_rounds']} warm-up "
+        "round(s); medians over rounds. per CPU-s: the same decode steps per CPU-second the worker got (at 1 thread, "
+        "what the row would do on an idle core; at 2 threads it counts the pool thread's spinning too). CPU/wall: the "
+        "worker's CPU time over wall time for a whole generation (about 1 at 1 thread on an idle machine; up to 2 "
+        "when a second thread works). Paired ratios: the median over rounds of the two rows' ratio within the same "
+        f"round. {GENAI_LOOP}: genai's Generator over edgecraft's own fp32 graph (the bundle's genai_config.json, "
+        "batch 1 only): beside genai-fp32 it compares the two graphs under one decode loop, beside edgecraft-fp32 "
+        "the two decode loops over one graph.", "",
         "| threads | row | batch-1 decode tok/s | per round | per CPU-s | total tok/s | TTFT ms (of it: start) | CPU/wall | "
         "batch-16 decode tok/s | greedy = edgecraft fp32 (b1; b16) | process threads |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def agree(cell):
+        if cell is None:
+            return "–"
+        g = cell["greedy_vs_edgecraft_fp32"]
+        return "all" if g["identical"] == g["of"] else f"{g['identical']}/{g['of']} (first diff at {g['min_prefix']})"
+
     for x in report["lines"]:
         b1, b16 = x["batches"].get("1"), x["batches"].get("16")
-
-        def agree(cell):
-            if cell is None:
-                return "–"
-            g = cell["greedy_vs_edgecraft_fp32"]
-            return "all" if g["identical"] == g["of"] else f"{g['identical']}/{g['of']} (first diff at {g['min_prefix']})"
-
         out.append(
             f"| {x['threads']} | {x['row']} | {b1['decode_tok_s']:,.0f} | "
-            f"{' '.join(f'{v:,.0f}' for v in b1['decode_tok_s_all'])} | {b1['decode_tok_per_cpu_s']:,.0f} | {b1['total_tok_s']:,.0f} | {x['ttft_ms']:.2f} ({x['start_ms']:.3f}) | "
-            f"{b1['cpu_over_wall']:.2f} | {'–' if b16 is None else format(b16['decode_tok_s'], ',.0f')} | "
-            f"{agree(b1)}; {agree(b16)} | {x['process_threads']['after_decoding']} |"
+            f"{' '.join(f'{v:,.0f}' for v in b1['decode_tok_s_all'])} | {b1['decode_tok_per_cpu_s']:,.0f} | "
+            f"{b1['total_tok_s']:,.0f} | {x['ttft_ms']:.2f} ({x['start_ms']:.3f}) | {b1['cpu_over_wall']:.2f} | "
+            f"{'–' if b16 is None else format(b16['decode_tok_s'], ',.0f')} | {agree(b1)}; {agree(b16)} | "
+            f"{x['process_threads']['after_decoding']} |"
         )
     out += ["", "| comparison | ratio of medians | paired (per round) | by CPU time |", "|---|---|---|---|"]
-
-    def fmt(x):
-        return "–" if x is None else f"{x:.2f}×"
-
-    for c in report["ratios"]:
-        out.append(f"| {c['what']} | {fmt(c['ratio'])} | {fmt(c['paired'])} | {fmt(c['by_cpu_time'])} |")
+    fmt = lambda x: "–" if x is None else f"{x:.2f}×"  # noqa: E731
+    out += [f"| {c['what']} | {fmt(c['ratio'])} | {fmt(c['paired'])} | {fmt(c['by_cpu_time'])} |" for c in report["ratios"]]
     target = next((c for c in report["ratios"] if c["what"].startswith("edgecraft fp32 ÷ genai fp32, batch-1 decode, 1 ")), None)
     if target is not None:
         out += ["", f"Issue target, edgecraft fp32 >= genai fp32 (batch-1 decode, 1 thread): {target['ratio']:.3f}× "
                     f"(paired {target['paired']:.3f}×, by CPU time {target['by_cpu_time']:.3f}×): "
                     f"{'met' if target['ratio'] >= 1 else 'MISSED'}."]
     out += [f"\nNote: {n}" for n in report["notes"]]
-    return "\n".join(out) + "\n"
-
-
-def paired(lines: list[dict], a: str, b: str, threads: int, batch: str, key: str = "decode_tok_s_all") -> float | None:
-    """Median over rounds of row a's figure over row b's in the same round."""
-    cells = {x["row"]: x for x in lines if x["threads"] == threads}
-    if a not in cells or b not in cells or batch not in cells[a]["batches"] or batch not in cells[b]["batches"]:
-        return None
-    xs, ys = cells[a]["batches"][batch][key], cells[b]["batches"][batch][key]
-    return statistics.median(x / y for x, y in zip(xs, ys))
+    return "\n".join(out)
 
 
 def ratios(lines: list[dict]) -> list[dict]:
-    med = {(x["row"], x["threads"], b): v["decode_tok_s"] for x in lines for b, v in x["batches"].items()}
-    cpu = {(x["row"], x["threads"], b): v["decode_tok_per_cpu_s"] for x in lines for b, v in x["batches"].items()}
+    """Row-over-row ratios: of medians, paired within rounds (the median of per-round ratios), by CPU time."""
+    cells = {(x["row"], x["threads"], b): v for x in lines for b, v in x["batches"].items()}
     ttft = {(x["row"], x["threads"]): x["ttft_ms"] for x in lines}
+    pairs = (("edgecraft-fp32", "genai-fp32"), ("edgecraft-int8", "genai-int4"), (GENAI_LOOP, "genai-fp32"),
+             ("edgecraft-fp32", GENAI_LOOP))
     out = []
-    for (row, t, b), v in sorted(med.items(), key=lambda kv: (kv[0][2], kv[0][1])):
-        pairs = (("edgecraft-fp32", "genai-fp32"), ("edgecraft-int8", "genai-int4"), (GENAI_LOOP, "genai-fp32"),
-                 ("edgecraft-fp32", GENAI_LOOP))
+    for (row, t, b), v in sorted(cells.items(), key=lambda kv: (kv[0][2], kv[0][1])):
         for ours, theirs in pairs:
-            if row == ours and (theirs, t, b) in med:
+            w = cells.get((theirs, t, b))
+            if row == ours and w is not None:
+                paired = statistics.median(x / y for x, y in zip(v["decode_tok_s_all"], w["decode_tok_s_all"]))
                 out.append({"what": f"{ours.replace('-', ' ')} ÷ {theirs.replace('-', ' ')}, batch-{b} decode, "
-                                    f"{t} thread(s)", "ratio": v / med[(theirs, t, b)],
-                            "paired": paired(lines, ours, theirs, t, b),
-                            "by_cpu_time": cpu[(ours, t, b)] / cpu[(theirs, t, b)]})
+                                    f"{t} thread(s)", "ratio": v["decode_tok_s"] / w["decode_tok_s"], "paired": paired,
+                            "by_cpu_time": v["decode_tok_per_cpu_s"] / w["decode_tok_per_cpu_s"]})
     for (row, t), v in ttft.items():
         if row == "edgecraft-fp32" and ("genai-fp32", t) in ttft:
-            out.append({"what": f"genai fp32 TTFT ÷ edgecraft fp32 TTFT, {t} thread(s)", "ratio": ttft[("genai-fp32", t)] / v,
-                        "paired": None, "by_cpu_time": None})
+            out.append({"what": f"genai fp32 TTFT ÷ edgecraft fp32 TTFT, {t} thread(s)",
+                        "ratio": ttft[("genai-fp32", t)] / v, "paired": None, "by_cpu_time": None})
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", type=Path, help="A trained llama-style edgecraft run (default: train one).")
-    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS if DEFAULT_CORPUS.exists() else None,
-                        help="Without --run: train recipes/char-1m-llama.toml on this.")
-    parser.add_argument("--steps", type=int, default=300, help="Training steps without --run.")
-    parser.add_argument("--batch-size", type=int, default=8, help="Training batch size without --run.")
-    parser.add_argument("--bundle", type=Path, help="The run's bundle (default: export it, fp32 and int8).")
-    parser.add_argument("--genai-python", default=DEFAULT_GENAI_PYTHON, help="Python with onnxruntime-genai.")
+    parser.add_argument("--run", type=Path, help="a trained llama-style edgecraft run (default: train one)")
+    parser.add_argument("--corpus", type=Path, default=harness.default_corpus(),
+                        help="without --run: train recipes/char-1m-llama.toml on this (default: tinyshakespeare if present)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps without --run")
+    parser.add_argument("--batch-size", type=int, default=8, help="training batch size without --run")
+    parser.add_argument("--bundle", type=Path, help="the run's bundle (default: export it, fp32 and int8)")
+    parser.add_argument("--genai-python", default=sys.executable, help="Python with onnxruntime-genai (SETUP makes one)")
     parser.add_argument("--genai-precisions", default="fp32,int4")
-    parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--threads", type=harness.int_list, default=[1, 2])
+    parser.add_argument("--batches", type=harness.int_list, default=[1, 16])
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=200)
-    parser.add_argument("--runs", type=int, default=3, help="Runs per worker (medianed) after its warm-up.")
-    parser.add_argument("--warmup", type=int, default=1, help="Warm-up runs inside each worker.")
-    parser.add_argument("--rounds", type=int, default=7, help="Measured rounds (each a fresh worker per row).")
+    parser.add_argument("--runs", type=int, default=3, help="runs per worker (medianed) after its warm-up")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up runs inside each worker")
+    parser.add_argument("--rounds", type=int, default=7, help="measured rounds (each a fresh worker per row)")
     parser.add_argument("--warmup-rounds", type=int, default=1)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgecraft-peers-genai")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--note", action="append", default=[], help="A line for the report (repeatable).")
-    parser.add_argument("--render", type=Path, help="Only re-render peers_genai.md from this peers_genai.json.")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS, help="where peers_genai.{md,json} go")
+    parser.add_argument("--note", action="append", default=[], help="a line for the report (repeatable)")
+    parser.add_argument("--render", type=Path, help="only re-render peers_genai.md from this peers_genai.json")
     args = parser.parse_args()
     if args.render:
-        report = json.loads(args.render.read_text())
+        report = {"title": TITLE, **json.loads(args.render.read_text())}
         report["ratios"] = ratios(report["lines"])
         report["notes"] += [n for n in args.note if n not in report["notes"]]
         write_report(report, args.out)
         return
 
-    from edgecraft.bench.system import system_info
+    def train(a):
+        return train_run(a, "char-1m-llama", "--set", f"train.batch_size={a.batch_size}", "--set", "train.eval_every=100",
+                         "--set", "train.eval_batches=5", "--set", f"train.checkpoint_every={a.steps}",
+                         "--set", f"train.sample_every={10 * a.steps}")
 
-    run, bundle, cfg, threads, batches = start(args, train_run)
+    run, bundle, cfg = start(args, train)
+    threads, batches = args.threads, args.batches
     kinds = [k for k in args.genai_precisions.split(",") if k]
     rows = [r for r in args.rows.split(",")
             if r and (r == GENAI_LOOP or not r.startswith("genai") or r.split("-")[1] in kinds)]
     notes = list(args.note)
-    if "edgecraft-int8" in rows and "model.int8.onnx" not in json.loads((bundle / "edgecraft.json").read_text())["files"]:
+    if "edgecraft-int8" in rows and not has_int8(bundle):
         rows.remove("edgecraft-int8")
         notes.append(f"edgecraft-int8 not measured: {bundle} has no model.int8.onnx")
     gen_len = min(args.prompt_len, cfg.block_size - args.new_tokens)
     all_prompts = prompts(run, max(batches), args.prompt_len)
     print("preparing the genai models ...", file=sys.stderr, flush=True)
-    prep = child(args.genai_python, ["--prepare"], {"run": str(run), "work": str(args.work / "genai"),
-                                                    "probe": all_prompts[0], "threads": threads, "kinds": kinds},
-                 script=__file__)
+    prep = harness.child(__file__, "prepare", {"run": str(run), "work": str(args.work / "genai"), "probe": all_prompts[0],
+                                               "threads": threads, "kinds": kinds}, python=args.genai_python)
     print(json.dumps({k: v for k, v in prep.items() if k != "builder"}), file=sys.stderr)
     dirs = {f"genai-{k}": {str(t): str(genai_dir(args.work / "genai", k, t)) for t in threads} for k in kinds}
     dirs[GENAI_LOOP] = {str(t): str(bundle_for_genai(bundle, args.work / "genai", t)) for t in threads}
     recipe_note = (f"{run}" if args.run else f"recipes/char-1m-llama.toml trained {args.steps} steps at batch "
                    f"{args.batch_size} on {args.corpus or 'the built-in corpus'}")
     header = {
-        "format": "edgecraft-peers-genai/1", "machine": system_info(), "load_before": os.getloadavg(),
-        "genai_libraries": child(args.genai_python, ["--versions"], script=__file__),
+        **harness.RunInfo(TITLE).data, "format": "edgecraft-peers-genai/1", "prepare": prep, "notes": notes,
+        "genai_libraries": harness.child(__file__, "versions", python=args.genai_python),
         "model": f"d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, d_ff {cfg.d_ff}, context "
                  f"{cfg.block_size}, vocab {cfg.vocab_size}, {cfg.norm}/{cfg.pos}/{cfg.mlp}",
         "run_note": f"Weights: {recipe_note}.",
-        "command": "python benchmarks/peers_genai.py " + shlex.join(sys.argv[1:]),
         "settings": {"prompt_len": args.prompt_len, "gen_prompt_len": gen_len, "new_tokens": args.new_tokens,
                      "runs": args.runs, "warmup": args.warmup, "rounds": args.rounds,
                      "warmup_rounds": args.warmup_rounds, "threads": threads, "batches": batches, "rows": rows},
-        "prepare": prep, "notes": notes,
     }
-    rounds, loads = [], []
-    total = args.warmup_rounds + args.rounds
-    for k in range(total):
-        loads.append(os.getloadavg()[0])
-        order = rows if k % 2 == 0 else rows[::-1]  # alternate which row goes first
-        for t in threads:
-            for row in order:
-                spec = {"row": row, "threads": t, "batches": batches, "bundle": str(bundle), "genai_dirs": dirs,
-                        "pad_token_id": prep["pad_token_id"],
-                        "prompts": all_prompts, "prompt_len": args.prompt_len, "gen_prompt_len": gen_len,
-                        "new_tokens": args.new_tokens, "runs": args.runs, "warmup": args.warmup}
-                python = sys.executable if row.startswith("edgecraft") else args.genai_python
-                r = child(python, ["--row"], spec, script=__file__)
-                print(f"round {k + 1}/{total} {row} t{t}: b1 {r['batches']['1']['decode_tok_s']:,.0f} tok/s, "
-                      f"ttft {r['ttft_ms']:.2f} ms, load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
-                rounds.append((k, r))
-        if k >= args.warmup_rounds:
-            lines = summarize(rounds, args.warmup_rounds)
-            report = {**header, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      "rounds_measured": k + 1 - args.warmup_rounds, "load_after": os.getloadavg(),
-                      "load_per_round": loads, "lines": lines, "ratios": ratios(lines)}
-            write_report(report, args.out)
-    print(markdown(report))
+    loads = []
+
+    def row(name: str, t: int):
+        spec = {"row": name, "threads": t, "batches": batches, "bundle": str(bundle), "genai_dirs": dirs,
+                "pad_token_id": prep["pad_token_id"], "prompts": all_prompts, "prompt_len": args.prompt_len,
+                "gen_prompt_len": gen_len, "new_tokens": args.new_tokens, "runs": args.runs, "warmup": args.warmup}
+        python = sys.executable if name.startswith("edgecraft") else args.genai_python
+
+        def measure():
+            if (name, t) == (rows[0], threads[0]):
+                loads.append(os.getloadavg()[0])
+            r = harness.child(__file__, "row", spec, python=python)
+            print(f"{name} t{t}: b1 {r['batches']['1']['decode_tok_s']:,.0f} tok/s, ttft {r['ttft_ms']:.2f} ms",
+                  file=sys.stderr, flush=True)
+            return r
+        return measure
+
+    def report(done: dict[tuple, list]) -> dict:
+        lines = summarize(done)
+        return {**header, "rounds_measured": len(next(iter(done.values()))), "load_after": os.getloadavg(),
+                "load_per_round": loads, "lines": lines, "ratios": ratios(lines)}
+
+    done = harness.interleave({(n, t): row(n, t) for t in threads for n in rows}, args.rounds, args.warmup_rounds,
+                              after_round=lambda d: write_report(report(d), args.out))
+    print(markdown(report(done)))
 
 
 def write_report(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("peers_genai.json", json.dumps(report, indent=1) + "\n"), ("peers_genai.md", markdown(report))):
-        (out / (name + ".tmp")).write_text(text)
-        os.replace(out / (name + ".tmp"), out / name)
-
-
-def _versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for name in ("onnxruntime-genai", "onnxruntime", "transformers", "torch", "onnx", "onnx-ir", "numpy"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    harness.write_atomic(out / "peers_genai.json", json.dumps(report, indent=1) + "\n")
+    harness.write_atomic(out / "peers_genai.md", harness.render(report, markdown(report)))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("--row", "--prepare", "--versions"):
-        payload = json.loads(sys.stdin.read() or "{}")
-        out, sys.stdout = sys.stdout, sys.stderr  # libraries' prints must not corrupt the JSON line
-        if sys.argv[1] == "--row":
-            result = measure_row(payload)
-        elif sys.argv[1] == "--prepare":
-            result = prepare_genai(Path(payload["run"]), Path(payload["work"]), payload["probe"],
-                                   payload["threads"], payload["kinds"])
-        else:
-            result = _versions()
-        out.write(json.dumps(result) + "\n")
-    else:
+    if not harness.serve_child({
+        "row": measure_row,
+        "prepare": lambda p: prepare_genai(Path(p["run"]), Path(p["work"]), p["probe"], p["threads"], p["kinds"]),
+        "versions": lambda p: harness.versions(GENAI_LIBRARIES),
+    }):
         main()
