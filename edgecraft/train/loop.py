@@ -25,8 +25,9 @@ import torch
 from edgecraft import data, quant
 from edgecraft.checkpoint import save_model
 from edgecraft.errors import UserError
-from edgecraft.model import GPT, sample
+from edgecraft.model import GPT
 from edgecraft.recipe import Recipe, TrainConfig
+from edgecraft.torch_engine import sample_text
 from edgecraft.train import distributed as dist
 from edgecraft.train.distributed import Group
 from edgecraft.train.ema import averaged, update_ema
@@ -151,7 +152,7 @@ def _loop(run_dir, recipe: Recipe, prepared, identity: dict, checkpoint, group: 
                         bar.write(f"step {step}: val loss {val_loss:.4f}", file=sys.stderr)
                 if step % cfg.sample_every == 0 and group.main:
                     with averaged(optimizer, ema):
-                        log.sample(step, _sample_text(model, prepared, recipe, step, device))
+                        log.sample(step, _sample_text(model, prepared, recipe, step))
                 if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stopping:
                     checkpoint_now()
                     saved = step
@@ -224,10 +225,10 @@ def evaluate(model: GPT, tokens, recipe: Recipe, group: Group, batch_size: int) 
     return (sums[0] / sums[1]).item()
 
 
-def _sample_text(model: GPT, prepared, recipe: Recipe, step: int, device: torch.device) -> str:
-    """A sample from the first validation token; its own generator leaves the dropout RNG alone."""
-    generator = torch.Generator(device).manual_seed(recipe.seed + step)
-    start = torch.tensor(prepared.val[:1].astype(np.int64), device=device)[None]  # (1, 1)
-    out = sample(model, start, recipe.train.sample_tokens, temperature=0.8, top_k=40, generator=generator)
+def _sample_text(model: GPT, prepared, recipe: Recipe, step: int) -> str:
+    """A sample from the first validation token through runtime.Model's decode loop (the one
+    `edgecraft generate` runs); its own RNG leaves the training RNGs alone."""
+    start = [int(prepared.val[0])]
+    text = sample_text(model, prepared.tokenizer, start, recipe.train.sample_tokens, seed=recipe.seed + step)
     model.train()
-    return prepared.tokenizer.decode(out[0].tolist())
+    return text
