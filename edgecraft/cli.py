@@ -277,8 +277,12 @@ def bench(
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     threads: Annotated[str, typer.Option(help="Thread counts, one row each, e.g. 1 or 1,2 (0 = default).")] = "1",
     batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together.")] = 1,
-    prompt_len: Annotated[int, typer.Option(min=1, help="pp P: prompt tokens prefilled (and TTFT).")] = 64,
-    new_tokens: Annotated[int, typer.Option(min=1, help="tg N: tokens decoded one step at a time.")] = 200,
+    prompt_len: Annotated[
+        Optional[int], typer.Option(min=1, help="pp P: prompt tokens prefilled (and TTFT) [default: 64, or the context if shorter].")
+    ] = None,
+    new_tokens: Annotated[
+        Optional[int], typer.Option(min=1, help="tg N: tokens decoded one step at a time [default: 200, or what the context allows].")
+    ] = None,
     runs: Annotated[int, typer.Option(min=1, help="Measured repetitions per row.")] = 5,
     warmup: Annotated[int, typer.Option(min=0, help="Unmeasured repetitions before them.")] = 1,
     text: Annotated[Optional[Path], typer.Option(help="Text for perplexity (default: validation split).")] = None,

@@ -10,6 +10,7 @@ text for every row, so a speed-up can never hide a quality loss.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -50,8 +51,8 @@ class BenchOptions:
     device: str = "cpu"
     threads: list[int] = field(default_factory=lambda: [1])
     batch: int = 1
-    prompt_len: int = 64
-    new_tokens: int = 200
+    prompt_len: int | None = None  # None: bench.worker.DEFAULT_PROMPT_LEN, cut to the model's context
+    new_tokens: int | None = None  # None: bench.worker.DEFAULT_NEW_TOKENS, cut to the model's context
     runs: int = 5
     text: Path | None = None
     warmup: int = 1
@@ -65,7 +66,7 @@ def _check(options: BenchOptions) -> None:
     if not options.threads or any(t < 0 for t in options.threads):
         raise UserError(f"--threads {options.threads}: expected counts >= 0 (0 = the runtime's default)")
     for name in ("batch", "prompt_len", "new_tokens", "runs"):
-        if getattr(options, name) < 1:
+        if getattr(options, name) is not None and getattr(options, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
     if options.warmup < 0 or options.ppl_tokens < 0:
         raise UserError("--warmup and --ppl-tokens must be >= 0")
@@ -128,8 +129,22 @@ def validation_text(run_dir: Path, max_tokens: int) -> tuple[str | None, str]:
     return data.tokenizer.decode([int(i) for i in ids]), f"validation split of {run_dir}"
 
 
+def _bundle_run(path: Path) -> Path | None:
+    """The run directory a bundle was exported from, where the usual layout keeps it: runs/NAME
+    beside the bundle's export/ folder, or under the working folder."""
+    try:
+        name = json.loads((path / "edgecraft.json").read_text(encoding="utf-8"))["name"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    for run in (path.resolve().parent.parent / "runs" / str(name), Path("runs") / str(name)):
+        if (run / "recipe.toml").is_file():
+            return run
+    return None
+
+
 def quality_text(paths: list[Path], options: BenchOptions) -> tuple[str | None, str]:
-    """(text, where it came from): --text, else the first run directory's validation split."""
+    """(text, where it came from): --text, else the first run directory's validation split, else
+    that of the run a bundle was exported from, when it can be found."""
     if options.text is not None:
         try:
             return options.text.read_text(encoding="utf-8"), str(options.text)
@@ -138,9 +153,34 @@ def quality_text(paths: list[Path], options: BenchOptions) -> tuple[str | None, 
         except (OSError, UnicodeDecodeError) as err:
             raise UserError(f"--text {options.text}: not readable UTF-8 text ({err})") from None
     runs = [path for path in paths if _kind(path) == "run"]
+    runs += [run for path in paths if _kind(path) == "bundle" and (run := _bundle_run(path)) is not None]
     if runs:
         return validation_text(runs[0], options.ppl_tokens)
     return None, "none (pass --text FILE, or bench a run directory, to measure perplexity)"
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """Refuse an output file that cannot be written before any row is measured (rows take
+    minutes, and their results must not be lost at the end); creates nothing."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the folder that would hold the new ones
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(20, "not a folder")
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot write there ({err.strerror or err}); choose another path") from None
+
+
+def save_report(report: dict) -> Path:
+    """The report as JSON in the temporary folder: where results go when their file cannot be written."""
+    fd, name = tempfile.mkstemp(prefix="edgecraft-bench-", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(json.dumps(report, indent=2) + "\n")
+    return Path(name)
 
 
 def run_worker(spec: dict) -> dict:
@@ -193,6 +233,9 @@ def run_bench(
     err = Console(stderr=True)
     for path in paths:
         _kind(path)
+    for flag, path in (("--json", json_out), ("--csv", csv_out), ("--markdown", markdown_out), ("--plot", plot)):
+        if path is not None:
+            check_writable(path, flag)
     text, text_source = quality_text(paths, options)
     with tempfile.TemporaryDirectory(prefix="edgecraft-bench-") as tmp:
         eval_path = None
@@ -219,7 +262,12 @@ def run_bench(
     }
     # piped or redirected output gets a width that keeps the tables on one line per row
     console = Console() if sys.stdout.isatty() else Console(width=200)
-    write_outputs(report, console, json_out=json_out, csv_out=csv_out, markdown_out=markdown_out, plot=plot)
+    try:
+        write_outputs(report, console, json_out=json_out, csv_out=csv_out, markdown_out=markdown_out, plot=plot)
+    except OSError as error:  # the folder changed while measuring: keep the measurements
+        raise UserError(
+            f"writing the results failed ({error.strerror or error}); they are saved in {save_report(report)}"
+        ) from None
     failed = [r for r in rows if r["status"] == "error"]
     if failed:
         raise UserError(f"{len(failed)} row(s) failed: {failed[0]['error']}", exit_code=1)

@@ -26,6 +26,11 @@ from edgecraft.bench.stats import percentiles, rates, summarize
 from edgecraft.errors import UserError
 from edgecraft.runtime.bundle import BundleError
 
+# pp and tg of a row when the command line does not say: llama-bench's usual prompt and a
+# generation that fills most of a small model's context, each cut to what the model's context holds
+DEFAULT_PROMPT_LEN = 64
+DEFAULT_NEW_TOKENS = 200
+
 
 class Skip(Exception):
     """The row cannot run here (e.g. no CUDA in this build); reported as a skipped row."""
@@ -219,20 +224,23 @@ def run_row(spec: dict) -> dict:
     loader = load_torch if spec["kind"] == "torch" else load_onnx
     engine, tokenizer, facts = loader(spec)
     block, vocab = engine.block_size, engine.vocab_size
-    if spec["prompt_len"] > block:
-        raise UserError(f"--prompt-len {spec['prompt_len']} exceeds the model's context of {block} tokens")
-    if spec["new_tokens"] + 1 > block:
-        raise UserError(f"--new-tokens {spec['new_tokens']} needs a context of {spec['new_tokens'] + 1}; the model has {block}")
+    # defaults fit the model; values given on the command line are checked, never clamped
+    prompt_len = spec["prompt_len"] or min(DEFAULT_PROMPT_LEN, block)
+    new_tokens = spec["new_tokens"] or min(DEFAULT_NEW_TOKENS, block - 1)
+    if prompt_len > block:
+        raise UserError(f"--prompt-len {prompt_len} exceeds the model's context of {block} tokens")
+    if new_tokens + 1 > block:
+        raise UserError(f"--new-tokens {new_tokens} needs a context of {new_tokens + 1}; the model has {block}")
     eval_ids = None
     if spec.get("eval_text"):
         text = Path(spec["eval_text"]).read_text(encoding="utf-8")
         eval_ids = np.asarray(tokenizer.encode(text).ids, dtype=np.int64)
-    prompt = prompt_ids(eval_ids, spec["batch"], spec["prompt_len"], vocab, spec["seed"])
-    result = measure(engine, prompt, spec["new_tokens"], spec["warmup"], spec["runs"])
+    prompt = prompt_ids(eval_ids, spec["batch"], prompt_len, vocab, spec["seed"])
+    result = measure(engine, prompt, new_tokens, spec["warmup"], spec["runs"])
     result["peak_rss_mb"] = _peak_rss_mb()  # load + the timed runs, before the quality pass
     if eval_ids is not None and len(eval_ids) > 1:
         result["quality"] = perplexity(engine, eval_ids, spec["ppl_tokens"])
-    return {**facts, **result, "status": "ok"}
+    return {**facts, **result, "prompt_len": prompt_len, "new_tokens": new_tokens, "status": "ok"}
 
 
 def main() -> int:
