@@ -74,7 +74,6 @@ def read_prompt(path: Path) -> str:
         ) from None
 
 
-
 @app.command()
 @friendly
 def train(
@@ -307,6 +306,56 @@ def bench(
         new_tokens=new_tokens, runs=runs, text=text, warmup=warmup, ppl_tokens=ppl_tokens,
     )
     run_bench(paths, options, json_out=json_out, csv_out=csv_out, markdown_out=markdown_out, plot=plot)
+
+
+@app.command()
+@friendly
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="A bundle (export/NAME).")],
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback unless told otherwise).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="0 = any free port (the printed URL says which).")] = 8000,
+    int8: Annotated[bool, typer.Option(help="Use the bundle's int8 model.")] = False,
+    threads: Annotated[int, typer.Option(min=0, help="onnxruntime threads (0 = the bundle's default).")] = 0,
+    slots: Annotated[int, typer.Option(min=1, help="Sequences decoded together in one batch.")] = 16,
+    max_queue: Annotated[int, typer.Option(min=0, help="Sequences waiting for a slot; past it, 503.")] = 64,
+    max_tokens_limit: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 1024,
+    api_key: Annotated[
+        Optional[str], typer.Option(envvar="EDGECRAFT_API_KEY", help="Require Authorization: Bearer KEY.")
+    ] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option(help="Read the API key from a file.")] = None,
+    chat_template: Annotated[
+        Optional[Path], typer.Option(help="Chat template JSON (default: the bundle's chat_template.json, else plain).")
+    ] = None,
+) -> None:
+    """OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health,
+    /metrics) with continuous batching. Needs the serve extra: pip install 'edgecraft[serve]'."""
+    if not is_bundle(bundle):
+        raise UserError(f"{bundle}: not a bundle (no edgecraft.json); export a run first")
+    if api_key is not None and api_key_file is not None:
+        raise UserError("give --api-key or --api-key-file, not both")
+    if api_key_file is not None:
+        try:
+            api_key = api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"--api-key-file {api_key_file}: cannot read it ({err})") from None
+    if api_key is not None and not api_key.strip():
+        raise UserError("the API key is empty")
+    from edgecraft.runtime import BundleError
+    from edgecraft.runtime.bundle import read_manifest
+
+    try:
+        manifest = read_manifest(bundle)
+    except BundleError as err:
+        raise UserError(str(err)) from None
+    try:
+        from edgecraft.serve import ServeOptions, choose_template, serve as run_server
+    except ImportError as err:
+        raise UserError(f"edgecraft serve needs the serve extra ({err.name} is missing): pip install 'edgecraft[serve]'") from None
+    options = ServeOptions(
+        host=host, port=port, int8=int8, threads=threads, slots=slots, max_queue=max_queue,
+        max_tokens_limit=max_tokens_limit, api_key=api_key,
+    )
+    run_server(bundle, manifest.name, choose_template(bundle, chat_template), options)
 
 
 if __name__ == "__main__":
