@@ -27,7 +27,7 @@ twice:
   tokenizer.bin (int32 max_token_length, then per token: float32 score, int32 length, bytes) holds
   the character vocabulary.
 - for edgecraft, as the direct-built graph (edgecraft.export.graph.build_graph), driven by
-  edgecraft.runtime.engine.Engine (IO binding, shared KV buffers, denormals flushed).
+  edgecraft.runtime.onnx_engine.OnnxEngine (IO binding, shared KV buffers, denormals flushed).
 
 What run.c does with `RUN model.bin -z tokenizer.bin -t 0 -n 256 -i PROMPT`: it feeds token 1
 (Llama's BOS) at position 0, then the prompt encoded with a dummy-prefix space (" " + PROMPT, one
@@ -51,13 +51,10 @@ prints the prompt and its continuation as text; it is compared with edgecraft's 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import re
 import resource
 import statistics
-import string
 import struct
 import subprocess
 import sys
@@ -67,46 +64,33 @@ from pathlib import Path
 
 import numpy as np
 
+import harness
 from edgecraft.config import ROPE_THETA, GPTConfig
-from edgecraft.export.graph import build_graph, graph_io
-from edgecraft.runtime.engine import Engine
+from edgecraft.export.graph import build_graph
+from edgecraft.runtime.onnx_engine import OnnxEngine
 
-SHAPE = dict(d_model=128, n_layers=6, n_heads=8, d_ff=512, block_size=256)
-LLAMA = dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False)
-CHARS = "\n !$&',-.3:;?" + string.ascii_uppercase + string.ascii_lowercase  # 65, tiny-shakespeare's set
 ANCHOR_FLAGS = "-O3 -march=native -ffast-math"
 
 
 # ------------------------------------------------------------------------------------ weights
 
 
-def load_weights(run: Path | None, seed: int) -> tuple[GPTConfig, dict[str, np.ndarray], list[str], str]:
-    """(config, state dict as numpy, token strings by id, where the weights came from)."""
-    import torch
-
+def load_weights(run: Path) -> tuple[GPTConfig, dict[str, np.ndarray], list[str]]:
+    """(config, state dict as numpy, token strings by id) of a llama-style run."""
     from edgecraft.checkpoint import load_model
     from edgecraft.data import load_tokenizer
-    from edgecraft.model import GPT
 
-    if run is not None:
-        model = load_model(run / "model.safetensors")
-        tok = load_tokenizer(run / "tokenizer.json")
-        vocab = [tok.decode([i]) or tok.id_to_token(i) for i in range(tok.get_vocab_size())]
-        source = f"trained run {run}"
-    else:
-        torch.manual_seed(seed)
-        model = GPT(GPTConfig(vocab_size=len(CHARS), **SHAPE, **LLAMA))
-        vocab = list(CHARS)
-        source = f"random weights (torch.manual_seed({seed}), GPT init)"
+    model = load_model(run / "model.safetensors")
+    tok = load_tokenizer(run / "tokenizer.json")
+    vocab = [tok.decode([i]) or tok.id_to_token(i) for i in range(tok.get_vocab_size())]
     cfg = model.cfg
     if (cfg.norm, cfg.pos, cfg.mlp, cfg.bias) != ("rmsnorm", "rope", "swiglu", False):
-        raise SystemExit(f"{source}: run.c needs a llama-style model (rmsnorm, rope, swiglu, no "
+        raise SystemExit(f"{run}: run.c needs a llama-style model (rmsnorm, rope, swiglu, no "
                          f"biases), got norm={cfg.norm} pos={cfg.pos} mlp={cfg.mlp} bias={cfg.bias}")
     if len(vocab) != cfg.vocab_size or len(set(vocab)) != len(vocab):
-        raise SystemExit(f"{source}: the vocabulary's {len(vocab)} token strings must be distinct "
+        raise SystemExit(f"{run}: the vocabulary's {len(vocab)} token strings must be distinct "
                          f"and match vocab_size {cfg.vocab_size}")
-    weights = {k: v.detach().float().numpy().copy() for k, v in model.state_dict().items()}
-    return cfg, weights, vocab, source
+    return cfg, {k: v.detach().float().numpy().copy() for k, v in model.state_dict().items()}, vocab
 
 
 def interleave_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -164,7 +148,7 @@ class EdgecraftLoop:
     """run.c's loop on edgecraft's Engine: one position per call, forced tokens then greedy."""
 
     def __init__(self, path: Path, cfg: GPTConfig, threads: int) -> None:
-        self.engine = Engine(path, {"config": cfg.to_dict(), "onnx": graph_io(cfg)}, threads=threads)
+        self.engine = OnnxEngine(path, cfg, threads=threads)
 
     def generate(self, first: int, forced: list[int], steps: int) -> tuple[float, float, list[int]]:
         """(tok/s over positions 1..steps-1, the CPU seconds of this process over them, the greedy
@@ -218,25 +202,6 @@ def choose_bos(loop: EdgecraftLoop, vocab: list[str], prompt_ids: list[int], ste
     raise SystemExit("no token can stand in for run.c's BOS: every candidate is emitted greedily")
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    flags = Path("/proc/cpuinfo").read_text()
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f" {f} " in flags]
-    caches = []
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        if (index / "type").read_text().strip() != "Instruction":
-            caches.append(f"L{(index / 'level').read_text().strip()} {(index / 'size').read_text().strip()}")
-    gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.splitlines()
-    import onnxruntime as ort
-
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "isa": isa, "caches_cpu0": caches, "gcc": gcc[0] if gcc else "?",
-            "python": platform.python_version(), "onnxruntime": ort.__version__}
-
-
 def agreement(ours: list[int], vocab: list[str], text: str) -> tuple[int, int]:
     """(how many of edgecraft's greedy tokens run.c's continuation text reproduces in a row,
     how many edgecraft produced)."""
@@ -257,73 +222,60 @@ def main() -> None:
     parser.add_argument("--runc-omp", help="run.c built with -fopenmp: adds the 2-thread pair")
     parser.add_argument("--flags", default=ANCHOR_FLAGS, help="the gcc flags the binaries were built with (for the report)")
     parser.add_argument("--run", type=Path, help="a trained llama-style run directory (default: random weights)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="torch seed of the random weights without --run")
     parser.add_argument("--prompt", default="ROMEO:")
     parser.add_argument("--steps", type=int, default=256, help="run.c's -n: positions, prompt included")
     parser.add_argument("--rounds", type=int, default=11, help="measured rounds (after one warm-up)")
     parser.add_argument("--out", type=Path, help="write OUT.md and OUT.json")
     args = parser.parse_args()
-
-    load_before = os.getloadavg()
-    cfg, weights, vocab, source = load_weights(args.run, args.seed)
-    if args.steps > cfg.block_size:
-        raise SystemExit(f"--steps {args.steps} exceeds the context {cfg.block_size}")
-    if " " not in vocab:
-        raise SystemExit("run.c prepends a space to the prompt: the vocabulary needs ' '")
-    missing = sorted(set(args.prompt) - set(vocab))
-    if missing:
-        raise SystemExit(f"--prompt has characters outside the vocabulary: {missing}")
-    prompt_ids = [vocab.index(ch) for ch in args.prompt]
-    space = vocab.index(" ")
-
+    gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.splitlines()
+    info = harness.RunInfo("llama2.c run.c vs edgecraft's llama-style fp32 graph, same weights, same machine",
+                           f"; {gcc[0] if gcc else 'gcc: not found'}")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
+        run = args.run or harness.random_run(tmp, "char-1m-llama", args.seed)
+        source = f"trained run {args.run}" if args.run else f"random weights (torch.manual_seed({args.seed}), GPT init)"
+        cfg, weights, vocab = load_weights(run)
+        if args.steps > cfg.block_size:
+            raise SystemExit(f"--steps {args.steps} exceeds the context {cfg.block_size}")
+        if " " not in vocab:
+            raise SystemExit("run.c prepends a space to the prompt: the vocabulary needs ' '")
+        missing = sorted(set(args.prompt) - set(vocab))
+        if missing:
+            raise SystemExit(f"--prompt has characters outside the vocabulary: {missing}")
+        prompt_ids = [vocab.index(ch) for ch in args.prompt]
         import onnx
 
         onnx.save(build_graph(cfg, weights), str(tmp / "llama.onnx"))
-        loops = {1: EdgecraftLoop(tmp / "llama.onnx", cfg, 1)}
-        if args.runc_omp:
-            loops[2] = EdgecraftLoop(tmp / "llama.onnx", cfg, 2)
+        loops = {t: EdgecraftLoop(tmp / "llama.onnx", cfg, t) for t in ((1, 2) if args.runc_omp else (1,))}
         bos, ours = choose_bos(loops[1], vocab, prompt_ids, args.steps)
         order = np.arange(cfg.vocab_size)  # run.c id -> edgecraft id: swap `bos` into run.c's 1
         order[[1, bos]] = order[[bos, 1]]
         write_llama2c(tmp / "model.bin", cfg, weights, order)
         write_tokenizer(tmp / "tokenizer.bin", [vocab[i] for i in order])
-
-        rows = {("run.c", 1): (args.runc, 1)}
-        if args.runc_omp:
-            rows[("run.c OpenMP", 2)] = (args.runc_omp, 2)
+        files = (tmp / "model.bin", tmp / "tokenizer.bin", args.prompt)
+        binaries = {("run.c", 1): args.runc} | ({("run.c OpenMP", 2): args.runc_omp} if args.runc_omp else {})
         # run.c's CPU time for positions 1..255: the whole process's, less that of a 1-position
         # run (start, mmap, tokenizer, position 0), its median over 7 runs
-        startup = {name: statistics.median(
-            run_runc(binary, tmp / "model.bin", tmp / "tokenizer.bin", args.prompt, 1, omp)[1] for _ in range(7))
-            for (name, threads), (binary, omp) in rows.items() if threads == 1}
-        raw: dict[str, list[float]] = {}
-        cpu: dict[str, list[float]] = {}  # tokens per CPU-second, positions 1..255
-        texts: dict[str, str] = {}
-        loads: list[float] = []  # 1-minute load average at the start of each measured round
-        forced = [space] + prompt_ids
-        for r in range(args.rounds + 1):  # round 0 is the warm-up
-            if r:
-                loads.append(os.getloadavg()[0])
-            for (name, threads), (binary, omp) in rows.items():
-                tps, c_cpu, text = run_runc(binary, tmp / "model.bin", tmp / "tokenizer.bin", args.prompt, args.steps, omp)
-                texts.setdefault(name, text)
-                ec_tps, ec_cpu, _ = loops[threads].generate(bos, forced, args.steps)
-                if r:
-                    raw.setdefault(f"{name} ({threads}t)", []).append(tps)
-                    raw.setdefault(f"edgecraft llama-style fp32 ({threads}t)", []).append(ec_tps)
-                    if threads == 1:  # at 2 threads CPU time counts spinning (OpenMP's start alone can outweigh a run)
-                        cpu.setdefault(f"{name} ({threads}t)", []).append((args.steps - 1) / (c_cpu - startup[name]))
-                        cpu.setdefault(f"edgecraft llama-style fp32 ({threads}t)", []).append((args.steps - 1) / ec_cpu)
-            print(f"round {r}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in raw.items()), file=sys.stderr)
+        startup = {name: statistics.median(run_runc(binary, *files, 1, 1)[1] for _ in range(7))
+                   for (name, threads), binary in binaries.items() if threads == 1}
+        forced = [vocab.index(" ")] + prompt_ids
+        rows = {}
+        for (name, threads), binary in binaries.items():
+            rows[f"{name} ({threads}t)"] = lambda b=binary, t=threads: run_runc(b, *files, args.steps, t)
+            rows[f"edgecraft llama-style fp32 ({threads}t)"] = lambda t=threads: loops[t].generate(bos, forced, args.steps)
+        loads: list[float] = []  # 1-minute load average after each measured round
+        rounds = harness.interleave(rows, args.rounds, after_round=lambda _: loads.append(os.getloadavg()[0]))
         model_bytes = (tmp / "model.bin").stat().st_size
-    load_after = os.getloadavg()
 
-    medians = {k: statistics.median(v) for k, v in raw.items()}
-    cpu_medians = {k: statistics.median(v) for k, v in cpu.items()}
+    raw = {k: [r[0] for r in v] for k, v in rounds.items()}
+    # tokens per CPU-second, 1 thread only: at 2 threads CPU time counts spinning (OpenMP's start
+    # alone can outweigh a run)
+    cpu = {k: [(args.steps - 1) / (r[1] - startup.get(k.rsplit(" (", 1)[0], 0.0)) for r in v]
+           for k, v in rounds.items() if k.endswith("(1t)")}
     agree = {}
-    for name, text in texts.items():
+    for name, _ in binaries:
+        text = next(r[2] for k, v in rounds.items() if k.startswith(name + " (") for r in v)
         if not text.startswith(args.prompt):
             raise SystemExit(f"{name} printed {text[:40]!r}, not the prompt {args.prompt!r}")
         cont = text[len(args.prompt):].removesuffix("\n")
@@ -331,44 +283,33 @@ def main() -> None:
         agree[name] = {"matching_tokens": n, "of": total, "runc_chars": len(cont),
                        "runc_text": cont, "edgecraft_text": "".join(vocab[t] for t in ours)}
     result = {
-        "machine": machine(), "load_average_before": load_before, "load_average_after": load_after,
         "weights": source, "config": cfg.to_dict(), "prompt": args.prompt, "steps": args.steps,
-        "runc_bos_stand_in": vocab[bos], "flags": args.flags, "rounds": args.rounds,
-        "model_bin_bytes": model_bytes, "tok_s_median": medians, "tok_s_rounds": raw, "tok_per_cpu_s_median": cpu_medians,
-        "tok_per_cpu_s_rounds": cpu, "runc_startup_cpu_s": startup, "load_1min_rounds": loads,
-        "greedy_agreement": agree, "command": " ".join(["python", *sys.argv]),
+        "runc_bos_stand_in": vocab[bos], "flags": args.flags, "rounds": args.rounds, "model_bin_bytes": model_bytes,
+        "tok_s_median": {k: statistics.median(v) for k, v in raw.items()}, "tok_s_rounds": raw,
+        "tok_per_cpu_s_median": {k: statistics.median(v) for k, v in cpu.items()}, "tok_per_cpu_s_rounds": cpu,
+        "runc_startup_cpu_s": startup, "load_1min_rounds": loads, "greedy_agreement": agree,
     }
-    report = render(result, args)
-    print(report)
+    body = render(result, args)
+    print(info.markdown(body))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(report, encoding="utf-8")
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        info.write(args.out, body, result)
 
 
 def render(res: dict, args: argparse.Namespace) -> str:
-    m, med = res["machine"], res["tok_s_median"]
+    med, c = res["tok_s_median"], res["config"]
     fmt = lambda xs: ", ".join(f"{x:,.0f}" for x in xs)  # noqa: E731
-    lb, la = res["load_average_before"], res["load_average_after"]
     binaries = f"`{args.runc}`" + (f", `{args.runc_omp}` (+ -fopenmp)" if args.runc_omp else "")
     lines = [
-        "# llama2.c run.c vs edgecraft's llama-style fp32 graph, same weights, same machine", "",
-        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs ({', '.join(m['isa'])}; cpu0's caches {', '.join(m['caches_cpu0'])}); {m['gcc']}; "
-        f"Python {m['python']}, onnxruntime {m['onnxruntime']}. Load average (1/5/15 min) before "
-        f"{lb[0]:.2f}/{lb[1]:.2f}/{lb[2]:.2f}, after {la[0]:.2f}/{la[1]:.2f}/{la[2]:.2f} "
-        "(a shared machine: other work ran alongside; rounds are interleaved so it hits both alike).", "",
-        f"Model: llama-style, width {res['config']['d_model']}, {res['config']['n_layers']} layers, "
-        f"{res['config']['n_heads']} heads, d_ff {res['config']['d_ff']}, context "
-        f"{res['config']['block_size']}, vocab {res['config']['vocab_size']}, "
-        f"tied embeddings {res['config']['tie_embeddings']}; {res['weights']}. "
+        f"Model: llama-style, width {c['d_model']}, {c['n_layers']} layers, {c['n_heads']} heads, d_ff {c['d_ff']}, "
+        f"context {c['block_size']}, vocab {c['vocab_size']}, tied embeddings {c['tie_embeddings']}; {res['weights']}. "
         f"model.bin {res['model_bin_bytes']:,} bytes.", "",
         f"run.c binaries {binaries}, built with `gcc {res['flags']} ... -lm`; each round runs "
         f"`RUN model.bin -z tokenizer.bin -t 0 -n {res['steps']} -i '{res['prompt']}'`"
         + (" (the OpenMP build with OMP_NUM_THREADS=2, against edgecraft at 2 threads)" if args.runc_omp else "")
-        + " and then edgecraft's Engine over the same positions (see the "
+        + " and then edgecraft's engine over the same positions (see the "
         "script's docstring: both time positions 1..255 of one sequence, one forward pass each, "
         f"token {res['runc_bos_stand_in']!r} standing in for run.c's BOS). Medians of "
-        f"{res['rounds']} rounds after a warm-up. Command: `{res['command']}`.", "",
+        f"{res['rounds']} rounds after a warm-up.", "",
         "Wall: tokens per second of wall clock (run.c's own \"achieved tok/s\"; edgecraft's loop timed the "
         "same way). CPU: tokens per CPU-second over the same positions (run.c: the process's user + "
         "system time less a 1-position run's, "
@@ -388,7 +329,7 @@ def render(res: dict, args: argparse.Namespace) -> str:
     lines += [f"- {k}: wall {fmt(v)}" + (f"; per CPU-second {fmt(res['tok_per_cpu_s_rounds'][k])}"
                                          if k in res["tok_per_cpu_s_rounds"] else "")
               for k, v in res["tok_s_rounds"].items()]
-    lines.append(f"- 1-minute load average at each round's start: "
+    lines.append(f"- 1-minute load average after each round: "
                  f"{', '.join(f'{x:.2f}' for x in res['load_1min_rounds'])}")
     lines += ["", "Greedy agreement (run.c's printed continuation vs edgecraft's greedy tokens, same weights "
               "and prompt):", ""]
