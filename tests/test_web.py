@@ -140,7 +140,7 @@ def test_page_greedy_equals_python(kind, precision, bundles, servers, browser, s
     expected = load(bundles[kind], int8=precision == "int8").generate(prompt, max_new_tokens=NEW_TOKENS, temperature=0)
     page = open_page(browser, f"{servers[kind]}web/index.html?model={precision}&backend=wasm")
     about = page.text_content("#about")
-    assert "WebAssembly" in about and ("model.int8.onnx" if precision == "int8" else "model.onnx") in about
+    assert f"web/model.wasm{'.int8' if precision == 'int8' else ''}.onnx on WebAssembly" in about
     text = generate(page, prompt, max_new_tokens=str(NEW_TOKENS), temperature="0")
     page.screenshot(path=str(shots / f"{kind}-{precision}.png"))
     assert text == expected
@@ -185,9 +185,9 @@ def test_module_on_its_own(bundles, servers, browser):
     assert "".join(pieces) == load(bundles["bpe"]).generate("The cat", max_new_tokens=60, temperature=0)
     damaged = bundles["bpe"].parent / "bpe-damaged"
     shutil.copytree(bundles["bpe"], damaged)
-    data = bytearray((damaged / "model.onnx").read_bytes())
+    data = bytearray((damaged / "web/model.wasm.onnx").read_bytes())
     data[-1] ^= 1
-    (damaged / "model.onnx").write_bytes(bytes(data))
+    (damaged / "web/model.wasm.onnx").write_bytes(bytes(data))
     server = Server(damaged)
     try:
         page.goto(f"{server.url}web/vendor/versions.json")
@@ -197,7 +197,7 @@ def test_module_on_its_own(bundles, servers, browser):
         }""")
     finally:
         server.close()
-    assert error.startswith("model.onnx: damaged (sha256")
+    assert error.startswith("web/model.wasm.onnx: damaged (sha256")
     page.close()
 
 
@@ -227,7 +227,7 @@ def test_manifest_web_section(bundles):
     web = manifest.web
     assert web["format"] == "edgecraft-web/1" and web["page"] == "web/index.html"
     assert web["graphs"] == {
-        "wasm": {"fp32": "model.onnx", "int8": "model.int8.onnx"},
+        "wasm": {"fp32": "web/model.wasm.onnx", "int8": "web/model.wasm.int8.onnx"},
         "webgpu": {"fp32": "web/model.webgpu.onnx", "int8": "web/model.webgpu.int8.onnx"},
     }
     assert json.loads((VENDOR / "versions.json").read_text()) == web["packages"]
@@ -238,8 +238,9 @@ def test_manifest_web_section(bundles):
     assert not any(name.endswith(".mjs") for name in names)  # Python's http.server sends .mjs as non-JavaScript
 
 
-def test_webgpu_graphs_compute_the_same(bundles, tmp_path):
-    """The Add chains change nothing; MatMulNBits computes x @ (q * scale) in float, so the int8
+def test_browser_graphs_compute_the_same(bundles, tmp_path):
+    """The WebAssembly graph's new.* rows are present.*'s last positions and its logits the same;
+    the Add chains change nothing; MatMulNBits computes x @ (q * scale) in float, so the int8
     WebGPU graph equals the int8 weights with unquantized activations (the WASM graph quantizes them)."""
     import onnx
     import onnxruntime as ort
@@ -265,12 +266,15 @@ def test_webgpu_graphs_compute_the_same(bundles, tmp_path):
     y = ort.InferenceSession(str(tmp_path / "mm.webgpu.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ (q.astype(np.float32) * scale) + bias, rtol=1e-5, atol=1e-5)
 
-    fp32 = bundles["char"] / "model.onnx"
-    feeds = {"input_ids": np.array([[3, 4, 5]]), "position_ids": np.array([[0, 1, 2]]),
-             "seqlens_k": np.array([[2]], dtype=np.int32), "total_sequence_length": np.array([3], dtype=np.int32)}
-    logits = []
-    for path in (fp32, bundles["char"] / "web/model.webgpu.onnx"):
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        kv = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in session.get_inputs() if "past" in i.name}
-        logits.append(session.run(["logits"], {**feeds, **kv})[0])
-    assert np.array_equal(logits[0], logits[1])
+    feeds = {"input_ids": np.array([[3, 4, 5]]), "position_ids": np.array([[2, 3, 4]]),
+             "seqlens_k": np.array([[4]], dtype=np.int32), "total_sequence_length": np.array([5], dtype=np.int32)}
+    outputs = {}
+    for name in ("model.onnx", "web/model.webgpu.onnx", "web/model.wasm.onnx"):
+        session = ort.InferenceSession(str(bundles["char"] / name), providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(1)
+        kv = {i.name: rng.normal(size=(1, i.shape[1], 2, i.shape[3])).astype(np.float32)
+              for i in session.get_inputs() if "past" in i.name}  # two cached positions, the same for each graph
+        outputs[name] = dict(zip([o.name for o in session.get_outputs()], session.run(None, {**feeds, **kv})))
+    bundle, webgpu, wasm = outputs.values()
+    assert np.array_equal(bundle["logits"], webgpu["logits"]) and np.array_equal(bundle["logits"], wasm["logits"])
+    assert np.array_equal(bundle["present.1.value"][:, :, 2:5], wasm["new.1.value"])

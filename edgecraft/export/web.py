@@ -1,17 +1,18 @@
 """Bundle -> bundle/web/: a static page and an ES module that run the bundle in a browser.
 
-    add_web(export/NAME) -> export/NAME/web/ {index.html, edgecraft.js, vendor/, model.webgpu*.onnx}
+    add_web(export/NAME) -> export/NAME/web/ {index.html, edgecraft.js, vendor/, model.{wasm,webgpu}*.onnx}
 
 The page and module are `web_assets/` (the module mirrors runtime/model.py's decode loop, sampling
 and streaming rule for rule); `vendor/` is onnxruntime-web and @huggingface/tokenizers, copied out
 of the npm packages that web/package-lock.json pins (`npm ci --prefix web` puts them in
 web_assets/vendor/, and a wheel built after it ships them, so an installed edgecraft needs no npm).
 
-WebGPU gets its own graphs: onnxruntime-web's WebGPU provider runs `Sum` and
-`DynamicQuantizeMatMul` on the CPU, with a copy from and back to the GPU around each, so the
-WebGPU files use `Add` chains and 8-bit `MatMulNBits` (the same int8 weights and scales; the
-activations stay float) instead. The manifest's `web` section says which graph is for which
-backend and holds the sha256 of every file the page loads; export/README.md specifies it.
+Each backend gets its own form of each model file, computing the same logits (CHANGES):
+onnxruntime-web has no IO binding for WebAssembly, so a call copies its inputs into WebAssembly
+memory and its outputs out; the WebAssembly graphs output only the cache positions a call wrote,
+not the whole cache. The WebGPU graphs avoid the operators its provider runs on the CPU. The
+manifest's `web` section says which file each backend runs and holds the sha256 of every file
+under web/; export/README.md specifies it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from edgecraft.errors import UserError
 from edgecraft.files import as_umask_allows
@@ -35,7 +36,17 @@ WEB = "web"
 WEB_FORMAT = "edgecraft-web/1"
 ASSETS = Path(__file__).with_name("web_assets")
 VENDOR = ASSETS / "vendor"
-WEBGPU_GRAPHS = {FP32_MODEL: "web/model.webgpu.onnx", INT8_MODEL: "web/model.webgpu.int8.onnx"}
+GRAPHS = {  # backend -> bundle model file -> the file the browser runs
+    "wasm": {FP32_MODEL: "web/model.wasm.onnx", INT8_MODEL: "web/model.wasm.int8.onnx"},
+    "webgpu": {FP32_MODEL: "web/model.webgpu.onnx", INT8_MODEL: "web/model.webgpu.int8.onnx"},
+}
+CHANGES = {
+    "wasm": "present.* outputs (the whole cache) -> new.*: only the positions the call wrote, present[:, :, "
+            "total - S : total] (batch 1); the page keeps the cache. Same logits.",
+    "webgpu": "Sum -> Add chains, DynamicQuantizeMatMul -> MatMulNBits (8 bits, the same weights and scales, "
+              "float activations) + Add for its bias: onnxruntime-web's WebGPU provider runs Sum and "
+              "DynamicQuantizeMatMul on the CPU",
+}
 NBITS_BLOCK = 32  # MatMulNBits' block along K; every block of a column carries that column's one scale
 
 
@@ -107,17 +118,49 @@ def _matmul_nbits(graph: onnx.GraphProto) -> None:
     graph.initializer.extend(kept)
 
 
-def webgpu_graph(src: Path, dst: Path) -> dict[str, int]:
-    """Write the WebGPU form of graph `src` to `dst`; returns its operator counts."""
-    model = onnx.load(str(src))
-    _add_chains(model.graph)
-    _matmul_nbits(model.graph)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(dst))
+def _new_rows_outputs(graph: onnx.GraphProto) -> None:
+    """present.{i}.* (the whole cache, copied out of WebAssembly memory every call) -> new.{i}.*,
+    the S positions this call wrote: present[:, :, total - S : total] (batch 1)."""
+    present = [o for o in graph.output if o.name.startswith("present.")]
+    nodes = [
+        helper.make_node("Shape", ["input_ids"], ["web/S"], name="web/S", start=1, end=2),  # (1,) int64
+        helper.make_node("Cast", ["total_sequence_length"], ["web/total"], name="web/total", to=TensorProto.INT64),
+        helper.make_node("Sub", ["web/total", "web/S"], ["web/start"], name="web/start"),
+        helper.make_node("Constant", [], ["web/axis"], name="web/axis", value=numpy_helper.from_array(np.array([2], np.int64))),
+    ]
+    for out in present:
+        new = out.name.replace("present.", "new.", 1)
+        nodes.append(helper.make_node("Slice", [out.name, "web/start", "web/total", "web/axis"], [new], name=f"web/{new}"))
+        shape = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+        graph.output.append(helper.make_tensor_value_info(new, TensorProto.FLOAT, [shape[0], shape[1], "sequence_length", shape[3]]))
+        graph.output.remove(out)
+    graph.node.extend(nodes)
+
+
+def _op_types(model: onnx.ModelProto) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+def _rewrite(src: Path, dst: Path, *steps) -> dict[str, int]:
+    model = onnx.load(str(src))
+    for step in steps:
+        step(model.graph)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    return _op_types(model)
+
+
+def wasm_graph(src: Path, dst: Path) -> dict[str, int]:
+    """Write the WebAssembly form of graph `src` (new.* outputs) to `dst`; its operator counts."""
+    return _rewrite(src, dst, _new_rows_outputs)
+
+
+def webgpu_graph(src: Path, dst: Path) -> dict[str, int]:
+    """Write the WebGPU form of graph `src` (Add chains, MatMulNBits) to `dst`; its operator counts."""
+    return _rewrite(src, dst, _add_chains, _matmul_nbits)
 
 
 # ---------------------------------------------------------------- the bundle's web/ folder
@@ -138,13 +181,14 @@ def add_web(bundle: Path) -> Path:
         for name in ("index.html", "edgecraft.js"):
             shutil.copyfile(ASSETS / name, tmp / name)
         shutil.copytree(VENDOR, tmp / "vendor")
-        wasm, webgpu, changes = {}, {}, {}
-        for name in manifest.onnx.files:
-            kind = "int8" if name == INT8_MODEL else "fp32"
-            wasm[kind] = name
-            webgpu[kind] = WEBGPU_GRAPHS[name]
-            ops = webgpu_graph(bundle / name, tmp / Path(WEBGPU_GRAPHS[name]).name)
-            changes[WEBGPU_GRAPHS[name]] = {"from": name, "op_types": ops}
+        graphs: dict[str, dict[str, str]] = {"wasm": {}, "webgpu": {}}
+        derived = {}
+        for name in [f for f in manifest.onnx.files if f in (FP32_MODEL, INT8_MODEL)]:
+            precision = "int8" if name == INT8_MODEL else "fp32"
+            for backend, write in (("wasm", wasm_graph), ("webgpu", webgpu_graph)):
+                file = GRAPHS[backend][name]
+                graphs[backend][precision] = file
+                derived[file] = {"from": name, "backend": backend, "op_types": write(bundle / name, tmp / Path(file).name)}
         files = {
             f"{WEB}/{p.relative_to(tmp).as_posix()}": FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
             for p in sorted(tmp.rglob("*")) if p.is_file()
@@ -154,13 +198,9 @@ def add_web(bundle: Path) -> Path:
             "page": f"{WEB}/index.html",
             "module": f"{WEB}/edgecraft.js",
             "packages": versions,
-            "graphs": {"wasm": wasm, "webgpu": webgpu},
-            "webgpu_graphs": {
-                "why": "onnxruntime-web's WebGPU provider runs Sum and DynamicQuantizeMatMul on the CPU",
-                "changes": "Sum -> Add chains; DynamicQuantizeMatMul -> MatMulNBits (8 bits, same weights "
-                           "and scales, float activations) + Add for its bias",
-                **changes,
-            },
+            "graphs": graphs,
+            "changes": CHANGES,
+            "derived": derived,
             "files": {name: dataclasses.asdict(entry) for name, entry in files.items()},
         }
         old = bundle / f".old-web-{tmp.name}"

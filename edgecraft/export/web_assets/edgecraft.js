@@ -73,11 +73,11 @@ export async function load(url, { int8 = false, backend = "auto", threads, verif
   }
   if (backend === "auto") backend = await detectBackend();
   if (!RUNTIMES[backend]) throw new Error(`backend ${JSON.stringify(backend)}: expected "auto", "wasm" or "webgpu"`);
-  // the bundle's graph for this backend (manifest.web.graphs): int8 when asked; else fp32, or int8 if that is all there is
-  const graphs = manifest.web?.graphs?.[backend] ?? { fp32: "model.onnx", int8: "model.int8.onnx" };
-  const available = manifest.onnx.files.map((name) => (name === "model.int8.onnx" ? "int8" : "fp32"));
-  const kind = int8 || !available.includes("fp32") ? "int8" : "fp32";
-  if (!available.includes(kind)) throw new Error(`no int8 model in this bundle (${manifest.onnx.files.join(", ")}); export it with --int8`);
+  if (!manifest.web) throw new Error("edgecraft.json has no web section; export the bundle with --web");
+  // this backend's graph (manifest.web.graphs): int8 when asked; else fp32, or int8 if that is all there is
+  const graphs = manifest.web.graphs[backend];
+  const kind = int8 || !graphs.fp32 ? "int8" : "fp32";
+  if (!graphs[kind]) throw new Error("no int8 model in this bundle; export it with --int8");
   const file = graphs[kind];
   const [graph, tokenizerJson] = await Promise.all([
     bundleFile(base, manifest, file, verify),
@@ -98,69 +98,88 @@ export async function load(url, { int8 = false, backend = "auto", threads, verif
 // ------------------------------------------------------------------ the engine: one sequence's KV cache
 
 /**
- * The graph driven as export/README.md says, for batch 1. The cache grows with the sequence (the
- * graph's `max_sequence_length` dimension is symbolic): each step feeds the last step's present.*
- * as past_key_values.*, so only the tokens so far are copied in and out of WebAssembly.
+ * The graph driven as export/README.md says, for batch 1, without IO binding (onnxruntime-web has
+ * none for WebAssembly): every call copies its inputs into WebAssembly memory and its outputs out,
+ * so the caches are kept as small as the sequence (the position dimension is symbolic).
+ * - WebAssembly graphs (web/model.wasm*.onnx) output only the positions a call wrote (`new.*`);
+ *   the cache lives here, (heads, length, head_size) per layer and kind, in two buffers that take
+ *   turns: the old rows and the new ones are copied into the other, which the next call reads.
+ * - WebGPU graphs output the whole cache (`present.*`), which stays on the GPU and is fed back.
  */
 class Engine {
   static async create(ort, graph, manifest, backend) {
-    const layers = manifest.onnx.kv_cache.n_layers;
-    const present = [];
-    for (let i = 0; i < layers; i++) present.push(`present.${i}.key`, `present.${i}.value`);
     const options = {
       executionProviders: [backend],
       graphOptimizationLevel: "basic",  // the graph is already fused (as in the Python runtime)
       extra: configEntries(manifest.runtime.session_config ?? {}),
     };
+    const present = Array.from({ length: 2 * manifest.onnx.kv_cache.n_layers }, (_, i) => `present.${i >> 1}.${i & 1 ? "value" : "key"}`);
     if (backend === "webgpu") options.preferredOutputLocation = Object.fromEntries(present.map((n) => [n, "gpu-buffer"]));
-    const session = await ort.InferenceSession.create(graph, options);
-    return new Engine(ort, session, manifest, present);
+    return new Engine(ort, await ort.InferenceSession.create(graph, options), manifest);
   }
 
-  constructor(ort, session, manifest, present) {
+  constructor(ort, session, manifest) {
     this.ort = ort;
     this.session = session;
-    this.present = present;
     this.blockSize = manifest.config.block_size;
     this.vocabSize = manifest.vocab_size;
+    this.past = session.inputNames.filter((name) => name.startsWith("past_key_values."));
+    this.rows = session.outputNames.includes("new.0.key");
     const [, heads, , headSize] = manifest.onnx.kv_cache.shape;
-    this.kvShape = [1, heads, 0, headSize];
-    this.positions = manifest.onnx.inputs.some((input) => input.name === "position_ids");
+    [this.heads, this.headSize] = [heads, headSize];
+    this.positions = session.inputNames.includes("position_ids");
+    if (this.rows) {  // (heads, block_size, head_size) twice per layer and kind: cache[i][turn]
+      this.cache = this.past.map(() => [0, 1].map(() => new Float32Array(heads * this.blockSize * headSize)));
+    }
     this.reset();
   }
 
   /** Forget the sequence: the next prefill starts at position 0. */
   reset() {
     this.dispose();
-    const empty = new this.ort.Tensor("float32", new Float32Array(0), this.kvShape);  // (1, heads, 0, head_size)
-    this.past = this.present.map(() => empty);
     this.length = 0;
+    this.turn = 0;
+    const empty = new this.ort.Tensor("float32", new Float32Array(0), [1, this.heads, 0, this.headSize]);
+    this.present = this.past.map(() => empty);  // WebGPU: the last call's present.* tensors
   }
 
   dispose() {
-    for (const tensor of this.past ?? []) if (tensor.location === "gpu-buffer") tensor.dispose();
+    for (const tensor of this.present ?? []) if (tensor.location === "gpu-buffer") tensor.dispose();
   }
 
   /** Append `ids` after the cached tokens -> logits (V,) after the last of them. */
   async prefill(ids) {
-    const S = ids.length;
-    if (this.length + S > this.blockSize) throw new Error(`${this.length} + ${S} tokens pass the context of ${this.blockSize}`);
-    const T = this.ort.Tensor;
+    const S = ids.length, L = this.length, T = this.ort.Tensor;
+    if (L + S > this.blockSize) throw new Error(`${L} + ${S} tokens pass the context of ${this.blockSize}`);
     const feeds = {
       input_ids: new T("int64", BigInt64Array.from(ids, BigInt), [1, S]),  // (1, S)
-      seqlens_k: new T("int32", Int32Array.of(this.length + S - 1), [1, 1]),  // the last cached position after this call
-      total_sequence_length: new T("int32", Int32Array.of(this.length + S), [1]),
+      seqlens_k: new T("int32", Int32Array.of(L + S - 1), [1, 1]),  // the last cached position after this call
+      total_sequence_length: new T("int32", Int32Array.of(L + S), [1]),
     };
-    if (this.positions) {
-      feeds.position_ids = new T("int64", BigInt64Array.from(ids, (_, s) => BigInt(this.length + s)), [1, S]);
-    }
-    this.present.forEach((name, i) => { feeds[name.replace("present", "past_key_values")] = this.past[i]; });
+    if (this.positions) feeds.position_ids = new T("int64", BigInt64Array.from(ids, (_, s) => BigInt(L + s)), [1, S]);
+    const size = this.heads * L * this.headSize;
+    this.past.forEach((name, i) => {
+      feeds[name] = this.rows ? new T("float32", this.cache[i][this.turn].subarray(0, size), [1, this.heads, L, this.headSize]) : this.present[i];
+    });
     const out = await this.session.run(feeds);
-    this.dispose();
-    this.past = this.present.map((name) => out[name]);  // (1, heads, length + S, head_size) each
-    this.length += S;
-    const logits = out.logits.data;  // (1, S, V)
-    return logits.subarray((S - 1) * this.vocabSize, S * this.vocabSize);
+    if (this.rows) {
+      this.past.forEach((name, i) => this.append(this.cache[i], out[name.replace("past_key_values", "new")].data, L, S));
+      this.turn ^= 1;
+    } else {
+      this.dispose();
+      this.present = this.past.map((name) => out[name.replace("past_key_values", "present")]);  // (1, heads, L + S, head_size)
+    }
+    this.length = L + S;
+    return out.logits.data.subarray((S - 1) * this.vocabSize, S * this.vocabSize);  // logits (1, S, V): the last row
+  }
+
+  /** cache[turn] (heads, L, head_size) and rows (heads, S, head_size) -> cache[1 - turn] (heads, L + S, head_size). */
+  append(cache, rows, L, S) {
+    const [src, dst] = [cache[this.turn], cache[this.turn ^ 1]], D = this.headSize;
+    for (let h = 0; h < this.heads; h++) {
+      dst.set(src.subarray(h * L * D, (h + 1) * L * D), h * (L + S) * D);
+      dst.set(rows.subarray(h * S * D, (h + 1) * S * D), (h * (L + S) + L) * D);
+    }
   }
 
   decode(id) {
