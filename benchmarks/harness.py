@@ -171,6 +171,12 @@ class RunInfo:
     def markdown(self, body: str, level: str = "#") -> str:
         return render(self.data | {"load_after": os.getloadavg()}, body, level)
 
+    def append(self, path: Path, body: str) -> None:
+        """A section (header and body) at the end of `path`: a results file kept as a log."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.write("\n" + self.markdown(body, "##"))
+
     def write(self, stem: Path, body: str, data: dict | None = None) -> None:
         """STEM.md (header and body) and, with `data`, STEM.json (header and data), atomically."""
         info = self.data | {"load_after": os.getloadavg(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

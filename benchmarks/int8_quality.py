@@ -22,7 +22,7 @@ Appends a markdown report to benchmarks/results/int8.md (or --out).
 from __future__ import annotations
 
 import argparse
-import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -36,16 +36,16 @@ from onnx import helper, numpy_helper
 
 from edgecraft.checkpoint import load_model
 from edgecraft.data import eval_batches, prepare
-from edgecraft.export.graph import build_graph, graph_io
+from edgecraft.export.graph import build_graph
 from edgecraft.export.int8 import calibrate_ranges, plan_layers, ranges_from_state
 from edgecraft.export.int8_check import decode_loss
 from edgecraft.export.int8_graph import Int8Plan, build_int8_graph
 from edgecraft.export.parity import val_windows
 from edgecraft.quant import load_state
 from edgecraft.recipe import load_recipe
-from edgecraft.runtime.engine import Engine
+from edgecraft.runtime.onnx_engine import OnnxEngine
 
-RESULTS = Path(__file__).resolve().parent / "results" / "int8.md"
+import harness  # noqa: I001 (benchmarks/, on sys.path when run as a script)
 
 
 # --- kernels ------------------------------------------------------------------------------------
@@ -127,17 +127,12 @@ def kernels(rounds: int = 7, calls: int = 200) -> str:
     rows = []
     for M in (1, 4, 16):
         x = {"x": rng.standard_normal((M, 128)).astype(np.float32)}
-        times = {f: [] for f in KERNEL_FORMS}
-        for s in sessions.values():
-            for _ in range(20):
-                s.run(None, x)
-        for _ in range(rounds):
-            for f, s in sessions.items():
-                t = time.perf_counter()
-                for _ in range(calls):
-                    s.run(None, x)
-                times[f].append((time.perf_counter() - t) / calls * 1e6)
-        rows.append((M, {f: float(np.median(v)) for f, v in times.items()}))
+
+        def timed(s, x=x):
+            return lambda: harness.best_time(lambda: [s.run(None, x) for _ in range(calls)], 1) / calls * 1e6
+
+        times = harness.interleave({f: timed(s) for f, s in sessions.items()}, rounds)
+        rows.append((M, {f: statistics.median(v) for f, v in times.items()}))
     head = "| form | " + " | ".join(f"{M} row{'s' * (M > 1)} µs" for M, _ in rows) + " |"
     lines = [head, "|---" * (len(rows) + 1) + "|"]
     for f in KERNEL_FORMS:
@@ -161,9 +156,9 @@ def qat_cost(rounds: int = 5, steps: int = 3) -> str:
     x = torch.randint(0, 65, (12, 257))
     rows = {"float": None, "QAT dynamic": QuantConfig(qat=True), "QAT static": QuantConfig(qat=True, scheme="static"),
             "QAT dynamic, embeddings": QuantConfig(qat=True, embeddings=True)}
-    times = {name: [] for name in rows}
-    for _ in range(rounds):
-        for name, cfg in rows.items():
+
+    def timed(cfg):
+        def run() -> float:
             handle = attach(model, cfg) if cfg else None
             t = time.perf_counter()
             for _ in range(steps):
@@ -171,9 +166,12 @@ def qat_cost(rounds: int = 5, steps: int = 3) -> str:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            times[name].append((time.perf_counter() - t) / steps)
             if handle:
                 handle.detach()
+            return (time.perf_counter() - t) / steps
+        return run
+
+    times = harness.interleave({name: timed(cfg) for name, cfg in rows.items()}, rounds, warmup=0)
     base = float(np.median(times["float"]))
     lines = [f"torch threads {torch.get_num_threads()}", "", "| training step | ms | vs float |", "|---|---|---|"]
     for name, v in times.items():
@@ -188,8 +186,8 @@ def _weights(model) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
 
 
-def _engine(path: Path, cfg) -> Engine:
-    return Engine(path, {"config": cfg.to_dict(), "onnx": graph_io(cfg)}, threads=1)
+def _engine(path: Path, cfg) -> OnnxEngine:
+    return OnnxEngine(path, cfg, threads=1)
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -223,17 +221,13 @@ def batched_decode_loss(path: Path, cfg, windows: np.ndarray, batch: int = 16) -
 
 def decode_speed(paths: dict[str, Path], cfg, batch: int, steps: int = 200, rounds: int = 5) -> dict[str, float]:
     """Decode tokens/s (all rows) per graph, median of interleaved rounds."""
-    engines = {name: _engine(p, cfg) for name, p in paths.items()}
     ids = np.arange(batch) % cfg.vocab_size
-    times = {name: [] for name in paths}
-    for _ in range(rounds):
-        for name, e in engines.items():
-            e.reset(batch)
-            t = time.perf_counter()
-            for _ in range(steps):
-                e.decode(ids)
-            times[name].append(time.perf_counter() - t)
-    return {name: batch * steps / float(np.median(v)) for name, v in times.items()}
+
+    def timed(e):
+        return lambda: e.reset(batch) or harness.best_time(lambda: [e.decode(ids) for _ in range(steps)], 1)
+
+    times = harness.interleave({name: timed(_engine(p, cfg)) for name, p in paths.items()}, rounds, warmup=0)
+    return {name: batch * steps / statistics.median(v) for name, v in times.items()}
 
 
 def bundle_sizes(run: Path, tmp: Path) -> list[str]:
@@ -336,27 +330,20 @@ def main() -> None:
     r.add_argument("--qat", type=Path, action="append", default=[])
     r.add_argument("--windows", type=int, default=16)
     for p in sub.choices.values():
-        p.add_argument("--out", type=Path, default=RESULTS)
+        p.add_argument("--out", type=Path, default=harness.RESULTS / "int8.md", help="the report is appended here")
     args = ap.parse_args()
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    machine = (f"onnxruntime {ort.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
-               f"load average {load} at the end (a shared machine: compare rows, not runs)")
     if args.cmd == "qat-cost":
+        info = harness.RunInfo("QAT hooks' training cost, char-1m shape, batch 12 x 256 (median of 5 interleaved rounds)")
         body = qat_cost()
-        title = "QAT hooks' training cost, char-1m shape, batch 12 x 256 (median of 5 interleaved rounds)"
     elif args.cmd == "kernels":
+        info = harness.RunInfo("int8 MatMul forms, six layers of the 1M model's matrices, 1 thread (µs per call, median of 7)")
         body = kernels()
-        title = "int8 MatMul forms, six layers of the 1M model's matrices, 1 thread (µs per call, median of 7)"
     else:
+        info = harness.RunInfo(f"quality, size and speed: {args.float_run}" + "".join(f", {q}" for q in args.qat))
         with tempfile.TemporaryDirectory() as tmp:
             body = runs(args.float_run, args.qat, args.windows, Path(tmp))
-        title = f"quality, size and speed: {args.float_run}" + "".join(f", {q}" for q in args.qat)
-    text = f"\n## {title}\n\n{stamp}; {machine}\n\n{body}\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a", encoding="utf-8") as f:
-        f.write(text)
+    print(info.markdown(body, "##"))
+    info.append(args.out, body)
 
 
 if __name__ == "__main__":
