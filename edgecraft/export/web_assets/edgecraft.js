@@ -78,10 +78,11 @@ export async function load(url, { int8 = false, backend = "auto", threads, verif
   const graphs = manifest.web.graphs[backend];
   const kind = int8 || !graphs.fp32 ? "int8" : "fp32";
   if (!graphs[kind]) throw new Error("no int8 model in this bundle; export it with --int8");
-  const file = graphs[kind];
-  const [graph, tokenizerJson] = await Promise.all([
+  const file = graphs[kind], decodeFile = graphs[`${kind}_decode`];  // the graph one-token steps run, if any (as runtime/onnx_engine.py)
+  const [graph, tokenizerJson, decodeGraph] = await Promise.all([
     bundleFile(base, manifest, file, verify),
     bundleFile(base, manifest, manifest.tokenizer.file, verify),
+    decodeFile && bundleFile(base, manifest, decodeFile, verify),
   ]);
   // Python's `tokenizers` decodes without transformers' "clean up" of spaces before punctuation
   const tokenizer = new Tokenizer(JSON.parse(new TextDecoder().decode(tokenizerJson)), { clean_up_tokenization_spaces: false });
@@ -91,7 +92,7 @@ export async function load(url, { int8 = false, backend = "auto", threads, verif
   threads = threads ?? manifest.runtime.threads;
   ort.env.wasm.numThreads = threads === 0 ? navigator.hardwareConcurrency : threads;
   if (ort.env.wasm.numThreads > 1 && !globalThis.crossOriginIsolated) ort.env.wasm.numThreads = 1;  // no SharedArrayBuffer
-  const engine = await Engine.create(ort, graph, manifest, backend);
+  const engine = await Engine.create(ort, manifest, backend, graph, decodeGraph);
   return new Model(engine, tokenizer, manifest, { file, backend, threads: ort.env.wasm.numThreads });
 }
 
@@ -107,7 +108,7 @@ export async function load(url, { int8 = false, backend = "auto", threads, verif
  * - WebGPU graphs output the whole cache (`present.*`), which stays on the GPU and is fed back.
  */
 class Engine {
-  static async create(ort, graph, manifest, backend) {
+  static async create(ort, manifest, backend, graph, decodeGraph) {
     const options = {
       executionProviders: [backend],
       graphOptimizationLevel: "basic",  // the graph is already fused (as in the Python runtime)
@@ -115,12 +116,15 @@ class Engine {
     };
     const present = Array.from({ length: 2 * manifest.onnx.kv_cache.n_layers }, (_, i) => `present.${i >> 1}.${i & 1 ? "value" : "key"}`);
     if (backend === "webgpu") options.preferredOutputLocation = Object.fromEntries(present.map((n) => [n, "gpu-buffer"]));
-    return new Engine(ort, await ort.InferenceSession.create(graph, options), manifest);
+    const session = await ort.InferenceSession.create(graph, options);
+    const single = decodeGraph && (await ort.InferenceSession.create(decodeGraph, options));
+    return new Engine(ort, manifest, session, single);
   }
 
-  constructor(ort, session, manifest) {
+  constructor(ort, manifest, session, single) {
     this.ort = ort;
     this.session = session;
+    this.single = single ?? session;  // one-token decode steps run this one
     this.blockSize = manifest.config.block_size;
     this.vocabSize = manifest.vocab_size;
     this.past = session.inputNames.filter((name) => name.startsWith("past_key_values."));
@@ -148,7 +152,7 @@ class Engine {
   }
 
   /** Append `ids` after the cached tokens -> logits (V,) after the last of them. */
-  async prefill(ids) {
+  async prefill(ids, session = this.session) {
     const S = ids.length, L = this.length, T = this.ort.Tensor;
     if (L + S > this.blockSize) throw new Error(`${L} + ${S} tokens pass the context of ${this.blockSize}`);
     const feeds = {
@@ -161,7 +165,7 @@ class Engine {
     this.past.forEach((name, i) => {
       feeds[name] = this.rows ? new T("float32", this.cache[i][this.turn].subarray(0, size), [1, this.heads, L, this.headSize]) : this.present[i];
     });
-    const out = await this.session.run(feeds);
+    const out = await session.run(feeds);
     if (this.rows) {
       this.past.forEach((name, i) => this.append(this.cache[i], out[name.replace("past_key_values", "new")].data, L, S));
       this.turn ^= 1;
@@ -183,7 +187,7 @@ class Engine {
   }
 
   decode(id) {
-    return this.prefill([id]);
+    return this.prefill([id], this.single);
   }
 }
 
