@@ -75,6 +75,7 @@ class Reply:
         self.template = template  # chat: the template that rendered the messages (an extension field)
         self.include_usage = include_usage
         self.opened = False
+        self._chunk_head: bytes | None = None
 
     @property
     def done(self) -> bool:
@@ -150,14 +151,15 @@ class Reply:
         return b"".join(out)
 
     def _chunk(self, c: Choice, content, scores: list[Score], finish_reason: str | None) -> bytes:
-        body = self._head(self.chunk_object)
+        if self._chunk_head is None:  # the part every chunk repeats, serialised once
+            self._chunk_head = b"data: " + dumps(self._head(self.chunk_object))[:-1] + b',"choices":['
         if self.chat:
             logprobs = _chat_logprobs(scores) if self.logprobs and scores else None
-            body["choices"] = [{"index": c.index, "delta": content, "logprobs": logprobs, "finish_reason": finish_reason}]
+            choice = {"index": c.index, "delta": content, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
             logprobs = _completion_logprobs(scores, c.offset) if self.logprobs else None
-            body["choices"] = [{"text": content, "index": c.index, "logprobs": logprobs, "finish_reason": finish_reason}]
-        return sse(body)
+            choice = {"text": content, "index": c.index, "logprobs": logprobs, "finish_reason": finish_reason}
+        return self._chunk_head + dumps(choice) + b"]}\n\n"
 
 
 def _completion_logprobs(scores: list[Score], offset: int) -> dict:

@@ -108,6 +108,8 @@ class Scheduler:
         self._cancelled: list[Job] = []
         self._jobs: dict[int, Job] = {}  # id(seq) -> job, for the sequences in the batch
         self._out: list[tuple[Sink, Event]] = []  # this round's events
+        self._outbox: list[tuple[Sink, Event]] = []  # rounds the loop has not taken yet
+        self._outbox_lock = threading.Lock()
         self._draining_since: float | None = None
         self._stopped = False
         self.thread = threading.Thread(target=self._run, name="edgecraft-scheduler", daemon=True)
@@ -190,9 +192,25 @@ class Scheduler:
         self._out.append((job.sink, event))
 
     def _flush(self) -> None:
+        """Hand this round's events to the loop; wake it only if it has taken the last ones (a
+        wake-up is a syscall, and a loop that is behind takes several rounds at once)."""
         if self._out:
             out, self._out = self._out, []
-            self.loop.call_soon_threadsafe(_deliver, out)
+            with self._outbox_lock:
+                wake = not self._outbox
+                self._outbox += out
+            if wake:
+                self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        """On the event loop: the rounds so far into their requests' inboxes."""
+        with self._outbox_lock:
+            out, self._outbox = self._outbox, []
+        by_sink: dict[int, tuple[Sink, list[Event]]] = {}
+        for sink, event in out:
+            by_sink.setdefault(id(sink), (sink, []))[1].append(event)
+        for sink, events in by_sink.values():
+            sink.put(events)
 
     def _refuse(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -278,11 +296,3 @@ def _top(row: np.ndarray, n: int | None, decode) -> Alternatives | None:
     idx = idx[np.argsort(-row[idx], kind="stable")]
     return [(decode([int(t)]), float(row[t])) for t in idx if not math.isinf(row[t])]
 
-
-def _deliver(out: list[tuple[Sink, Event]]) -> None:
-    """On the event loop: one round's events into their requests' inboxes."""
-    by_sink: dict[int, tuple[Sink, list[Event]]] = {}
-    for sink, event in out:
-        by_sink.setdefault(id(sink), (sink, []))[1].append(event)
-    for sink, events in by_sink.values():
-        sink.put(events)
