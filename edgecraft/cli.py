@@ -341,10 +341,11 @@ def serve(
     if api_key is not None and not api_key.strip():
         raise UserError("the API key is empty")
     from edgecraft.runtime import BundleError
-    from edgecraft.runtime.bundle import read_manifest
+    from edgecraft.runtime.bundle import model_file, read_manifest
 
     try:
         manifest = read_manifest(bundle)
+        model_file(bundle, manifest, int8)  # a missing int8 model is refused before the port is bound
     except BundleError as err:
         raise UserError(str(err)) from None
     try:

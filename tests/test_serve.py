@@ -70,7 +70,9 @@ def test_openai_client_completions(client, model):
                                        stream_options={"include_usage": True})
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
-    assert chunks[-1].usage.completion_tokens == 30
+    assert chunks[-1].usage.completion_tokens == 30 and not chunks[-1].choices
+    plain = list(client.completions.create(model="tiny", prompt="The cat", max_tokens=30, temperature=0, stream=True))
+    assert plain[-1].choices[0].finish_reason == "length" and plain[-1].usage.total_tokens == 37
 
 
 def test_openai_client_chat(client, model):
@@ -300,6 +302,7 @@ def test_cli_refuses_a_bad_bundle_and_a_busy_port(tiny_bundle, tmp_path, server)
         ([str(tmp_path / "nope")], "not a bundle"),
         ([str(tiny_bundle), "--port", port], "cannot listen"),
         ([str(tiny_bundle), "--api-key", "a", "--api-key-file", "b"], "not both"),
+        ([str(tiny_bundle), "--port", "0", "--int8"], "model.int8.onnx"),
     ):
         out = subprocess.run([sys.executable, "-m", "edgecraft", "serve", *args], capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and out.stderr.startswith("error:") and words in out.stderr

@@ -139,7 +139,10 @@ class Reply:
             c.sent_pieces, c.sent_scores = len(c.pieces), len(c.scores)
             if text or scores or c.finish_reason is not None:
                 content = ({"content": text} if text else {}) if self.chat else text
-                out.append(self._chunk(c, content, scores, c.finish_reason))
+                # the stream's last chunk counts the tokens too (as llama.cpp's does), unless a
+                # usage chunk of OpenAI's shape follows
+                usage = self.usage() if self.done and i == changed[-1] and not self.include_usage else None
+                out.append(self._chunk(c, content, scores, c.finish_reason, usage))
             c.offset += len(text)
         if self.done:
             if self.include_usage:
@@ -150,7 +153,7 @@ class Reply:
             out.append(DONE)
         return b"".join(out)
 
-    def _chunk(self, c: Choice, content, scores: list[Score], finish_reason: str | None) -> bytes:
+    def _chunk(self, c: Choice, content, scores: list[Score], finish_reason: str | None, usage: dict | None = None) -> bytes:
         if self._chunk_head is None:  # the part every chunk repeats, serialised once
             self._chunk_head = b"data: " + dumps(self._head(self.chunk_object))[:-1] + b',"choices":['
         if self.chat:
@@ -159,7 +162,8 @@ class Reply:
         else:
             logprobs = _completion_logprobs(scores, c.offset) if self.logprobs else None
             choice = {"text": content, "index": c.index, "logprobs": logprobs, "finish_reason": finish_reason}
-        return self._chunk_head + dumps(choice) + b"]}\n\n"
+        tail = b',"usage":' + dumps(usage) + b"}\n\n" if usage else b"}\n\n"
+        return self._chunk_head + dumps(choice) + b"]" + tail
 
 
 def _completion_logprobs(scores: list[Score], offset: int) -> dict:
