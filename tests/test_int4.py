@@ -172,3 +172,42 @@ def test_int4_gate_keeps_nothing(trained_run, tmp_path):
     assert result.exit_code == 3, result.output
     assert "int4 validation loss" in result.output and "nothing written" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the int8 path chosen per call: one-row decode steps on 8-bit MatMulNBits ----------------------
+
+
+def test_int8_bundle_runs_one_row_decode_steps_on_its_single_row_graph(trained_run, tmp_path):
+    from edgecraft.runtime import load
+    from edgecraft.runtime.onnx_engine import OnnxEngine
+
+    result = cli("export", trained_run, "--int8", "--out", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    m = json.loads((tmp_path / "b" / "edgecraft.json").read_text())
+    single = m["quantization"]["model.int8.onnx"]["single_row"]
+    assert single["file"] == "model.int8.1row.onnx" and "model.int8.1row.onnx" in m["files"]
+    ops = [n.op_type for n in onnx.load(tmp_path / "b" / single["file"]).graph.node]
+    assert "DynamicQuantizeMatMul" not in ops and ops.count("MatMulNBits") == 2 * 4 + 1
+
+    model = load(tmp_path / "b", quant="int8")
+    cfg = model.manifest.config
+    main = OnnxEngine(tmp_path / "b" / "model.int8.onnx", cfg)
+    one_row = OnnxEngine(tmp_path / "b" / single["file"], cfg)
+    ids = np.array([[3, 1, 4, 1, 5, 9]])
+    engine = model.engine
+    for e in (engine, main, one_row):
+        e.reset(1)
+    np.testing.assert_array_equal(engine.prefill(ids), main.prefill(ids))  # prompts: the int8 graph
+    for e in (engine, one_row):
+        e.reset(1)
+    for token in ids[0]:  # one-row decode steps: the 1row graph's logits exactly
+        step = engine.decode(np.array([token]))
+        np.testing.assert_array_equal(step, one_row.decode(np.array([token])))
+    main.reset(1)
+    main.prefill(ids[:, :-1])
+    assert np.abs(step - main.decode(ids[0, -1:])).max() < 0.1  # the two int8 forms agree closely
+    engine.reset(2)
+    main.reset(2)
+    engine.prefill(np.repeat(ids, 2, 0))
+    main.prefill(np.repeat(ids, 2, 0))
+    np.testing.assert_array_equal(engine.decode(np.array([2, 7])), main.decode(np.array([2, 7])))  # batches

@@ -161,7 +161,8 @@ def test_export_int8_beside_fp32(trained_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "int8 (dynamic): val loss" in result.output
     m = manifest(tmp_path / "b")
-    assert set(m["files"]) == {"model.onnx", "model.int8.onnx", "tokenizer.json", "genai_config.json"}
+    assert set(m["files"]) == {"model.onnx", "model.int8.onnx", "model.int8.1row.onnx", "tokenizer.json",
+                               "genai_config.json"}  # 1row: one-row decode steps (tests/test_int4.py)
     q = m["quantization"]["model.int8.onnx"]
     assert q["method"] == "ptq-dynamic" and q["kernel"] == "DynamicQuantizeMatMul"
     assert q["op_types"]["DynamicQuantizeMatMul"] == 2 * 4 + 1 and "MatMul" not in q["op_types"]

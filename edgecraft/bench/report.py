@@ -54,7 +54,7 @@ def speed_table(report: dict) -> Table:
 
 
 def _quantization(row: dict) -> str:
-    """The int8 scheme and the validation-loss change the export measured; "" for float rows."""
+    """The int8/int4 method and kernel and the validation-loss change the export measured; "" for float rows."""
     quant = row.get("quantization")
     if not isinstance(quant, dict):
         return ""
@@ -68,7 +68,7 @@ def row_table(report: dict) -> Table:
     header = [
         "model", "backend", "prec", "threads", "batch", "load ms", "file MB", "params", "TTFT ms",
         "step ms p50/p95/p99", "CPU/wall", "peak RSS MB", "ppl", "tokens checked", "greedy = fp32",
-        "int8 (export)",
+        "quantized (export)",
     ]
     lines = []
     for row in report["rows"]:

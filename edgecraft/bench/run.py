@@ -1,9 +1,9 @@
 """`edgecraft bench`: measure bundles and runs side by side, each row in a process of its own.
 
-A row is one (path, precision, thread count): a bundle gives an fp32 row and/or an int8 row (its
-model.onnx / model.int8.onnx), a run directory gives a PyTorch eager row. Rows run one after the
-other, each in a fresh `python -m edgecraft.bench.worker` (spec in, JSON out), so one row's memory
-and thread pools never disturb the next and peak memory is per row. Quality is measured on the same
+A row is one (path, precision, thread count): a bundle gives an fp32, int8 and/or int4 row (its
+model.onnx / model.int8.onnx / model.int4.onnx), a run directory gives a PyTorch eager row. Rows
+run one after the other, each in a fresh `python -m edgecraft.bench.worker` (spec in, JSON out),
+so one row's memory and thread pools never disturb the next and peak memory is per row. Quality is measured on the same
 text for every row, so a speed-up can never hide a quality loss.
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 from edgecraft.bench.report import write_outputs
 from edgecraft.bench.system import system_info
 from edgecraft.errors import UserError
+from edgecraft.runtime.bundle import QUANT_MODELS
 
 FORMAT = "edgecraft-bench/1"
 
@@ -83,16 +84,16 @@ def _kind(path: Path) -> str:
     raise UserError(f"{path}: neither a bundle (no edgecraft.json) nor a run directory (no model.safetensors)")
 
 
-def _bundle_models(path: Path) -> list[bool]:
-    """The precisions a bundle holds, as int8 flags: [False] fp32, [True] int8, or both."""
+def _bundle_models(path: Path) -> list[str]:
+    """The precisions a bundle holds: "fp32", "int8", "int4", in that order."""
     try:
         files = json.loads((path / "edgecraft.json").read_text(encoding="utf-8")).get("files", {})
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path / 'edgecraft.json'}: damaged manifest ({err})") from None
-    flags = [name == "model.int8.onnx" for name in ("model.onnx", "model.int8.onnx") if name in files]
-    if not flags:
-        raise UserError(f"{path}: the bundle holds no model.onnx or model.int8.onnx")
-    return flags
+    precisions = [p for p, name in QUANT_MODELS.items() if name in files]
+    if not precisions:
+        raise UserError(f"{path}: the bundle holds no {', '.join(QUANT_MODELS.values())}")
+    return precisions
 
 
 def row_specs(paths: list[Path], options: BenchOptions, eval_text: Path | None) -> list[dict]:
@@ -101,12 +102,12 @@ def row_specs(paths: list[Path], options: BenchOptions, eval_text: Path | None) 
     common = {k: v for k, v in asdict(options).items() if k not in ("threads", "text")}
     for path in paths:
         kind = _kind(path)
-        variants = [("onnx", i8) for i8 in _bundle_models(path)] if kind == "bundle" else [("torch", False)]
-        for backend, int8 in variants:
+        variants = [("onnx", p) for p in _bundle_models(path)] if kind == "bundle" else [("torch", "fp32")]
+        for backend, precision in variants:
             for threads in options.threads:
                 specs.append({
                     **common, "name": path.resolve().name, "path": str(path), "kind": backend,
-                    "int8": int8, "precision": "int8" if int8 else "fp32", "threads": threads,
+                    "int8": precision == "int8", "precision": precision, "threads": threads,
                     "eval_text": str(eval_text) if eval_text else None,
                 })
     return specs
@@ -202,11 +203,11 @@ def run_worker(spec: dict) -> dict:
 
 
 def _greedy_agreement(rows: list[dict]) -> None:
-    """Mark each int8 row with how many greedy tokens it shares with its fp32 twin (same path/threads)."""
-    fp32 = {(r["path"], r["threads"]): r for r in rows if r["status"] == "ok" and not r["int8"]}
+    """Mark each int8/int4 row with how many greedy tokens it shares with its fp32 twin (same path/threads)."""
+    fp32 = {(r["path"], r["threads"]): r for r in rows if r["status"] == "ok" and r["precision"] == "fp32"}
     for row in rows:
         twin = fp32.get((row["path"], row["threads"]))
-        if row["status"] == "ok" and row["int8"] and twin:
+        if row["status"] == "ok" and row["precision"] != "fp32" and twin:
             a, b = row["greedy_tokens"], twin["greedy_tokens"]
             same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             row["greedy_prefix_match_fp32"] = {"tokens": same, "of": min(len(a), len(b))}

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgecraft.bench.stats import percentiles, rates, summarize
 from edgecraft.errors import UserError
-from edgecraft.runtime.bundle import BundleError
+from edgecraft.runtime.bundle import QUANT_MODELS, BundleError
 
 # pp and tg of a row when the command line does not say: llama-bench's usual prompt and a
 # generation that fills most of a small model's context, each cut to what the model's context holds
@@ -68,9 +68,9 @@ def load_onnx(spec: dict) -> tuple[object, object, dict]:
         )
     path = Path(spec["path"])
     start = time.perf_counter()
-    model = load(path, int8=spec["int8"], threads=spec["threads"], device=spec["device"])
+    model = load(path, quant=spec["precision"], threads=spec["threads"], device=spec["device"])
     load_s = time.perf_counter() - start
-    onnx = path / ("model.int8.onnx" if spec["int8"] else "model.onnx")
+    onnx = path / QUANT_MODELS[spec["precision"]]
     files = [onnx, *path.glob(onnx.name + ".data")]  # external weights, if the exporter wrote any
     manifest = model.manifest
     facts = {

@@ -16,13 +16,14 @@ import torch
 
 from edgecraft.errors import UserError
 from edgecraft.export.graph import state_arrays
-from edgecraft.export.int8_check import int8_report
-from edgecraft.export.int8_graph import Int8Plan, build_int8_graph
+from edgecraft.export.int8_check import int8_report, single_row_report
+from edgecraft.export.int8_graph import Int8Plan, build_int8_graph, single_row_graph
 from edgecraft.export.options import check_keep_float
 from edgecraft.export.parity import val_windows
 from edgecraft.model import GPT
 from edgecraft.quant import attach, quantized_layers
 from edgecraft.recipe import QuantConfig, Recipe
+from edgecraft.runtime.bundle import INT8_SINGLE_ROW_MODEL
 
 QUANT_STATE = "quant.safetensors"  # a QAT run's handle state, beside model.safetensors
 GATE_WINDOWS = 8  # validation windows (of block_size tokens) for the fp32/int8 loss comparison
@@ -68,7 +69,8 @@ def export_int8(
     validation batches. Raises the gate's UserError (exit code 3) when int8 loses too much.
     """
     quant = recipe.quant
-    if quant.qat:
+    qat = quant.qat and quant.bits == 8  # a 4-bit QAT run's int8 graph is post-training
+    if qat:
         if calibrate:
             raise UserError(
                 f"--calibrate: {run_dir} was trained with QAT (quant.qat = true) and exports with the "
@@ -96,10 +98,15 @@ def export_int8(
     onnx.save(graph, str(int8_path))
     windows = val_windows(val, model.cfg.block_size, GATE_WINDOWS)
     report = int8_report(model, plan, int8_path, fp32_path, windows, max_loss_increase)
+    single = single_row_graph(graph) if scheme == "dynamic" else None
+    if single is not None:  # one-row decode steps run it (runtime/onnx_engine.py); gated alike
+        single_path = int8_path.with_name(INT8_SINGLE_ROW_MODEL)
+        onnx.save(single, str(single_path))
+        report["single_row"] = single_row_report(model.cfg, single_path, report, windows, max_loss_increase)
     fp32_bytes, int8_bytes = fp32_path.stat().st_size, int8_path.stat().st_size
     return {
         "file": int8_path.name,
-        "method": "qat" if quant.qat else ("ptq-static" if calibrate else "ptq-dynamic"),
+        "method": "qat" if qat else ("ptq-static" if calibrate else "ptq-dynamic"),
         "calibration_batches": calibrate,
         "keep_float": list(keep_float),
         "bytes": int8_bytes,

@@ -155,3 +155,26 @@ def int8_report(
             exit_code=GATE_EXIT_CODE,
         )
     return report
+
+
+def single_row_report(cfg: GPTConfig, path: Path, report: dict, windows: np.ndarray,
+                      max_loss_increase: float | None) -> dict:
+    """The one-row decode graph's validation loss beside the int8 graph's, under the same gate."""
+    loss = decode_loss(path, cfg, windows)
+    increase = float(100.0 * (loss - report["val_loss_fp32"]) / report["val_loss_fp32"])
+    print(f"int8 one-row decode graph (8-bit MatMulNBits): val loss {loss:.4f} ({increase:+.2f}% vs fp32)")
+    if max_loss_increase is not None and increase > max_loss_increase:
+        raise UserError(
+            f"int8 one-row graph's validation loss is {increase:.2f}% above fp32, more than "
+            f"--max-loss-increase {max_loss_increase}%; nothing written",
+            exit_code=GATE_EXIT_CODE,
+        )
+    return {
+        "file": path.name,
+        "kernel": "MatMulNBits (bits 8, accuracy level 4) over the same int8 weights and scales",
+        "activations": "int8 symmetric per block of the row",
+        "used_for": "decode steps of one row (the runtime picks it per call); prompts and batches run the int8 graph",
+        "bytes": path.stat().st_size,
+        "val_loss": loss,
+        "val_loss_increase_pct": increase,
+    }

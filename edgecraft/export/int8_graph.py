@@ -137,3 +137,44 @@ def build_int8_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], plan: Int8P
     graph.initializer.extend(kept + added)
     onnx.checker.check_model(model)
     return model
+
+
+def single_row_graph(int8_model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The dynamic int8 graph with every DynamicQuantizeMatMul rewritten to an 8-bit MatMulNBits
+    (accuracy level 4) over the same int8 weights and per-row scales: faster for one-row decode
+    steps, slower for batches and prompts (benchmarks/results/int4.md), so the runtime runs it for
+    one-row decode steps only. Its activations are int8 symmetric per block of the row instead of
+    uint8 over the row, so its logits differ slightly (the manifest records its loss). None when a
+    matrix's input width is not a multiple of 16 (MatMulNBits' smallest block)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(int8_model)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    new_nodes, dropped, added = [], set(), []
+    for node in graph.node:
+        if node.op_type != "DynamicQuantizeMatMul":
+            new_nodes.append(node)
+            continue
+        q = numpy_helper.to_array(inits[node.input[1]]).T.astype(np.int16)  # (N, K)
+        scale = numpy_helper.to_array(inits[node.input[2]])  # (N,)
+        N, K = q.shape
+        if K % 16:
+            return None
+        block = max(b for b in (2**k for k in range(4, K.bit_length())) if K % b == 0)
+        base = node.input[1].removesuffix(".int8")
+        stored = (q + 128).astype(np.uint8).reshape(N, K // block, block)  # zero point 128, the default
+        scales = np.repeat(scale[:, None], K // block, axis=1).reshape(-1)  # (N * K / block,)
+        added += [numpy_helper.from_array(stored, base + ".uint8"), numpy_helper.from_array(scales, base + ".scales")]
+        dropped |= {node.input[1], node.input[2]}
+        bias = node.input[4] if len(node.input) > 4 else ""
+        new_nodes.append(helper.make_node(
+            "MatMulNBits", [node.input[0], base + ".uint8", base + ".scales", "", "", bias], list(node.output),
+            name=node.name, domain=MS, K=K, N=N, bits=8, block_size=block, accuracy_level=4,
+        ))
+    kept = [t for t in graph.initializer if t.name not in dropped]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + added)
+    onnx.checker.check_model(model)
+    return model

@@ -19,7 +19,7 @@ from edgecraft.export.graph import graph_io
 from edgecraft.model import GPT
 from edgecraft.recipe import Recipe
 from edgecraft.runtime.bundle import (
-    FORMAT, FP32_MODEL, INT4_MODEL, INT8_MODEL, TOKENIZER, FileEntry, GraphInfo, Manifest, RuntimeSettings, TokenizerInfo,
+    FORMAT, FP32_MODEL, INT4_MODEL, INT8_MODEL, INT8_SINGLE_ROW_MODEL, TOKENIZER, FileEntry, GraphInfo, Manifest, RuntimeSettings, TokenizerInfo,
     sha256_file,
 )
 from edgecraft.runtime.onnx_engine import DEFAULT_THREADS, SESSION_CONFIG
@@ -82,7 +82,8 @@ def bundle_manifest(model: GPT, tokenizer: Tokenizer, recipe: Recipe, graph: onn
                     checks: dict, root: Path, int8: dict | None = None, int4: dict | None = None) -> Manifest:
     """The manifest of the bundle files in `root`: their hashes, the config, the checks' figures."""
     cfg = model.cfg
-    files = [name for name in (FP32_MODEL, INT8_MODEL, INT4_MODEL, TOKENIZER, GENAI_CONFIG, GENAI_TOKENIZER_CONFIG)
+    graphs = (FP32_MODEL, INT8_MODEL, INT8_SINGLE_ROW_MODEL, INT4_MODEL)
+    files = [name for name in (*graphs, TOKENIZER, GENAI_CONFIG, GENAI_TOKENIZER_CONFIG)
              if (root / name).is_file()]
     quantization: dict = {FP32_MODEL: "none (float32)"} if FP32_MODEL in files else {}
     if int8 is not None:  # the int8 step's scheme, sizes, parity and fp32/int8 val loss
@@ -100,7 +101,7 @@ def bundle_manifest(model: GPT, tokenizer: Tokenizer, recipe: Recipe, graph: onn
         tokenizer=TokenizerInfo(file=TOKENIZER, kind=recipe.data.tokenizer, tokens=tokenizer.get_vocab_size()),
         quantization=quantization,
         files={name: FileEntry(sha256=sha256_file(root / name), bytes=(root / name).stat().st_size) for name in files},
-        onnx=GraphInfo(**onnx_section(model, graph, [name for name in files if name in (FP32_MODEL, INT8_MODEL, INT4_MODEL)])),
+        onnx=GraphInfo(**onnx_section(model, graph, [name for name in files if name in graphs])),
         runtime=RuntimeSettings(
             threads=DEFAULT_THREADS,
             why=(

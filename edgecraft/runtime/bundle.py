@@ -35,6 +35,7 @@ TOKENIZER = "tokenizer.json"
 FP32_MODEL = "model.onnx"
 INT8_MODEL = "model.int8.onnx"
 INT4_MODEL = "model.int4.onnx"
+INT8_SINGLE_ROW_MODEL = "model.int8.1row.onnx"  # the int8 weights as run for one-row decode steps
 QUANT_MODELS = {"fp32": FP32_MODEL, "int8": INT8_MODEL, "int4": INT4_MODEL}  # load(quant=...) -> file
 CONFIG_METADATA = "edgecraft.config"  # the graph's metadata entry holding its config (JSON)
 

@@ -31,7 +31,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from edgecraft.runtime.batch import Batch, Sequence
-from edgecraft.runtime.bundle import TOKENIZER, BundleError, Manifest, model_file, read_manifest, verify_files
+from edgecraft.runtime.bundle import (
+    INT8_MODEL, INT8_SINGLE_ROW_MODEL, TOKENIZER, BundleError, Manifest, model_file, read_manifest, verify_files,
+)
 from edgecraft.runtime.engine import Engine
 from edgecraft.runtime.sampling import SamplingParams
 from edgecraft.runtime.text import TextStream
@@ -233,5 +235,9 @@ def load(
     else:
         from edgecraft.runtime.onnx_engine import OnnxEngine
 
-        engine = OnnxEngine(onnx_path, manifest.config, threads=threads or manifest.runtime.threads, device=device)
+        single = path / INT8_SINGLE_ROW_MODEL  # the int8 bundle's graph for one-row decode steps
+        engine = OnnxEngine(
+            onnx_path, manifest.config, threads=threads or manifest.runtime.threads, device=device,
+            single_row_path=single if onnx_path.name == INT8_MODEL and single.name in manifest.files else None,
+        )
     return Model(engine, tokenizer, manifest)

@@ -59,7 +59,14 @@ class OnnxEngine:
     """The engine interface (runtime/engine.py) over onnxruntime: prefill and one-token decode
     steps over a preallocated KV cache shared between the graph's past inputs and present outputs."""
 
-    def __init__(self, model_path: str | Path, config: GPTConfig, threads: int = 0, device: str = "cpu") -> None:
+    def __init__(
+        self, model_path: str | Path, config: GPTConfig, threads: int = 0, device: str = "cpu",
+        single_row_path: str | Path | None = None,
+    ) -> None:
+        """`single_row_path`: a second graph over the same weights and inputs that one-row decode
+        steps run instead (the int8 bundle's 8-bit MatMulNBits graph, faster than the main graph's
+        DynamicQuantizeMatMul at one row and slower at many: benchmarks/results/int4.md); both
+        sessions bind the same KV buffers."""
         self.block_size = config.block_size
         self.vocab_size = config.vocab_size
         self._cache_shape = (config.n_kv_heads, config.block_size, config.cache_head_size)
@@ -83,6 +90,11 @@ class OnnxEngine:
             raise BundleError(f"{model_path}: onnxruntime cannot load it ({reason}); re-export the run") from None
         shapes = {i.name: i.shape for i in self.session.get_inputs()}
         self._check_shapes(model_path, config, shapes)
+        self._single = None  # the session one-row decode steps run on, when there is one
+        if single_row_path is not None:
+            self._single = ort.InferenceSession(str(single_row_path), session_options(self.threads), providers=providers)
+            if {i.name: i.shape for i in self._single.get_inputs()} != shapes:
+                raise BundleError(f"{single_row_path}: its inputs differ from {model_path}'s; re-export the run")
         self._has_positions = "position_ids" in shapes
         # (B, 1) and (1,) since genai_config.json (bundles exported before it: (B,), ())
         self._counter_dims = (1,) if len(shapes["seqlens_k"]) == 2 else ()
@@ -140,19 +152,20 @@ class OnnxEngine:
         self._seqlens = np.zeros(B, dtype=np.int32)  # (B,) tokens cached after the step, minus 1
         self._total = np.zeros(self._counter_dims, dtype=np.int32)  # (1,) the longest sequence
         self._step_logits = np.zeros((B, 1, self.vocab_size), dtype=np.float32)  # (B, 1, V)
-        self._steps: dict[int, tuple[ort.IOBinding, np.ndarray]] = {}  # n -> (binding, logits (n, V))
+        self._steps: dict[int, tuple] = {}  # n -> (session, binding, logits (n, V))
         # prefills of fresh sequences rebind only their small inputs
         self._prefill_binding = self._cache_binding(self._kv)
 
-    def _step(self, n: int) -> tuple[ort.IOBinding, np.ndarray]:
-        """The decode binding over slots 0..n-1 and the (n, V) view of its logits."""
+    def _step(self, n: int) -> tuple[ort.InferenceSession, ort.IOBinding, np.ndarray]:
+        """The session and decode binding over slots 0..n-1, and the (n, V) view of its logits."""
         if n not in self._steps:
+            session = self._single if n == 1 and self._single is not None else self.session
             binding = self._bind_call(
-                self._cache_binding([buffer[:n] for buffer in self._kv]), self._step_ids[:n],
+                self._cache_binding([buffer[:n] for buffer in self._kv], session), self._step_ids[:n],
                 self._step_pos[:n], self._seqlens[:n].reshape(n, *self._counter_dims), self._total,
                 self._step_logits[:n],
             )
-            self._steps[n] = (binding, self._step_logits[:n, 0])
+            self._steps[n] = (session, binding, self._step_logits[:n, 0])
         return self._steps[n]
 
     def release(self, slot: int) -> None:
@@ -166,12 +179,12 @@ class OnnxEngine:
             self.lengths[dst] = n
             self.lengths[src] = 0
 
-    def _cache_binding(self, kv: list[np.ndarray]) -> ort.IOBinding:
+    def _cache_binding(self, kv: list[np.ndarray], session: ort.InferenceSession | None = None) -> ort.IOBinding:
         """A binding with the KV buffers bound, wrapping (not copying) the numpy arrays: each is
         both the past input and the present output. The KV buffers stay in host memory also with
         device="cuda": onnxruntime's CUDA GroupQueryAttention runs only float16/bfloat16, so a
         float32 graph's attention (which owns the cache) stays on the CPU provider."""
-        binding = self.session.io_binding()
+        binding = (session or self.session).io_binding()
         for i in range(self._n_layers):
             for j, kind in enumerate(("key", "value")):
                 buffer = ort.OrtValue.ortvalue_from_numpy(kv[2 * i + j])
@@ -243,7 +256,7 @@ class OnnxEngine:
         lengths = self.lengths
         if not 1 <= n <= len(lengths):
             raise ValueError(f"decode got {n} token ids for {len(lengths)} slots")
-        binding, out = self._steps.get(n) or self._step(n)
+        session, binding, out = self._steps.get(n) or self._step(n)
         if n == 1:
             longest = lengths.item(0)
             if longest >= self.block_size:
@@ -265,7 +278,7 @@ class OnnxEngine:
             active += 1
         self._total[...] = longest + 1
         try:
-            self.session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
         except Exception:
             lengths[:n] -= 1
             raise
