@@ -3,6 +3,9 @@
     python benchmarks/train_shakespeare.py [--corpus PATH] [--threads 2] [--nanogpt] [--repeats 1] [--seeds 1337]
     python benchmarks/train_shakespeare.py --interleaved 400 [--threads 2]   # step timing only
 
+--corpus is tiny-shakespeare's input.txt (default: /work/shared/data/tinyshakespeare.txt where it
+exists); nanoGPT's side reads it as a text file, so there is no built-in fallback.
+
 edgecraft trains recipes/shakespeare-baby.toml through the real `edgecraft train` command; with
 --nanogpt the same machine then runs nanoGPT's training loop on the same corpus with the same
 hyperparameters (4 layers, 4 heads, width 128, block 64, batch 12, 2000 iterations, lr 1e-3 ->
@@ -32,8 +35,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -42,9 +43,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-RECIPE = REPO / "recipes" / "shakespeare-baby.toml"
+import harness
+
+RECIPE = harness.REPO / "recipes" / "shakespeare-baby.toml"
 
 # the baby run, as nanoGPT's README runs it on CPU (config/train_shakespeare_char.py + flags)
 BABY = dict(
@@ -389,31 +390,16 @@ def interleaved(corpus: Path, threads: int, iters: int, block: int = 25) -> dict
 
 def run_nanogpt(corpus: Path, threads: int, steps: int, seed: int = 1337) -> dict:
     """In a fresh process, as edgecraft's run is."""
-    args = ["--corpus", str(corpus), "--threads", str(threads), "--steps", str(steps), "--seeds", str(seed)]
+    spec = {"corpus": str(corpus), "threads": threads, "steps": steps, "seed": seed}
     with _measured(threads) as usage:
-        out = subprocess.run([sys.executable, __file__, "--worker", *args], check=True, capture_output=True, text=True)
-    return {**json.loads(out.stdout.strip().splitlines()[-1]), **usage}
-
-
-# ---------------------------------------------------------------------------- report
-
-
-def machine() -> str:
-    import torch
-
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, Python {platform.python_version()}"
+        out = harness.child(__file__, "nanogpt", spec)
+    return {**out, **usage}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    parser.add_argument("--corpus", type=Path, default=harness.default_corpus(),
+                        help="tiny-shakespeare's input.txt (default: /work/shared/data/tinyshakespeare.txt if present)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2000, help="iterations (2000 = the published run)")
     parser.add_argument("--nanogpt", action="store_true", help="also run nanoGPT's loop on the same machine")
@@ -425,19 +411,14 @@ def main() -> None:
         "--interleaved", type=int, metavar="N", default=0,
         help="instead: N training iterations of each in one process, alternating (noise-robust step timing)",
     )
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if not args.corpus.is_file():
+    if args.corpus is None or not args.corpus.is_file():
         sys.exit(f"error: corpus {args.corpus} not found; pass --corpus PATH (tinyshakespeare's input.txt)")
     try:
         seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:
         sys.exit(f"error: --seeds {args.seeds!r}: expected comma-separated integers, e.g. 1337,1,2")
-    if args.worker:
-        print(json.dumps(_nanogpt(args.corpus, args.threads, args.steps, seeds[0])))
-        return
-
-    print(f"machine: {machine()}")
+    print(harness.RunInfo("Training: edgecraft vs nanoGPT's baby Shakespeare run").markdown(""))
     if args.interleaved:
         print(f"corpus: {args.corpus}; {args.interleaved} iterations of each step, alternating, {args.threads} threads")
         results = interleaved(args.corpus, args.threads, args.interleaved)
@@ -482,4 +463,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if not harness.serve_child({"nanogpt": lambda p: _nanogpt(Path(p["corpus"]), p["threads"], p["steps"], p["seed"])}):
+        main()
