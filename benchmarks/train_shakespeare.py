@@ -368,24 +368,25 @@ def interleaved(corpus: Path, threads: int, iters: int, block: int = 25) -> dict
         n_opt.zero_grad(set_to_none=True)
         loss.item()
 
-    times: dict[str, dict[str, list[float]]] = {n: {"wall": [], "cpu": []} for n in ("edgecraft", "nanoGPT")}
-    steps = {"edgecraft": edgecraft_step, "nanoGPT": nanogpt_step}
-    for start in range(0, iters, block):
-        for name, step_fn in steps.items():
-            for i in range(start, min(start + block, iters)):
+    def blocks(step_fn):  # one round: the next `block` iterations, (wall, CPU) seconds each
+        counter = iter(range(iters))
+
+        def run() -> list[tuple[float, float]]:
+            out = []
+            for i in (next(counter) for _ in range(block)):
                 w, c = time.perf_counter(), time.process_time()
                 step_fn(i)
-                times[name]["wall"].append(time.perf_counter() - w)
-                times[name]["cpu"].append(time.process_time() - c)
-    tokens = B * T
-    return {
-        name: {
-            "ms_per_iter": 1000 * statistics.median(t["wall"][block:]),
-            "cpu_ms_per_iter": 1000 * statistics.median(t["cpu"][block:]),
-            "tok_s": tokens / statistics.median(t["wall"][block:]),
-        }
-        for name, t in times.items()
-    }
+                out.append((time.perf_counter() - w, time.process_time() - c))
+            return out
+        return run
+
+    # the first block of each warms up and is dropped
+    rounds = harness.interleave({"edgecraft": blocks(edgecraft_step), "nanoGPT": blocks(nanogpt_step)}, iters // block - 1)
+    out = {}
+    for name, done in rounds.items():
+        wall, cpu = statistics.median(w for r in done for w, _ in r), statistics.median(c for r in done for _, c in r)
+        out[name] = {"ms_per_iter": 1000 * wall, "cpu_ms_per_iter": 1000 * cpu, "tok_s": B * T / wall}
+    return out
 
 
 def run_nanogpt(corpus: Path, threads: int, steps: int, seed: int = 1337) -> dict:
