@@ -80,7 +80,7 @@ def train(
     recipe: Annotated[Optional[Path], typer.Argument(help="Recipe TOML file.")] = None,
     set_: Annotated[
         Optional[list[str]],
-        typer.Option("--set", help="Override a recipe key: section.key=value (repeatable)."),
+        typer.Option("--set", help="Override a recipe key: section.key=value (repeatable); with --resume, train.max_steps only."),
     ] = None,
     resume: Annotated[
         Optional[Path], typer.Option(help="Continue RUN_DIR from its newest checkpoint.")
@@ -92,9 +92,9 @@ def train(
     from edgecraft.train import is_main_process, resume_run, train_recipe
 
     if resume is not None:
-        if recipe is not None or set_:
+        if recipe is not None:
             raise UserError("--resume takes the run directory only; the recipe is read from it")
-        run_dir = resume_run(resume)
+        run_dir = resume_run(resume, set_ or [])  # --set train.max_steps=N extends the run
     elif recipe is None:
         raise UserError("give a recipe file (edgecraft train recipes/quickstart.toml) or --resume RUN_DIR")
     else:

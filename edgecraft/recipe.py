@@ -20,7 +20,8 @@ from edgecraft.errors import UserError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity train nothing (and are not TOML, so a run's recipe.toml could not hold them)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -80,7 +81,12 @@ class TrainConfig(_Section):
     batch_size: int = Field(64, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_steps: int = Field(5000, ge=1, description="Optimizer steps (accumulation included).")
-    lr: float = Field(1e-3, gt=0.0)
+    decay_steps: int | None = Field(
+        None, ge=1,
+        description="Steps the cosine decays over (None = max_steps); min_lr after them. A run extended "
+        "with --resume --set train.max_steps=N keeps its old length here, so the extension trains at min_lr.",
+    )
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="Peak learning rate; above 1, AdamW diverges.")
     min_lr: float = Field(1e-4, ge=0.0)
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.1, ge=0.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 from edgecraft.checkpoint import atomic_write_text
@@ -73,10 +74,54 @@ class NullLog:
         pass
 
 
+LINE_SECONDS = 10.0  # progress lines to a log or CI output: one per this many seconds, and a last one
+
+
+class ProgressLines:
+    """The progress bar's calls, as plain lines at a steady interval: what stderr gets when it is
+    not a terminal (a log file, CI), where a bar would print nothing, or a line per redraw."""
+
+    def __init__(self, total: int, initial: int, file=None, interval: float = LINE_SECONDS) -> None:
+        self.total, self.n, self.file, self.interval = total, initial, file or sys.stderr, interval
+        self.start_n, self.start = initial, time.monotonic()
+        self.last, self.printed, self.postfix = self.start, initial, ""
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= self.interval:
+            self._line()
+
+    def set_postfix(self, refresh: bool = True, **values: str) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def write(self, text: str, file=None) -> None:
+        print(text, file=file or self.file, flush=True)
+
+    def close(self) -> None:
+        if self.n != self.printed:
+            self._line()
+
+    def _line(self) -> None:
+        now = time.monotonic()
+        rate = (self.n - self.start_n) / max(now - self.start, 1e-9)
+        eta = f", ETA {_duration((self.total - self.n) / rate)}" if rate > 0 and self.n < self.total else ""
+        extra = f", {self.postfix}" if self.postfix else ""
+        print(f"step {self.n}/{self.total} ({100 * self.n / self.total:.0f}%){extra}, "
+              f"{_duration(now - self.start)} elapsed{eta}", file=self.file, flush=True)
+        self.last, self.printed = now, self.n
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds + 0.5), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
 def progress(total: int, initial: int, enabled: bool = True):
-    """A tqdm bar on stderr (off when stderr is not a terminal, and off when not `enabled`)."""
+    """A tqdm bar on stderr when it is a terminal, else ProgressLines; nothing when not `enabled`."""
     from tqdm.auto import tqdm
 
+    if enabled and not sys.stderr.isatty():
+        return ProgressLines(total, initial)
     return tqdm(
         total=total, initial=initial, unit="step", dynamic_ncols=True, disable=None if enabled else True,
         file=sys.stderr,

@@ -33,6 +33,7 @@ from edgecraft.train.distributed import Group
 from edgecraft.train.ema import averaged, update_ema
 from edgecraft.train.interrupt import INTERRUPTED, StopFlag, interruptible, signals_to
 from edgecraft.train.log import Log, NullLog, progress
+from edgecraft.train.recover import diverged, memory_error, out_of_memory
 from edgecraft.train.state import restore, save
 
 
@@ -40,11 +41,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, cosine decay to min_lr.
 
     Warmup climbs as lr * (step + 1) / (warmup + 1) (nanoGPT's form), the peak is at step
-    `warmup_steps`, and the cosine reaches min_lr exactly at the last step, max_steps - 1.
+    `warmup_steps`, and the cosine reaches min_lr exactly at the last step, max_steps - 1 (or
+    decay_steps - 1, after which min_lr holds).
     """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    span = max(1, cfg.max_steps - 1 - cfg.warmup_steps)
+    span = max(1, (cfg.decay_steps or cfg.max_steps) - 1 - cfg.warmup_steps)
     ratio = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
@@ -63,6 +65,10 @@ def fit(
     try:
         with torch.random.fork_rng(devices=rng_devices), interruptible():
             return _loop(run_dir, recipe, prepared, identity, checkpoint, group, batch_size)
+    except (MemoryError, RuntimeError) as err:  # a model or batch too large: one line, not a traceback
+        if not out_of_memory(err):
+            raise
+        raise memory_error(err, recipe, device, group.main) from None
     finally:
         torch.set_num_threads(threads)
 
@@ -81,8 +87,7 @@ def _loop(run_dir, recipe: Recipe, prepared, identity: dict, checkpoint, group: 
     loss_sum = torch.zeros((), device=device)  # summed step losses since the last log
     steps_since_log, train_seconds = 0, 0.0
     saved = step if checkpoint is not None else None
-    bar = progress(cfg.max_steps, step, enabled=group.main)
-    if group.main:
+    if group.main:  # before the bar, which would otherwise draw itself on the header's line
         processes = f"{group.world} processes" if group.world > 1 else "1 process"
         print(
             f"{run_dir}: {model.num_params():,} parameters, {len(prepared.train):,} training tokens, "
@@ -90,6 +95,9 @@ def _loop(run_dir, recipe: Recipe, prepared, identity: dict, checkpoint, group: 
             f"{global_batch} = batch_size {B} x grad_accum {cfg.grad_accum} x {processes}",
             file=sys.stderr,
         )
+    bar = progress(cfg.max_steps, step, enabled=group.main)
+    # what a val loss is measured on: eval_batches batches of blocks, or every block of the split
+    eval_tokens = min((len(prepared.val) - 1) // T, cfg.eval_batches * B * group.world) * T
 
     def checkpoint_now() -> None:
         save(run_dir, step, model, optimizer, param_names, state, qat, ema, recipe, group, B)
@@ -128,6 +136,8 @@ def _loop(run_dir, recipe: Recipe, prepared, identity: dict, checkpoint, group: 
                 if ema is not None:
                     update_ema(ema, optimizer, cfg.ema, step)
                 step_loss, stopping = dist.end_step(group, step_loss, stop.set)
+                if not torch.isfinite(step_loss):  # every rank sees the same all-reduced loss
+                    raise diverged(step, step_loss.item() / cfg.grad_accum, saved, cfg.lr, group.main)
                 loss_sum += step_loss
                 steps_since_log += 1
                 train_seconds += time.perf_counter() - t0
@@ -149,7 +159,8 @@ def _loop(run_dir, recipe: Recipe, prepared, identity: dict, checkpoint, group: 
                     if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
                         state["best_val_loss"] = val_loss
                     if group.main:
-                        bar.write(f"step {step}: val loss {val_loss:.4f}", file=sys.stderr)
+                        bar.write(f"step {step}: val loss {val_loss:.4f} on {eval_tokens:,} tokens of the "
+                                  f"validation split", file=sys.stderr)
                 if step % cfg.sample_every == 0 and group.main:
                     with averaged(optimizer, ema):
                         log.sample(step, _sample_text(model, prepared, recipe, step))

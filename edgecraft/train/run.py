@@ -1,7 +1,8 @@
 """Starting and resuming a run: the checks before any work, the run directory, the data, resume rules.
 
-Under torchrun every rank runs these. Rank 0 alone creates and writes the run directory; a check
-that fails on any rank stops them all, reported once (distributed.together).
+Under torchrun every rank runs these. Rank 0 alone creates and writes the run directory, and
+holds its lock (lock.py) from the first check to the end; a check that fails on any rank stops them
+all, reported once (distributed.together).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import sys
 from pathlib import Path
 
 from edgecraft import data
-from edgecraft.checkpoint import atomic_write_text, clean_partial, list_checkpoints, load_checkpoint_state
+from edgecraft.checkpoint import atomic_write_text, clean_partial, load_checkpoint_state
 from edgecraft.errors import UserError
 from edgecraft.recipe import Recipe, load_recipe, to_toml
 from edgecraft.train.distributed import Group, check_same, peers_kept, process_group, resolve_device, together
 from edgecraft.train.interrupt import interruptible
+from edgecraft.train.lock import locked
 from edgecraft.train.loop import fit
+from edgecraft.train.recover import discard_unstarted, extended, usable_checkpoint
 from edgecraft.train.state import fingerprint, resume_batch_size
 
 
@@ -42,43 +45,52 @@ def train_recipe(
     until the recipe and its data have been checked. `origin` names the recipe in error messages.
     """
     run_dir = Path(runs_dir) / recipe.name
-    with process_group(recipe.train.device) as group, peers_kept(group, _resume_hint(run_dir)):
+    with process_group(recipe.train.device) as group, peers_kept(group, _resume_hint(run_dir)), \
+            contextlib.ExitStack() as held:
         with together(group):
             check_recipe(recipe, origin)
-            if group.main:
+            if group.main:  # the lock first: the existence check then holds until the run is made
+                held.enter_context(locked(run_dir))
                 _check_new_run_dir(run_dir, force)
         prepared, identity = _prepare(recipe, group)
-        with together(group):
-            if group.main:
-                _create_run_dir(run_dir)
-                atomic_write_text(run_dir / "recipe.toml", to_toml(recipe))
-                prepared.tokenizer.save(str(run_dir / "tokenizer.json"))
-        return fit(run_dir, recipe, prepared, identity, None, group, recipe.train.batch_size)
+        try:
+            with together(group):
+                if group.main:
+                    _create_run_dir(run_dir)
+                    atomic_write_text(run_dir / "recipe.toml", to_toml(recipe))
+                    prepared.tokenizer.save(str(run_dir / "tokenizer.json"))
+            return fit(run_dir, recipe, prepared, identity, None, group, recipe.train.batch_size)
+        except BaseException:  # out of memory, diverged, a second Ctrl-C: before any checkpoint,
+            if group.main:  # the directory holds nothing to keep, and a retry needs no --force
+                discard_unstarted(run_dir)
+            raise
 
 
-def resume_run(run_dir: str | Path) -> Path:
+def resume_run(run_dir: str | Path, overrides: list[str] | None = None) -> Path:
     """Continue a run from its newest complete checkpoint with the recipe stored in it, on any
-    number of processes that keeps the run's global batch."""
+    number of processes that keeps the run's global batch. `overrides` (train.max_steps) extend
+    it; the extended recipe replaces the run's recipe.toml."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
     recipe_path = run_dir / "recipe.toml"
-    recipe = load_recipe(recipe_path)
+    recipe = extended(load_recipe(recipe_path), overrides or [], f"{recipe_path} with --set")
     root = run_dir / "checkpoints"
-    with process_group(recipe.train.device) as group, peers_kept(group, _resume_hint(run_dir)):
+    with process_group(recipe.train.device) as group, peers_kept(group, _resume_hint(run_dir)), \
+            contextlib.ExitStack() as held:
         with together(group):
             check_recipe(recipe, str(recipe_path))
             if group.main:
+                held.enter_context(locked(run_dir))
                 clean_partial(root)
-            found = list_checkpoints(root)
-            if not found:
-                raise UserError(f"{run_dir}: no complete checkpoint in {root} to resume from")
-        newest = found[-1]
+            newest = usable_checkpoint(root, quiet=not group.main)  # a damaged newest one is skipped
         check_same(group, int(newest.name[5:]), f"the newest checkpoint in {root} (is it on a shared file system?)")
         if (run_dir / "model.safetensors").is_file() and int(newest.name[5:]) >= recipe.train.max_steps:
             if group.main:
                 print(f"{run_dir}: already finished ({recipe.train.max_steps} steps); nothing to do", file=sys.stderr)
             return run_dir
+        if overrides and group.main:
+            atomic_write_text(recipe_path, to_toml(recipe))
         prepared, identity = _prepare(recipe, group)
         with together(group):
             state, _ = load_checkpoint_state(newest)
