@@ -79,10 +79,11 @@ def _mean_abs_diff(a: Path, b: Path) -> float:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """`torchrun --nproc_per_node=2 -m edgecraft train` of the tiny recipe: 2 x batch_size 8, 20 steps."""
+    """`torchrun --nproc_per_node=2 -m edgecraft train` of the tiny recipe: 2 processes x batch_size 8
+    x grad_accum 2 (DDP skips the all-reduce of the first micro-batch), 20 steps."""
     root = tmp_path_factory.mktemp("ddp")
     recipe = write_tiny_recipe(root)
-    done = subprocess.run([*TORCHRUN, "-m", "edgecraft", "train", str(recipe), *_sets(["train.max_steps=20"])],
+    done = subprocess.run([*TORCHRUN, "-m", "edgecraft", "train", str(recipe), *_sets(["train.max_steps=20", "train.grad_accum=2"])],
                           cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return root, done
@@ -98,7 +99,7 @@ def test_two_processes_write_one_run_that_equals_one_process_with_the_global_bat
         "checkpoints", "metrics.jsonl", "model.safetensors", "recipe.toml", "samples.txt", "tb", "tokenizer.json"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000010", "step-000020"]
     assert len(list((run / "tb").iterdir())) == 1
-    assert done.stderr.count("global batch 16 = batch_size 8 x grad_accum 1 x 2 processes") == 1
+    assert done.stderr.count("global batch 32 = batch_size 8 x grad_accum 2 x 2 processes") == 1
     assert done.stderr.count("data: ") == 1 and done.stderr.count("step 20: val loss") == 1
     assert done.stdout.count("run written to runs/tiny") == 1
     assert (run / "samples.txt").read_text().count("===== step") == 2
@@ -106,11 +107,11 @@ def test_two_processes_write_one_run_that_equals_one_process_with_the_global_bat
     assert [e["step"] for e in train] == [5, 10, 15, 20]  # one record per logged step
     assert train[-1]["loss"] < train[0]["loss"] - 0.3
     state = json.loads((run / "checkpoints" / "step-000020" / "state.json").read_text())
-    assert (state["world_size"], state["batch_size"], state["global_batch"]) == (2, 8, 16)
-    assert state["tokens_seen"] == 20 * 16 * 16
+    assert (state["world_size"], state["batch_size"], state["global_batch"]) == (2, 8, 32)
+    assert state["tokens_seen"] == 20 * 32 * 16
 
     # one process reading the same global batch (batch_size 16) takes the same steps
-    single = train_recipe(load_recipe(root / "tiny.toml", ["train.max_steps=20", "train.batch_size=16"]),
+    single = train_recipe(load_recipe(root / "tiny.toml", ["train.max_steps=20", "train.grad_accum=2", "train.batch_size=16"]),
                           runs_dir=tmp_path / "runs")
     assert _mean_abs_diff(run / "model.safetensors", single / "model.safetensors") < 1e-5
     for a, b in zip(_events(run, "eval"), _events(single, "eval")):  # exact eval, sharded over ranks
@@ -136,7 +137,7 @@ def test_resume_on_two_processes_is_exact_and_on_one_keeps_the_global_batch(ddp_
     resume_run(tmp_path / "one")  # this process alone: batch_size 16 keeps the global batch
     assert _mean_abs_diff(finished, tmp_path / "one" / "model.safetensors") < 1e-5
     state = json.loads((tmp_path / "one" / "checkpoints" / "step-000020" / "state.json").read_text())
-    assert (state["world_size"], state["batch_size"], state["global_batch"]) == (1, 16, 16)
+    assert (state["world_size"], state["batch_size"], state["global_batch"]) == (1, 16, 32)
 
 
 def test_resume_refuses_a_world_size_that_would_change_the_global_batch(tmp_path):
