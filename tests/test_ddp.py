@@ -193,3 +193,23 @@ def test_qat_under_ddp_saves_one_set_of_ranges_and_exports(tmp_path):
     assert "blocks.0.attn.qkv.act_range" in ranges and all(torch.isfinite(r).all() for r in ranges.values())
     bundle = export_run(run, tmp_path / "bundle", ExportOptions(int8=True))
     assert (bundle / "model.int8.onnx").is_file()
+
+
+def test_a_check_that_fails_stops_every_rank_and_is_reported_once(tmp_path):
+    recipe = write_tiny_recipe(tmp_path)
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    procs = _launch(["train", str(recipe)], cwd=tmp_path)
+    (_, err0), (_, err1) = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2]
+    assert err0.count("error: ") == 1 and "already exists" in err0 and "Traceback" not in err0
+    assert "error" not in err1 and "Traceback" not in err1
+    assert list((tmp_path / "runs" / "tiny").iterdir()) == []
+
+
+def test_threads_per_rank_share_the_cores_among_the_ranks_of_a_machine():
+    from edgecraft.train.distributed import Group, threads_per_rank
+
+    cores = len(os.sched_getaffinity(0))
+    assert threads_per_rank(Group(world=4, local_world=2), 0) == max(1, cores // 2)
+    assert threads_per_rank(Group(world=4, local_world=2), 3) == 3  # train.threads wins
+    assert threads_per_rank(Group(), 0) == 0  # one process: the library's default
