@@ -237,6 +237,10 @@ def test_busy_queue_503_and_a_disconnect_frees_its_slot(tiny_bundle):
             # the client went away: its sequence leaves the batch and the slot serves the next request
             wait_until(lambda: "edgecraft_requests_running 0.0" in c.get("/metrics").text, timeout=5)
             assert c.post("/v1/completions", json={"prompt": "a", "max_tokens": 4}).status_code == 200
+            with pytest.raises(httpx.ReadTimeout):  # the same without streaming
+                c.post("/v1/completions", json={"prompt": "a", "max_tokens": 1000000}, timeout=0.5)
+            wait_until(lambda: "edgecraft_requests_running 0.0" in c.get("/metrics").text, timeout=5)
+            assert 'edgecraft_requests_total{endpoint="completions",status="499"} 2.0' in c.get("/metrics").text
     finally:
         assert srv.stop() == 0
 

@@ -147,7 +147,7 @@ def create_app(settings: Settings, on_ready: Callable[[State], None] = lambda s:
                 jobs.append(Job(len(jobs), seq, sink, logprobs=req.logprobs,
                                 score_prompt=bool(req.echo) and req.logprobs is not None, generate=max_tokens > 0))
         reply = Reply("completions", settings.name, choices, logprobs=req.logprobs is not None, include_usage=req.include_usage)
-        return await _run(state, scheduler, "completions", jobs, sink, reply, bool(req.stream))
+        return await _run(state, scheduler, "completions", jobs, sink, reply, bool(req.stream), request.receive)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -165,7 +165,7 @@ def create_app(settings: Settings, on_ready: Callable[[State], None] = lambda s:
             jobs.append(Job(j, seq, sink, logprobs=top))
         reply = Reply("chat", settings.name, choices, logprobs=top is not None, template=template.name,
                       include_usage=req.include_usage)
-        return await _run(state, scheduler, "chat", jobs, sink, reply, bool(req.stream))
+        return await _run(state, scheduler, "chat", jobs, sink, reply, bool(req.stream), request.receive)
 
     return app
 
@@ -231,42 +231,64 @@ def _sequence(state: State, prompt, max_tokens: int, req, choice: int, extra_sto
 
 
 async def _run(state: State, scheduler: Scheduler, endpoint: str, jobs: list[Job], sink: Sink, reply: Reply,
-               stream: bool) -> Response:
+               stream: bool, receive) -> Response:
     """Queue the jobs and answer: the whole body, or an SSE stream once the first tokens are in
-    (so a request refused while it waited still gets its status code)."""
+    (so a request refused while it waited still gets its status code). A client that goes away,
+    waiting or not, cancels its jobs: they leave the batch before the next decode step."""
     if len(jobs) > state.settings.slots:
         raise APIError(400, f"n x prompts = {len(jobs)} sequences; this server runs {state.settings.slots} at once",
                        param="n")
     scheduler.submit(jobs)
+    watcher = asyncio.create_task(_disconnect(receive, sink))
     try:
-        events = await sink.get()
-    except asyncio.CancelledError:
-        scheduler.cancel(jobs)
-        raise
-    for event in events:
-        if event.error is not None:
-            scheduler.cancel(jobs)
-            state.metrics.requests.labels(endpoint, str(event.error.status)).inc()
-            return error_response(event.error)
-    changed = reply.take(events)
-    if stream:
-        return EventStream(state, scheduler, endpoint, jobs, sink, reply, changed)
-    try:
+        events = await _events(sink, watcher)
+        for event in events:
+            if event.error is not None:
+                state.metrics.requests.labels(endpoint, str(event.error.status)).inc()
+                return error_response(event.error)
+        changed = reply.take(events)
+        if stream:
+            response, watcher = EventStream(state, scheduler, endpoint, jobs, sink, reply, changed, watcher), None
+            return response
         while not reply.done:
-            reply.take(await sink.get())
-    except asyncio.CancelledError:
-        scheduler.cancel(jobs)
-        raise
-    state.metrics.requests.labels(endpoint, "200").inc()
-    return JSONResponse(reply.body())
+            reply.take(await _events(sink, watcher))
+        state.metrics.requests.labels(endpoint, "200").inc()
+        return JSONResponse(reply.body())
+    except ClientGone:
+        state.metrics.requests.labels(endpoint, "499").inc()  # nginx's code for "the client closed the connection"
+        return Response(status_code=499)
+    finally:
+        if watcher is not None:  # the stream, when there is one, owns it now
+            watcher.cancel()
+            if not reply.done:
+                scheduler.cancel(jobs)
+
+
+async def _disconnect(receive, sink: Sink) -> None:
+    """Returns when the client closes the connection (the body was read already, so the next
+    message is the disconnect), waking whoever waits on `sink`."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    sink.put([Event(-1)])
+
+
+async def _events(sink: Sink, watcher: asyncio.Task) -> list[Event]:
+    """The next round of a request's events; ClientGone once its client has left."""
+    events = [e for e in await sink.get() if e.index >= 0]
+    if watcher.done():
+        raise ClientGone()
+    return events
+
+
+class ClientGone(Exception):
+    """The client closed the connection; nobody is left to answer."""
 
 
 class EventStream(Response):
-    """Server-sent events from a request's sink; a client that goes away cancels its jobs, which
-    leave the batch before the next decode step."""
+    """Server-sent events from a request's sink."""
 
     def __init__(self, state: State, scheduler: Scheduler, endpoint: str, jobs: list[Job], sink: Sink,
-                 reply: Reply, changed: list[int]) -> None:
+                 reply: Reply, changed: list[int], watcher: asyncio.Task) -> None:
         # not Response.__init__: it would declare a Content-Length for an empty body
         self.status_code, self.background = 200, None
         self.raw_headers = [
@@ -274,18 +296,9 @@ class EventStream(Response):
             (b"x-accel-buffering", b"no"),  # proxies such as nginx must pass each event on at once
         ]
         self.state, self.scheduler, self.endpoint = state, scheduler, endpoint
-        self.jobs, self.sink, self.reply, self.changed = jobs, sink, reply, changed
+        self.jobs, self.sink, self.reply, self.changed, self.watcher = jobs, sink, reply, changed, watcher
 
     async def __call__(self, scope, receive, send) -> None:
-        gone = asyncio.Event()
-
-        async def watch() -> None:  # the body was read already: the next message is the disconnect
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone.set()
-            self.sink.put([Event(-1)])  # wakes the loop below
-
-        watcher = asyncio.create_task(watch())
         reply = self.reply
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
@@ -294,12 +307,11 @@ class EventStream(Response):
                 await send({"type": "http.response.body", "body": reply.chunks(changed), "more_body": not reply.done})
                 if reply.done:
                     break
-                events = [e for e in await self.sink.get() if e.index >= 0]
-                if gone.is_set():
-                    break
-                changed = reply.take(events)
+                changed = reply.take(await _events(self.sink, self.watcher))
+        except ClientGone:
+            pass
         finally:
-            watcher.cancel()
+            self.watcher.cancel()
             if not reply.done:
                 self.scheduler.cancel(self.jobs)
         status = "200" if reply.done else "499"  # 499: the client closed the connection (nginx's code)

@@ -6,9 +6,10 @@ The asyncio side (app.py) never touches the engine. It hands jobs (one per choic
     take cancellations and new jobs (under a lock) -> leave / join (one prefill for all joiners)
     -> one batched decode step over every active sequence -> hand this round's events to the loop
 
-Events reach the loop in one `call_soon_threadsafe` per round, not one per token, and a reader
-that fell behind drains several at once, so the event loop's cost per step stays flat as the
-batch grows. Each sequence keeps its own sampling options and RNG (runtime/batch.py).
+Events reach the loop through an outbox: a round's events for every request at once, with one
+`call_soon_threadsafe` wake-up only when the loop has emptied the outbox, and a reader that fell
+behind sends several tokens in one chunk, so the loop's cost does not grow with the step rate.
+Each sequence keeps its own sampling options and RNG (runtime/batch.py).
 """
 
 from __future__ import annotations
