@@ -1,6 +1,6 @@
 """Decode speed of edgecraft's runtime against a plain torch.onnx.export graph, side by side.
 
-    python benchmarks/decode_speed.py [--run runs/NAME] [--runs 7] [--threads 1,2] [--out benchmarks/results/decode_speed.md]
+    python benchmarks/decode_speed.py [--run runs/NAME] [--runs 7] [--threads 1,2] [--out FILE.md]
     python benchmarks/decode_speed.py --save-graphs DIR [--run runs/NAME]   # build the graphs and stop (needs torch)
     python benchmarks/decode_speed.py --graphs DIR ...                      # measure them (another machine)
     python benchmarks/decode_speed.py --tree /tmp/before ...                # before/after: another checkout's runtime
@@ -208,7 +208,8 @@ def _subgraph(model, op_type: str, block: int):
             values[name] = np.random.default_rng(0).random((1, 1, int(name[1:])), dtype=np.float32)
         else:  # a KV buffer
             sizes = {"batch_size": 1, "max_sequence_length": block}
-            values[name] = np.zeros([d.dim_value or sizes[d.dim_param] for d in info.type.tensor_type.shape.dim], np.float32)
+            dims = [d.dim_value or sizes[d.dim_param] for d in info.type.tensor_type.shape.dim]
+            values[name] = np.zeros(dims, np.float32)
     return helper.make_model(graph, opset_imports=model.opset_import), values
 
 
@@ -240,22 +241,22 @@ def step_breakdown(e, path: Path, reps: int = 1000) -> dict:
         e.decode(ids).argmax(-1)
 
     figures = {"decode() + argmax: the whole step": _cpu_best(step, reps)}
-    binding, _ = e._step(1)  # the step's binding, its inputs as the last step() left them
-    figures["run_with_iobinding: the graph"] = _cpu_best(lambda: e.session.run_with_iobinding(binding), reps)
-    session = e.session
+    session, binding, out = e._step(1)  # the step's session and binding, inputs as step() left them
+    figures["run_with_iobinding: the graph"] = _cpu_best(lambda: session.run_with_iobinding(binding), reps)
 
     class NoGraph:  # the step's Python alone: decode() with the graph call stubbed out
         def run_with_iobinding(self, binding):
             pass
 
-    e.session = NoGraph()
+    e._steps[1] = (NoGraph(), binding, out)
     figures["Python in decode() + argmax"] = _cpu_best(step, reps * 10)
-    e.session = session
+    e._steps[1] = (session, binding, out)
     feeds = {"input_ids": np.zeros((1, 1), np.int64), "seqlens_k": np.array([[100]], np.int32),
              "total_sequence_length": np.array([101], np.int32)}
     if "position_ids" in {i.name for i in session.get_inputs()}:
         feeds["position_ids"] = np.full((1, 1), 100, np.int64)
-    kv = {f"past_key_values.{i}.{k}": np.zeros(e._kv[0].shape, np.float32) for i in range(e._n_layers) for k in ("key", "value")}
+    kv = {f"past_key_values.{i}.{k}": np.zeros(e._kv[0].shape, np.float32)
+          for i in range(e._n_layers) for k in ("key", "value")}
     figures["InferenceSession.run instead (numpy in, cache copied in and out)"] = _cpu_best(
         lambda: session.run(None, {**feeds, **kv}), reps // 4)
     model = onnx.load(str(path))
@@ -268,11 +269,13 @@ def step_breakdown(e, path: Path, reps: int = 1000) -> dict:
         b = _bound(s, values)
         parts[op_type] = _cpu_best(lambda: s.run_with_iobinding(b), reps)
         figures[f"the {len(sub.graph.node)} {op_type} alone (same weights)"] = parts[op_type]
-    figures["the other nodes and the session (by difference)"] = figures["run_with_iobinding: the graph"] - sum(parts.values())
+    graph = figures["run_with_iobinding: the graph"]
+    figures["the other nodes and the session (by difference)"] = graph - sum(parts.values())
     weights = sum(np.prod(t.dims) * 4 for t in model.graph.initializer if t.name.endswith(".weight.T"))
     matrix = np.random.default_rng(0).random((int(weights // 512), 128), dtype=np.float32)
     vector = np.ones(128, np.float32)
-    figures[f"floor: numpy gemv over all matrix weights ({weights / 1e6:.2f} MB)"] = _cpu_best(lambda: matrix @ vector, reps // 4)
+    floor = f"floor: numpy gemv over all matrix weights ({weights / 1e6:.2f} MB)"
+    figures[floor] = _cpu_best(lambda: matrix @ vector, reps // 4)
     return figures
 
 
@@ -307,7 +310,8 @@ def export_traced(model, path: Path) -> None:
     shapes = ({0: batch, 1: seq}, tuple({0: batch, 2: n_past} for _ in range(2 * L)))
     torch.onnx.export(
         CacheIO().eval(), (torch.zeros(2, 3, dtype=torch.long), *past), str(path),
-        input_names=["input_ids"] + [f"past.{k}" for k in kinds], output_names=["logits"] + [f"present.{k}" for k in kinds],
+        input_names=["input_ids"] + [f"past.{k}" for k in kinds],
+        output_names=["logits"] + [f"present.{k}" for k in kinds],
         dynamic_shapes=shapes, opset_version=18, dynamo=True, verbose=False,
     )
 
@@ -330,7 +334,8 @@ def save_graphs(out: Path, run: Path | None) -> None:
     llama_cfg = GPTConfig(**{**gpt.cfg.to_dict(), **LLAMA})
     write_onnx(GPT(llama_cfg).eval(), out / FILES[LLAMA_ROW], 17)
     export_traced(gpt, out / FILES[PLAIN])
-    (out / "config.json").write_text(json.dumps({"config": gpt.cfg.to_dict(), "llama": llama_cfg.to_dict(), "weights": source}))
+    saved = {"config": gpt.cfg.to_dict(), "llama": llama_cfg.to_dict(), "weights": source}
+    (out / "config.json").write_text(json.dumps(saved))
 
 
 def node_count(path: Path, level: str = "ORT_ENABLE_ALL") -> int:
@@ -363,7 +368,8 @@ def measure_all(graphs: Path, args: argparse.Namespace, work: Path) -> str:
     trees = {}
     for tree in args.tree:
         label = f"edgecraft @ {tree.resolve().name}"
-        trees[label] = (tree, harness.child(__file__, "export", {"work": str(work / tree.name), "tree": str(tree)}, tree=tree))
+        spec = {"work": str(work / tree.name), "tree": str(tree)}
+        trees[label] = (tree, harness.child(__file__, "export", spec, tree=tree))
     if trees:
         trees["edgecraft @ this checkout"] = (None, str(graphs / "bundle"))
     weights = "random weights" if saved["weights"] == "random" else "weights of " + saved["weights"]
@@ -375,7 +381,8 @@ def measure_all(graphs: Path, args: argparse.Namespace, work: Path) -> str:
         "one thread count after the other.", "",
         "| graph | nodes as shipped | after onnxruntime's ALL-level optimiser |", "|---|---|---|",
     ]
-    lines += [f"| {name} | {len(onnx.load(str(graphs / f)).graph.node)} | {node_count(graphs / f)} |" for name, f in FILES.items()]
+    lines += [f"| {name} | {len(onnx.load(str(graphs / f)).graph.node)} | {node_count(graphs / f)} |"
+              for name, f in FILES.items()]
     prompts = make_prompts(cfg.vocab_size)
     results, breakdown = {}, None
     for threads in args.threads:
@@ -395,7 +402,8 @@ def measure_all(graphs: Path, args: argparse.Namespace, work: Path) -> str:
                   "| row | batch-1 decode tok/s | vs plain | Model.generate tok/s | TTFT, 64-token prompt (ms) | "
                   "batch-16 aggregate tok/s | batch 16 / batch 1 |", "|---|---|---|---|---|---|---|"]
         for name, rounds in by_row.items():
-            med = {k: statistics.median(r[k] for r in rounds) for k in ("b1", "ttft", "b16", "generate") if k in rounds[0]}
+            med = {k: statistics.median(r[k] for r in rounds) for k in ("b1", "ttft", "b16", "generate")
+                   if k in rounds[0]}
             gen = f"{med['generate']:,.0f}" if "generate" in med else "–"
             lines.append(f"| {name} | {med['b1']:,.0f} | {med['b1'] / base:.2f}x | {gen} | {med['ttft']:.2f} | "
                          f"{med['b16']:,.0f} | {med['b16'] / med['b1']:.1f}x |")
@@ -413,10 +421,10 @@ def measure_all(graphs: Path, args: argparse.Namespace, work: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, help="a trained run directory (default: random weights, recipes/char-1m.toml's shape)")
+    parser.add_argument("--run", type=Path, help="a trained run (default: recipes/char-1m.toml's shape, random weights)")
     parser.add_argument("--runs", type=int, default=7, help="measured rounds (after one warm-up)")
-    parser.add_argument("--threads", type=harness.int_list, default=[1, 2], help="thread counts to measure, e.g. 1 or 1,2")
-    parser.add_argument("--out", type=Path, help="write the markdown report here (e.g. benchmarks/results/decode_speed.md)")
+    parser.add_argument("--threads", type=harness.int_list, default=[1, 2], help="thread counts, e.g. 1 or 1,2")
+    parser.add_argument("--out", type=Path, help="also write the report here (e.g. benchmarks/results/decode_speed.md)")
     parser.add_argument("--save-graphs", type=Path, help="only build the graphs into this directory")
     parser.add_argument("--graphs", type=Path, help="measure the graphs built by --save-graphs")
     parser.add_argument("--tree", type=Path, action="append", default=[],

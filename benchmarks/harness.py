@@ -51,11 +51,8 @@ def child(script: str | Path, role: str, payload: dict | None = None, python: st
           tree: Path | None = None) -> Any:
     """`python script --child ROLE` with `payload` on stdin -> the JSON of its last stdout line.
     `tree`: a checkout whose edgecraft package the child imports instead of this one's."""
-    paths = [str(tree)] if tree else []
-    paths += [str(REPO), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     proc = subprocess.run([python, str(script), CHILD, role], input=json.dumps(payload or {}),
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=_environment(tree))
     if proc.returncode:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"{Path(script).name} {CHILD} {role} failed in {python} (exit {proc.returncode})")
@@ -74,8 +71,14 @@ def serve_child(roles: dict[str, Callable[[dict], Any]]) -> bool:
 
 def edgecraft_cli(*args: str, tree: Path | None = None) -> None:
     """`python -m edgecraft.cli ARGS` (of `tree` when given), failing loudly."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(tree or REPO), os.environ.get("PYTHONPATH")) if p)}
-    subprocess.run([sys.executable, "-m", "edgecraft.cli", *args], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "edgecraft.cli", *args], check=True, env=_environment(tree))
+
+
+def _environment(tree: Path | None) -> dict[str, str]:
+    """A child's environment: `tree`'s edgecraft package first when given, then this checkout's."""
+    paths = [str(tree)] if tree else []
+    paths += [str(REPO), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
 # ---------------------------------------------------------------- measuring
@@ -149,7 +152,8 @@ def random_run(root: Path, recipe: str = "char-1m", seed: int = 0) -> Path:
     tokenizer = make_char_tokenizer(["\n !$&',-.3:;?" + string.ascii_letters])
     tokenizer.save(str(run / "tokenizer.json"))
     torch.manual_seed(seed)
-    save_model(GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size(), **resolved.model.model_dump())), run / "model.safetensors")
+    cfg = GPTConfig(vocab_size=tokenizer.get_vocab_size(), **resolved.model.model_dump())
+    save_model(GPT(cfg), run / "model.safetensors")
     return run
 
 
@@ -179,7 +183,8 @@ class RunInfo:
 
     def write(self, stem: Path, body: str, data: dict | None = None) -> None:
         """STEM.md (header and body) and, with `data`, STEM.json (header and data), atomically."""
-        info = self.data | {"load_after": os.getloadavg(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        info = self.data | {"load_after": os.getloadavg(), "created": created}
         write_atomic(stem.with_suffix(".md"), render(info, body))
         if data is not None:
             write_atomic(stem.with_suffix(".json"), json.dumps(info | data, indent=1) + "\n")
