@@ -140,7 +140,8 @@ def test_page_greedy_equals_python(kind, precision, bundles, servers, browser, s
     expected = load(bundles[kind], int8=precision == "int8").generate(prompt, max_new_tokens=NEW_TOKENS, temperature=0)
     page = open_page(browser, f"{servers[kind]}web/index.html?model={precision}&backend=wasm")
     about = page.text_content("#about")
-    assert f"web/model.wasm{'.int8' if precision == 'int8' else ''}.onnx on WebAssembly" in about
+    files = "web/model.wasm.int8.onnx (decode steps: web/model.wasm.int8.1row.onnx)" if precision == "int8" else "web/model.wasm.onnx"
+    assert f"{files} on WebAssembly" in about  # the Python engine's int8 decode steps run the 1row graph too
     text = generate(page, prompt, max_new_tokens=str(NEW_TOKENS), temperature="0")
     page.screenshot(path=str(shots / f"{kind}-{precision}.png"))
     assert text == expected
@@ -227,7 +228,7 @@ def test_manifest_web_section(bundles):
     web = manifest.web
     assert web["format"] == "edgecraft-web/1" and web["page"] == "web/index.html"
     assert web["graphs"] == {
-        "wasm": {"fp32": "web/model.wasm.onnx", "int8": "web/model.wasm.int8.onnx"},
+        "wasm": {"fp32": "web/model.wasm.onnx", "int8": "web/model.wasm.int8.onnx", "int8_decode": "web/model.wasm.int8.1row.onnx"},
         "webgpu": {"fp32": "web/model.webgpu.onnx", "int8": "web/model.webgpu.int8.onnx"},
     }
     assert json.loads((VENDOR / "versions.json").read_text()) == web["packages"]

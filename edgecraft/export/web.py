@@ -30,16 +30,22 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgecraft.errors import UserError
 from edgecraft.files import as_umask_allows
-from edgecraft.runtime.bundle import FP32_MODEL, INT8_MODEL, MANIFEST, BundleError, FileEntry, read_manifest, sha256_file
+from edgecraft.runtime.bundle import (
+    FP32_MODEL, INT8_MODEL, INT8_SINGLE_ROW_MODEL, MANIFEST, BundleError, FileEntry, read_manifest, sha256_file,
+)
 
 WEB = "web"
 WEB_FORMAT = "edgecraft-web/1"
 ASSETS = Path(__file__).with_name("web_assets")
 VENDOR = ASSETS / "vendor"
 GRAPHS = {  # backend -> bundle model file -> the file the browser runs
-    "wasm": {FP32_MODEL: "web/model.wasm.onnx", INT8_MODEL: "web/model.wasm.int8.onnx"},
+    "wasm": {FP32_MODEL: "web/model.wasm.onnx", INT8_MODEL: "web/model.wasm.int8.onnx",
+             INT8_SINGLE_ROW_MODEL: "web/model.wasm.int8.1row.onnx"},
     "webgpu": {FP32_MODEL: "web/model.webgpu.onnx", INT8_MODEL: "web/model.webgpu.int8.onnx"},
 }
+# the manifest's web.graphs keys; "int8_decode" is the graph one-token decode steps run, as the
+# Python engine runs them (runtime/onnx_engine.py's single_row_path); WebGPU's int8 graph already is MatMulNBits
+PRECISIONS = {FP32_MODEL: "fp32", INT8_MODEL: "int8", INT8_SINGLE_ROW_MODEL: "int8_decode"}
 CHANGES = {
     "wasm": "present.* outputs (the whole cache) -> new.*: only the positions the call wrote, present[:, :, "
             "total - S : total] (batch 1); the page keeps the cache. Same logits.",
@@ -183,11 +189,12 @@ def add_web(bundle: Path) -> Path:
         shutil.copytree(VENDOR, tmp / "vendor")
         graphs: dict[str, dict[str, str]] = {"wasm": {}, "webgpu": {}}
         derived = {}
-        for name in [f for f in manifest.onnx.files if f in (FP32_MODEL, INT8_MODEL)]:
-            precision = "int8" if name == INT8_MODEL else "fp32"
+        for name in [f for f in (FP32_MODEL, INT8_MODEL, INT8_SINGLE_ROW_MODEL) if f in manifest.files]:
             for backend, write in (("wasm", wasm_graph), ("webgpu", webgpu_graph)):
+                if name not in GRAPHS[backend]:
+                    continue
                 file = GRAPHS[backend][name]
-                graphs[backend][precision] = file
+                graphs[backend][PRECISIONS[name]] = file
                 derived[file] = {"from": name, "backend": backend, "op_types": write(bundle / name, tmp / Path(file).name)}
         files = {
             f"{WEB}/{p.relative_to(tmp).as_posix()}": FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)

@@ -93,7 +93,7 @@ export async function load(url, { int8 = false, backend = "auto", threads, verif
   ort.env.wasm.numThreads = threads === 0 ? navigator.hardwareConcurrency : threads;
   if (ort.env.wasm.numThreads > 1 && !globalThis.crossOriginIsolated) ort.env.wasm.numThreads = 1;  // no SharedArrayBuffer
   const engine = await Engine.create(ort, manifest, backend, graph, decodeGraph);
-  return new Model(engine, tokenizer, manifest, { file, backend, threads: ort.env.wasm.numThreads });
+  return new Model(engine, tokenizer, manifest, { file, decodeFile, backend, threads: ort.env.wasm.numThreads });
 }
 
 // ------------------------------------------------------------------ the engine: one sequence's KV cache
@@ -420,6 +420,7 @@ class Model {
     this.tokenizer = tokenizer;
     this.manifest = manifest;
     this.file = info.file;  // the graph this page runs
+    this.decodeFile = info.decodeFile ?? null;  // and the one its one-token decode steps run, if another
     this.backend = info.backend;  // "wasm" | "webgpu"
     this.threads = info.threads;
     this.stats = null;  // the last (or current) generation's figures, updated every token
