@@ -215,10 +215,5 @@ def versions(names: tuple[str, ...]) -> dict[str, str]:
     """Installed versions of `names` in this Python (another interpreter's libraries, say)."""
     from importlib import metadata
 
-    found = {}
-    for name in names:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
+    found = {d.metadata["Name"].lower().replace("_", "-"): d.version for d in metadata.distributions()}
+    return {name: found[name] for name in names if name in found}

@@ -93,6 +93,28 @@ def prompts(run: Path, batch: int, length: int) -> list[list[int]]:
     return np.array(ids[: batch * length]).reshape(batch, length).tolist()
 
 
+def flags(parser: argparse.ArgumentParser, recipe: str, rows: tuple[str, ...], name: str, threads: list[int],
+          rounds: int) -> None:
+    """The flags peers.py and peers_genai.py share: the run (or the recipe trained without one),
+    its bundle, the rows, prompts, runs and rounds, where the work and the report go."""
+    parser.add_argument("--run", type=Path, help=f"a trained run of recipes/{recipe}.toml's style (default: train one)")
+    parser.add_argument("--corpus", type=Path, default=harness.default_corpus(),
+                        help=f"without --run: train recipes/{recipe}.toml on this (default: tinyshakespeare if present)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps without --run")
+    parser.add_argument("--bundle", type=Path, help="the run's bundle (default: export it, fp32 and int8)")
+    parser.add_argument("--threads", type=harness.int_list, default=threads, help=f"default: {threads}")
+    parser.add_argument("--batches", type=harness.int_list, default=[1, 16])
+    parser.add_argument("--rows", default=",".join(rows), help="subset of rows to measure")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=3, help="measured runs inside each row's process per round")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up runs inside each row's process")
+    parser.add_argument("--rounds", type=int, default=rounds, help="measured rounds, each a fresh process per row")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / f"edgecraft-{name}")
+    parser.add_argument("--out", type=Path, default=harness.RESULTS, help=f"where {name}.md and .json go")
+    parser.add_argument("--render", type=Path, help=f"only re-render {name}.md from this {name}.json")
+
+
 def has_int8(bundle: Path) -> bool:
     return "model.int8.onnx" in json.loads((bundle / "edgecraft.json").read_text())["files"]
 
@@ -214,25 +236,9 @@ def write_report(report: dict, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", type=Path, help="a trained edgecraft run (GPT-2-style recipe)")
-    parser.add_argument("--corpus", type=Path, default=harness.default_corpus(),
-                        help="without --run: train recipes/char-1m.toml on this (default: tinyshakespeare if present)")
-    parser.add_argument("--steps", type=int, default=300, help="training steps without --run")
-    parser.add_argument("--bundle", type=Path, help="the run's bundle with fp32 and int8 (default: export it)")
+    flags(parser, "char-1m", ORDER, "peers", [1, len(os.sched_getaffinity(0))], rounds=3)
     parser.add_argument("--peer-python", default=sys.executable, help="Python with transformers and optimum-onnx")
-    parser.add_argument("--threads", type=harness.int_list, default=[1, len(os.sched_getaffinity(0))],
-                        help="default: 1 and all usable cores")
-    parser.add_argument("--batches", type=harness.int_list, default=[1, 16])
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=200)
-    parser.add_argument("--runs", type=int, default=3, help="measured runs per row and round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over all rows (each a fresh process)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rows", default=",".join(ORDER), help="subset of rows to measure")
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgecraft-peers")
     parser.add_argument("--note", default="", help="a line for the report, e.g. how the run was trained")
-    parser.add_argument("--out", type=Path, default=harness.RESULTS, help="where peers.{md,json,png} go")
-    parser.add_argument("--render", type=Path, help="only re-render peers.md/png from this peers.json (with --note)")
     args = parser.parse_args()
     if args.render:
         report = {"title": TITLE, "command": "not recorded", **json.loads(args.render.read_text())}
