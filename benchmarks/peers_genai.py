@@ -72,7 +72,7 @@ TITLE = "edgecraft llama-style vs onnxruntime-genai"
 # (batch 1 only: genai feeds the graph's sequence counters at batch 1): against genai-fp32 it
 # compares the two graphs under one loop, against edgecraft-fp32 the two loops over one graph
 GENAI_LOOP = "genai-loop-edgecraft-fp32"
-ROWS = ("edgecraft-fp32", "edgecraft-int8", GENAI_LOOP, "genai-fp32", "genai-int4")
+ROWS = ("edgecraft-fp32", "edgecraft-int8", "edgecraft-int4", GENAI_LOOP, "genai-fp32", "genai-int4")
 LLAMA_SHAPE = {"norm": "rmsnorm", "pos": "rope", "mlp": "swiglu", "bias": False, "tie_embeddings": True}
 
 
@@ -221,10 +221,10 @@ def prepare_genai(run_dir: Path, work: Path, probe: list[int], threads: list[int
 class EdgecraftGen:
     """Greedy decoding through edgecraft's engine (the bundle's graph)."""
 
-    def __init__(self, bundle: Path, int8: bool, threads: int) -> None:
+    def __init__(self, bundle: Path, quant: str, threads: int) -> None:
         from edgecraft.runtime import load
 
-        self.engine = load(bundle, int8=int8, threads=threads).engine
+        self.engine = load(bundle, quant=quant, threads=threads).engine
 
     def start(self, prompt: np.ndarray) -> None:
         """What starting a sequence costs before any model call."""
@@ -287,7 +287,7 @@ def measure_row(spec: dict) -> dict:
     row, threads = spec["row"], spec["threads"]
     before = _threads_now()
     if row.startswith("edgecraft"):
-        gen = EdgecraftGen(Path(spec["bundle"]), row.endswith("int8"), threads)
+        gen = EdgecraftGen(Path(spec["bundle"]), row.split("-")[1], threads)
     else:
         gen = GenaiGen(Path(spec["genai_dirs"][row][str(threads)]))
     after = _threads_now()
@@ -426,8 +426,8 @@ def ratios(lines: list[dict]) -> list[dict]:
     """Row-over-row ratios: of medians, paired within rounds (the median of per-round ratios), by CPU time."""
     cells = {(x["row"], x["threads"], b): v for x in lines for b, v in x["batches"].items()}
     ttft = {(x["row"], x["threads"]): x["ttft_ms"] for x in lines}
-    pairs = (("edgecraft-fp32", "genai-fp32"), ("edgecraft-int8", "genai-int4"), (GENAI_LOOP, "genai-fp32"),
-             ("edgecraft-fp32", GENAI_LOOP))
+    pairs = (("edgecraft-fp32", "genai-fp32"), ("edgecraft-int8", "genai-int4"), ("edgecraft-int4", "genai-int4"),
+             ("edgecraft-int4", "edgecraft-int8"), (GENAI_LOOP, "genai-fp32"), ("edgecraft-fp32", GENAI_LOOP))
     out = []
     for (row, t, b), v in sorted(cells.items(), key=lambda kv: (kv[0][2], kv[0][1])):
         for ours, theirs in pairs:
@@ -489,6 +489,9 @@ def main() -> None:
     if "edgecraft-int8" in rows and not has_int8(bundle):
         rows.remove("edgecraft-int8")
         notes.append(f"edgecraft-int8 not measured: {bundle} has no model.int8.onnx")
+    if "edgecraft-int4" in rows and "model.int4.onnx" not in json.loads((bundle / "edgecraft.json").read_text())["files"]:
+        rows.remove("edgecraft-int4")
+        notes.append(f"edgecraft-int4 not measured: {bundle} has no model.int4.onnx (export it with --int4)")
     gen_len = min(args.prompt_len, cfg.block_size - args.new_tokens)
     all_prompts = prompts(run, max(batches), args.prompt_len)
     print("preparing the genai models ...", file=sys.stderr, flush=True)
