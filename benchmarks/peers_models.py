@@ -36,41 +36,66 @@ GPT2_BLOCK = {  # suffix after blocks.i. -> (suffix after transformer.h.i., tran
 # ---------------------------------------------------------------- peers' models (peer python)
 
 
+def run_weights(run_dir: Path, shape: dict) -> tuple[dict, dict]:
+    """The run's model config and weights (torch tensors), refusing a model not of `shape`."""
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "model.safetensors"), framework="pt") as f:
+        cfg = json.loads(f.metadata()["config"])
+        weights = {name: f.get_tensor(name) for name in f.keys()}
+    if {k: cfg.get(k) for k in shape} != shape:
+        raise SystemExit(f"this comparison needs a model of {shape}; {run_dir} has {({k: cfg.get(k) for k in shape})}")
+    # tied: save_model stores the shared tensor once, under either name
+    weights.setdefault("tok_emb.weight", weights.get("head.weight"))
+    return cfg, weights
+
+
+def load_checked(model, state: dict, allowed_missing: tuple[str, ...]):
+    """`model` (eval mode) with `state` loaded; every other parameter missing is an error."""
+    missing, unexpected = model.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=False)
+    missing = [m for m in missing if not m.endswith(allowed_missing)]
+    if missing or unexpected:
+        raise SystemExit(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+def logit_diff(run_dir: Path, model, probe: list[int]) -> float:
+    """Max |logit difference| between edgecraft's PyTorch model of the run and `model` over `probe`,
+    refused above 1e-3: same weights, or the comparison is meaningless."""
+    import torch
+
+    from edgecraft.checkpoint import load_model
+
+    ids = torch.tensor([probe])
+    with torch.no_grad():
+        diff = float((load_model(run_dir / "model.safetensors").eval()(ids)[0] - model(ids).logits).abs().max())
+    if diff > 1e-3:
+        raise SystemExit(f"{type(model).__name__} built from {run_dir} disagrees with edgecraft: max |logit diff| {diff:.2e}")
+    return diff
+
+
 def gpt2_from_run(run_dir: Path):
     """A GPT2LMHeadModel of the run's shape carrying the run's weights (a GPT-2-style recipe only)."""
     import torch
-    from safetensors import safe_open
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    weights_path = run_dir / "model.safetensors"
-    with safe_open(str(weights_path), framework="pt") as f:
-        cfg = json.loads(f.metadata()["config"])
-        weights = {name: f.get_tensor(name) for name in f.keys()}
-    shape = {k: cfg.get(k) for k in ("norm", "pos", "mlp", "bias", "tie_embeddings")}
-    if shape != {"norm": "layernorm", "pos": "learned", "mlp": "gelu", "bias": True, "tie_embeddings": True}:
-        raise SystemExit(f"peers compare GPT-2-shaped models only; {weights_path} has {shape}")
+    cfg, weights = run_weights(run_dir, {"norm": "layernorm", "pos": "learned", "mlp": "gelu", "bias": True,
+                                         "tie_embeddings": True})
     config = GPT2Config(
         vocab_size=cfg["vocab_size"], n_positions=cfg["block_size"], n_embd=cfg["d_model"],
         n_layer=cfg["n_layers"], n_head=cfg["n_heads"], n_inner=cfg["d_ff"],
         activation_function="gelu", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
         attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=0,
     )
-    state = {}
+    state = {"lm_head.weight": weights["tok_emb.weight"]}
     for name, tensor in weights.items():
         if name in GPT2_NAMES:
             state[GPT2_NAMES[name]] = tensor
         elif name.startswith("blocks."):
             _, i, suffix = name.split(".", 2)
             target, transpose = GPT2_BLOCK[suffix]
-            state[f"transformer.h.{i}.{target}"] = tensor.t().contiguous() if transpose else tensor
-    # tied: save_model stores the shared tensor once, under either name
-    emb = weights.get("tok_emb.weight", weights.get("head.weight"))
-    state["transformer.wte.weight"] = state["lm_head.weight"] = emb
-    model = GPT2LMHeadModel(config).eval()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith(".attn.bias") and not m.endswith("masked_bias")]
-    if missing or unexpected:
-        raise SystemExit(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
+            state[f"transformer.h.{i}.{target}"] = tensor.t() if transpose else tensor
+    model = load_checked(GPT2LMHeadModel(config), state, (".attn.bias", "masked_bias"))
     with torch.no_grad():  # the tied head must really be the embedding
         model.lm_head.weight = model.transformer.wte.weight
     return model
@@ -78,20 +103,11 @@ def gpt2_from_run(run_dir: Path):
 
 def prepare_peers(run_dir: Path, work: Path, probe: list[int]) -> dict:
     """Write work/hf (GPT-2), work/optimum-fp32 and work/optimum-int8; check the GPT-2 against the run."""
-    import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    from edgecraft.checkpoint import load_model
-
     model = gpt2_from_run(run_dir)
-    ids = torch.tensor([probe])
-    with torch.no_grad():
-        ours = load_model(run_dir / "model.safetensors")(ids)[0]
-        theirs = model(ids).logits
-    diff = float((ours - theirs).abs().max())
-    if diff > 1e-3:
-        raise SystemExit(f"GPT-2 built from {run_dir} disagrees with edgecraft: max |logit diff| {diff:.2e}")
+    diff = logit_diff(run_dir, model, probe)
     shutil.rmtree(work, ignore_errors=True)
     model.save_pretrained(work / "hf")
     ORTModelForCausalLM.from_pretrained(work / "hf", export=True, use_cache=True).save_pretrained(work / "optimum-fp32")
