@@ -59,19 +59,20 @@ def load_checked(model, state: dict, allowed_missing: tuple[str, ...]):
     return model.eval()
 
 
-def logit_diff(run_dir: Path, model, probe: list[int]) -> float:
-    """Max |logit difference| between edgecraft's PyTorch model of the run and `model` over `probe`,
-    refused above 1e-3: same weights, or the comparison is meaningless."""
+def logit_diff(run_dir: Path, model, probe: list[int]) -> tuple[float, np.ndarray]:
+    """Max |logit difference| between edgecraft's PyTorch model of the run and `model` over `probe`
+    (refused above 1e-3: same weights, or the comparison is meaningless), and edgecraft's logits (T, V)."""
     import torch
 
     from edgecraft.checkpoint import load_model
 
     ids = torch.tensor([probe])
     with torch.no_grad():
-        diff = float((load_model(run_dir / "model.safetensors").eval()(ids)[0] - model(ids).logits).abs().max())
+        ours = load_model(run_dir / "model.safetensors").eval()(ids)[0][0]  # (T, V)
+        diff = float((ours - model(ids).logits[0]).abs().max())
     if diff > 1e-3:
         raise SystemExit(f"{type(model).__name__} built from {run_dir} disagrees with edgecraft: max |logit diff| {diff:.2e}")
-    return diff
+    return diff, ours.numpy()
 
 
 def gpt2_from_run(run_dir: Path):
@@ -107,7 +108,7 @@ def prepare_peers(run_dir: Path, work: Path, probe: list[int]) -> dict:
     from optimum.onnxruntime import ORTModelForCausalLM
 
     model = gpt2_from_run(run_dir)
-    diff = logit_diff(run_dir, model, probe)
+    diff, _ = logit_diff(run_dir, model, probe)
     shutil.rmtree(work, ignore_errors=True)
     model.save_pretrained(work / "hf")
     ORTModelForCausalLM.from_pretrained(work / "hf", export=True, use_cache=True).save_pretrained(work / "optimum-fp32")
