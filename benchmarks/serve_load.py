@@ -130,8 +130,9 @@ async def level(host: str, port: int, concurrency: int, requests_each: int, toke
     for r in good:
         for (t0, _), (t1, n) in zip(r["arrivals"], r["arrivals"][1:]):
             per_token += [(t1 - t0) / n] * n
+    tokens = sum(r["tokens"] for r in good)
     return {
-        "tokens_per_s": sum(r["tokens"] for r in good) / wall, "ttft": ttft, "per_token": per_token,
+        "tokens_per_s": tokens / wall, "tokens": tokens, "ttft": ttft, "per_token": per_token,
         "failed": len(results) - len(good), "requests": len(results),
     }
 
@@ -147,6 +148,12 @@ def start_server(bundle: Path, extra: list[str]) -> tuple[subprocess.Popen, str,
         proc.kill()
         raise SystemExit(f"the server did not start: {line!r}")
     return proc, match.group(1), int(match.group(2))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid`, all its threads, so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -173,12 +180,12 @@ def main() -> None:
     proc, host, port = start_server(args.bundle, args.server_args.split())
     requests_each = {c: max(2, 48 // c) for c in args.levels}  # ~10-50 requests per level
 
-    def generate() -> float:
-        start, n = time.perf_counter(), 0
-        for i in range(4):
-            n += args.tokens  # no stop strings: every completion has all its tokens
+    def generate() -> dict:
+        start, cpu = time.perf_counter(), time.process_time()
+        for i in range(4):  # no stop strings: every completion has all its tokens
             model.generate(PROMPTS[i], max_new_tokens=args.tokens, temperature=0.8, seed=i)
-        return n / (time.perf_counter() - start)
+        n = 4 * args.tokens
+        return {"tokens_per_s": n / (time.perf_counter() - start), "cpu_per_token": (time.process_time() - cpu) / n}
 
     def engine_b16() -> float:
         engine = model.engine
@@ -189,14 +196,23 @@ def main() -> None:
             ids[b, : len(p)] = p
         engine.prefill(ids, np.array([len(p) for p in prompts]))
         step = np.zeros(16, dtype=np.int64)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(args.tokens):
             step[:] = engine.decode(step).argmax(axis=-1)
-        return 16 * args.tokens / (time.perf_counter() - start)
+        n = 16 * args.tokens
+        return {"tokens_per_s": n / (time.perf_counter() - start), "cpu_per_token": (time.process_time() - cpu) / n}
+
+    def serve(c: int) -> dict:
+        server_cpu, client_cpu = cpu_seconds(proc.pid), time.process_time()
+        out = asyncio.run(level(host, port, c, requests_each[c], args.tokens))
+        tokens = out.pop("tokens")
+        out["cpu_per_token"] = (cpu_seconds(proc.pid) - server_cpu) / max(tokens, 1)
+        out["client_cpu_per_token"] = (time.process_time() - client_cpu) / max(tokens, 1)
+        return out
 
     rows = {"runtime.generate": generate, "engine batch 16": engine_b16}
     for c in args.levels:
-        rows[f"serve c={c}"] = lambda c=c: asyncio.run(level(host, port, c, requests_each[c], args.tokens))
+        rows[f"serve c={c}"] = lambda c=c: serve(c)
     try:
         results = harness.interleave(rows, args.rounds)
         rss = peak_rss_mb(proc.pid)
@@ -207,34 +223,47 @@ def main() -> None:
 
 
 def write_report(args, info, results: dict, rss: float) -> None:
-    gen = statistics.median(results["runtime.generate"])
-    b16 = statistics.median(results["engine batch 16"])
+    med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
+    gen, b16 = results["runtime.generate"], results["engine batch 16"]
+    gen_tps, b16_tps = med(gen, "tokens_per_s"), med(b16, "tokens_per_s")
+    gen_cpu, b16_cpu = med(gen, "cpu_per_token"), med(b16, "cpu_per_token")
+    us = lambda v: f"{v * 1e6:.0f} µs"  # noqa: E731
+    ms = lambda v: f"{v * 1000:.2f} ms"  # noqa: E731
     lines = [
-        f"In-process references (median of {args.rounds} rounds): `runtime.generate` {gen:,.0f} tokens/s; "
-        f"bare engine batch-16 decode {b16:,.0f} tokens/s. Server peak RSS {rss:.0f} MB.",
+        f"In-process references, interleaved with the server rows (median of {args.rounds} rounds): "
+        f"`runtime.generate` {gen_tps:,.0f} tokens/s ({us(gen_cpu)} CPU per token); bare engine batch-16 "
+        f"decode {b16_tps:,.0f} tokens/s ({us(b16_cpu)} CPU per token). Server peak RSS {rss:.0f} MB.",
         "",
-        "| concurrent streams | requests | failed | tokens/s (median) | vs reference | TTFT p50 | TTFT p95 | per-token p50 | per-token p95 |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Wall-clock figures depend on what else the machine runs; CPU per token (the server process's "
+        "user + system time over the tokens it streamed, all its threads) does much less, so the "
+        "last columns compare the server's CPU with the reference's: the share of the server's CPU "
+        "that the decoding itself needs.",
+        "",
+        "| streams | requests | failed | tokens/s | vs reference | TTFT p50 | TTFT p95 | per-token p50 | per-token p95 "
+        "| server CPU/token | reference CPU / server CPU | client CPU/token |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    data = {"runtime_generate_tps": results["runtime.generate"], "engine_b16_tps": results["engine batch 16"],
-            "server_peak_rss_mb": rss, "levels": {}}
+    data = {"runtime_generate": gen, "engine_b16": b16, "server_peak_rss_mb": rss, "levels": {}}
     for name, runs in results.items():
         if not name.startswith("serve"):
             continue
         c = int(name.split("=")[1])
-        tps = statistics.median(r["tokens_per_s"] for r in runs)
+        tps, cpu = med(runs, "tokens_per_s"), med(runs, "cpu_per_token")
         ttft = [x for r in runs for x in r["ttft"]]
         per_token = [x for r in runs for x in r["per_token"]]
         failed, requests = sum(r["failed"] for r in runs), sum(r["requests"] for r in runs)
-        ref = f"{tps / gen:.0%} of generate" if c == 1 else (f"{tps / b16:.0%} of engine b16" if c == 16 else "")
-        ms = lambda v: f"{v * 1000:.2f} ms"  # noqa: E731
+        ref_tps, ref_cpu, ref = {1: (gen_tps, gen_cpu, "generate"), 16: (b16_tps, b16_cpu, "engine b16")}.get(c, (0, 0, ""))
         lines.append(
-            f"| {c} | {requests} | {failed} | {tps:,.0f} | {ref} | {ms(percentile(ttft, 50))} | {ms(percentile(ttft, 95))} "
-            f"| {ms(percentile(per_token, 50))} | {ms(percentile(per_token, 95))} |"
+            f"| {c} | {requests} | {failed} | {tps:,.0f} | {f'{tps / ref_tps:.0%} of {ref}' if ref else ''} "
+            f"| {ms(percentile(ttft, 50))} | {ms(percentile(ttft, 95))} | {ms(percentile(per_token, 50))} "
+            f"| {ms(percentile(per_token, 95))} | {us(cpu)} | {f'{ref_cpu / cpu:.0%}' if ref else ''} "
+            f"| {us(med(runs, 'client_cpu_per_token'))} |"
         )
-        data["levels"][c] = {"tokens_per_s": [r["tokens_per_s"] for r in runs], "failed": failed, "requests": requests,
-                             "ttft_p50": percentile(ttft, 50), "ttft_p95": percentile(ttft, 95),
-                             "per_token_p50": percentile(per_token, 50), "per_token_p95": percentile(per_token, 95)}
+        data["levels"][c] = {
+            "tokens_per_s": [r["tokens_per_s"] for r in runs], "cpu_per_token": [r["cpu_per_token"] for r in runs],
+            "failed": failed, "requests": requests, "ttft_p50": percentile(ttft, 50), "ttft_p95": percentile(ttft, 95),
+            "per_token_p50": percentile(per_token, 50), "per_token_p95": percentile(per_token, 95),
+        }
     body = "\n".join(lines)
     print(body)
     info.write(args.out, body + "\n", data)

@@ -177,6 +177,7 @@ class Scheduler:
                     self._abort_all()
             elif admitted:
                 self._join(admitted)
+                self._flush()  # first tokens go out now, not after the next step: time to first token
             if batch.active:
                 self._step()
             self.metrics.running.set(len(batch.active))
