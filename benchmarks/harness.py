@@ -147,7 +147,8 @@ def random_run(root: Path, recipe: str = "char-1m", seed: int = 0) -> Path:
 
     run = root / "run"
     run.mkdir(parents=True, exist_ok=True)
-    resolved = load_recipe(REPO / "recipes" / f"{recipe}.toml", [f"data.source={json.dumps(str(root / 'absent.txt'))}"])
+    nowhere = f"data.source={json.dumps(str(root / 'absent.txt'))}"  # no data is read: weights are random
+    resolved = load_recipe(REPO / "recipes" / f"{recipe}.toml", [nowhere])
     (run / "recipe.toml").write_text(to_toml(resolved))
     tokenizer = make_char_tokenizer(["\n !$&',-.3:;?" + string.ascii_letters])
     tokenizer.save(str(run / "tokenizer.json"))
