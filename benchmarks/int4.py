@@ -60,6 +60,59 @@ def measure(spec: dict) -> dict:
     return out
 
 
+SHAPES = [(128, 384), (128, 128), (128, 512), (512, 128)] * 6  # char-1m's 24 matrices, (K, N)
+FORMS = ("fp32 MatMul", "DynamicQuantizeMatMul", "MatMulNBits 8-bit, block = row", "MatMulNBits 4-bit, block 32",
+         "MatMulNBits 4-bit, block 64", "MatMulNBits 4-bit, block 128", "MatMulNBits 4-bit, block 32, accuracy 0")
+
+
+def forms(spec: dict) -> dict:
+    """The 24 matrices of char-1m in one graph per kernel form: microseconds a call at 1 and 16 rows."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgecraft.export.int4_graph import pack_weight
+    from edgecraft.quant import quantize_weight
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for form in FORMS:
+        nodes, inits, outs = [], [], []
+        for i, (K, N) in enumerate(SHAPES):
+            w = rng.normal(0, 0.1, (N, K)).astype(np.float32)
+            x, y = ("x" if K == 128 else f"y{i - 1}"), f"y{i}"
+            if form == "fp32 MatMul":
+                inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), f"w{i}"))
+                nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y]))
+            elif form == "DynamicQuantizeMatMul":
+                q, scale = quantize_weight(torch.from_numpy(w))
+                inits += [numpy_helper.from_array(np.ascontiguousarray(q.numpy().T), f"w{i}"),
+                          numpy_helper.from_array(scale.numpy(), f"s{i}")]
+                nodes.append(helper.make_node("DynamicQuantizeMatMul", [x, f"w{i}", f"s{i}"], [y], domain="com.microsoft"))
+            else:
+                bits = 8 if "8-bit" in form else 4
+                block = K if "row" in form else int(form.split("block ")[1].split(",")[0])
+                packed, scales = pack_weight(w, bits, block)
+                inits += [numpy_helper.from_array(packed, f"w{i}"), numpy_helper.from_array(scales, f"s{i}")]
+                nodes.append(helper.make_node("MatMulNBits", [x, f"w{i}", f"s{i}"], [y], domain="com.microsoft", K=K, N=N,
+                                              bits=bits, block_size=block, accuracy_level=0 if "accuracy 0" in form else 4))
+            if N != 512:
+                outs.append(y)
+        graph = helper.make_graph(nodes, "forms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 128])],
+                                  [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], initializer=inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                                  ir_version=8)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
+        session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        out[form] = {"bytes": len(model.SerializeToString())}
+        for rows in (1, 16):
+            feed = {"x": rng.normal(0, 1, (rows, 128)).astype(np.float32)}
+            out[form][str(rows)] = 1e6 * harness.best_time(lambda: [session.run(None, feed) for _ in range(100)], 5) / 100
+    return out
+
+
 def quality(name: str, path: Path) -> dict:
     m = json.loads((path / "edgecraft.json").read_text())
     cfg, q = m["config"], m["quantization"]
@@ -84,6 +137,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs per worker (medianed) after its warm-up")
     parser.add_argument("--out", type=Path, default=harness.RESULTS)
     parser.add_argument("--note", action="append", default=[], help="a line for the report (repeatable)")
+    parser.add_argument("--forms", action="store_true", help="also time the matrices alone in each kernel form")
     args = parser.parse_args()
     info = harness.RunInfo(TITLE)
     bundles = dict(item.split("=", 1) for item in args.bundle)
@@ -98,6 +152,8 @@ def main() -> None:
         for p in precisions:
             spec = {"bundle": str(path), "precision": p, "batches": args.batches, "runs": args.runs}
             rows[f"{name} {p}"] = (lambda s: lambda: harness.child(__file__, "measure", s))(spec)
+    if args.forms:
+        rows["kernel forms"] = lambda: harness.child(__file__, "forms")
     loads = []
 
     def after(done):
@@ -108,6 +164,15 @@ def main() -> None:
     done = harness.interleave(rows, args.rounds, args.warmup_rounds, after_round=after)
     print(f"{time.time() - t0:.0f} s", file=sys.stderr)
     print((args.out / "int4.md").read_text())
+
+
+def forms_table(runs: list[dict]) -> list[str]:
+    lines = ["| kernel form (the 24 matrices of char-1m, one graph) | bytes | µs at 1 row | µs at 16 rows |",
+             "|---|---|---|---|"]
+    for form in FORMS:
+        med = {r: statistics.median(run[form][r] for run in runs) for r in ("1", "16")}
+        lines.append(f"| {form} | {runs[0][form]['bytes']:,} | {med['1']:.1f} | {med['16']:.1f} |")
+    return lines
 
 
 def speed_table(done: dict, batches: list[int]) -> tuple[list[str], dict]:
@@ -125,6 +190,7 @@ def paired(done: dict, a: str, b: str, batch: int) -> float:
 
 
 def write(info, args, bundles: dict, qual: dict, done: dict, loads: list) -> None:
+    kernel = done.pop("kernel forms", None)
     lines, med = speed_table(done, args.batches)
     body = [f"Bundles: {', '.join(f'{k} = {v}' for k, v in bundles.items())}.", *args.note, "",
             f"Rounds measured: {len(next(iter(done.values())))}; 1-minute load at each round's end: "
@@ -164,10 +230,13 @@ def write(info, args, bundles: dict, qual: dict, done: dict, loads: list) -> Non
     body += ["", "Graph nodes: " + "; ".join(
         f"{name}: fp32 {q['fp32_nodes']}" + "".join(f", {p} {q[p]['nodes']}" for p in ("int8", "int4") if p in q)
         for name, q in qual.items()) + "."]
+    if kernel:
+        body += ["", "## Kernel forms (fastest of 5 x 100 calls per round, medians over rounds)", "", *forms_table(kernel)]
+        done["kernel forms"] = kernel
     data = {"bundles": bundles, "quality": qual, "rows": done, "loads": loads}
     info.write(args.out / "int4", "\n".join(body), data)
 
 
 if __name__ == "__main__":
-    if not harness.serve_child({"measure": measure}):
+    if not harness.serve_child({"measure": measure, "forms": forms}):
         main()
