@@ -196,7 +196,8 @@ def webgpu_on_bundle_graphs(bundle: Path, root: Path) -> Path:
 def report(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     med = lambda name, key: statistics.median(r[key] for r in results[name])  # noqa: E731
     lines = [
-        f"Greedy decode of {args.tokens} tokens after a 1-token prompt (one sliding-window re-fill at 256); "
+        f"Greedy decode of {args.tokens} tokens after a 1-token prompt"
+        f"{' (past the context of 256: one sliding-window re-fill)' if args.tokens > 256 else ''}; "
         f"median of {args.rounds} interleaved rounds. Browser rows: a fresh browser "
         "context per measurement; *first token* is since the navigation started (fetching, hash checks, "
         "WebAssembly compile, session, prompt); *first generation* is the decode speed of that page's first "
@@ -211,8 +212,9 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
         browser = name.startswith("browser")
         tps = med(name, "tokensPerSecond")
         rounds = ", ".join(f"{r['tokensPerSecond']:,.0f}" for r in results[name])
-        py = name.replace("browser wasm", "python")
-        ratio = f"{tps / med(py, 'tokensPerSecond'):.2f}x" if browser and py in results else ""
+        precision = "int8" if "int8" in name else "fp32"
+        py = name.replace("browser wasm", "python") if name.startswith("browser wasm") else f"python {precision} 1t"
+        ratio = f"{tps / med(py, 'tokensPerSecond'):.2f}x" if browser and "wasm" in name and py in results else ""
         cold = f"{med(name, 'cold'):,.0f}" if browser else ""
         first = f"{med(name, 'firstMs') / 1000:.2f} s (cold page)" if browser else f"{med(name, 'firstMs'):.1f} ms (warm)"
         same = ""
