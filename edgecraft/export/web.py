@@ -9,8 +9,9 @@ web_assets/vendor/, and a wheel built after it ships them, so an installed edgec
 
 Each backend gets its own form of each model file, computing the same logits (CHANGES):
 onnxruntime-web has no IO binding for WebAssembly, so a call copies its inputs into WebAssembly
-memory and its outputs out; the WebAssembly graphs output only the cache positions a call wrote,
-not the whole cache. The WebGPU graphs avoid the operators its provider runs on the CPU. The
+memory and its outputs out, tensor by tensor; the WebAssembly graphs take the cache as one tensor
+and return only the positions a call wrote. The WebGPU graphs keep the per-layer cache (it stays
+on the GPU) and avoid the operators its provider runs on the CPU. The
 manifest's `web` section says which file each backend runs and holds the sha256 of every file
 under web/; export/README.md specifies it.
 """
@@ -47,8 +48,9 @@ GRAPHS = {  # backend -> bundle model file -> the file the browser runs
 # Python engine runs them (runtime/onnx_engine.py's single_row_path); WebGPU's int8 graph already is MatMulNBits
 PRECISIONS = {FP32_MODEL: "fp32", INT8_MODEL: "int8", INT8_SINGLE_ROW_MODEL: "int8_decode"}
 CHANGES = {
-    "wasm": "present.* outputs (the whole cache) -> new.*: only the positions the call wrote, present[:, :, "
-            "total - S : total] (batch 1); the page keeps the cache. Same logits.",
+    "wasm": "batch 1, one cache tensor each way: past_key_values.{i}.* -> past_key_values (2 * n_layers, kv_heads, "
+            "L, head_size), layer i's key then value; present.{i}.* (the whole cache) -> new_key_values (2 * n_layers, "
+            "kv_heads, S, head_size), the positions the call wrote; the page keeps the cache. Same logits.",
     "webgpu": "Sum -> Add chains, DynamicQuantizeMatMul -> MatMulNBits (8 bits, the same weights and scales, "
               "float activations) + Add for its bias: onnxruntime-web's WebGPU provider runs Sum and "
               "DynamicQuantizeMatMul on the CPU",
@@ -124,22 +126,43 @@ def _matmul_nbits(graph: onnx.GraphProto) -> None:
     graph.initializer.extend(kept)
 
 
-def _new_rows_outputs(graph: onnx.GraphProto) -> None:
-    """present.{i}.* (the whole cache, copied out of WebAssembly memory every call) -> new.{i}.*,
-    the S positions this call wrote: present[:, :, total - S : total] (batch 1)."""
+def _packed_cache(graph: onnx.GraphProto) -> None:
+    """One cache tensor in and one out, for batch 1: onnxruntime-web's per-tensor cost of a call
+    (allocate, copy, wrap, and back) is paid twice instead of 4 x n_layers times, and only the
+    positions a call wrote come out.
+
+    past_key_values (2 * n_layers, kv_heads, L, head_size): layer i's key then value, Split into
+    the graph's past_key_values.{i}.* (through a Reshape to a runtime shape: otherwise onnxruntime's
+    planner, seeing GroupQueryAttention's present inferred the same size as its past, reuses one for
+    the other and fails). new_key_values (2 * n_layers, kv_heads, S, head_size): each present.{i}.*
+    at the S positions this call wrote, present[:, :, total - S : total].
+    """
+    past = [i for i in graph.input if i.name.startswith("past_key_values.")]
     present = [o for o in graph.output if o.name.startswith("present.")]
-    nodes = [
+    _, heads, _, head_size = [d.dim_param or d.dim_value for d in past[0].type.tensor_type.shape.dim]
+    split = [f"web/past{k}" for k in range(len(past))]
+    first = [
+        helper.make_node("Split", ["past_key_values"], split, name="web/split", axis=0),
+        helper.make_node("Shape", [split[0]], ["web/past_shape"], name="web/past_shape"),
+        *[helper.make_node("Reshape", [s, "web/past_shape"], [p.name], name=f"web/{p.name}") for s, p in zip(split, past)],
+    ]
+    last = [
         helper.make_node("Shape", ["input_ids"], ["web/S"], name="web/S", start=1, end=2),  # (1,) int64
         helper.make_node("Cast", ["total_sequence_length"], ["web/total"], name="web/total", to=TensorProto.INT64),
         helper.make_node("Sub", ["web/total", "web/S"], ["web/start"], name="web/start"),
         helper.make_node("Constant", [], ["web/axis"], name="web/axis", value=numpy_helper.from_array(np.array([2], np.int64))),
+        *[helper.make_node("Slice", [o.name, "web/start", "web/total", "web/axis"], [f"web/new.{o.name}"], name=f"web/new.{o.name}")
+          for o in present],
+        helper.make_node("Concat", [f"web/new.{o.name}" for o in present], ["new_key_values"], name="web/concat", axis=0),
     ]
-    for out in present:
-        new = out.name.replace("present.", "new.", 1)
-        nodes.append(helper.make_node("Slice", [out.name, "web/start", "web/total", "web/axis"], [new], name=f"web/{new}"))
-        shape = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
-        graph.output.append(helper.make_tensor_value_info(new, TensorProto.FLOAT, [shape[0], shape[1], "sequence_length", shape[3]]))
-        graph.output.remove(out)
+    for value in past:
+        graph.input.remove(value)
+    for value in present:
+        graph.output.remove(value)
+    graph.input.append(helper.make_tensor_value_info("past_key_values", TensorProto.FLOAT, [len(past), heads, "past_sequence_length", head_size]))
+    graph.output.append(helper.make_tensor_value_info("new_key_values", TensorProto.FLOAT, [len(present), heads, "sequence_length", head_size]))
+    nodes = first + list(graph.node) + last
+    graph.ClearField("node")
     graph.node.extend(nodes)
 
 
@@ -160,8 +183,8 @@ def _rewrite(src: Path, dst: Path, *steps) -> dict[str, int]:
 
 
 def wasm_graph(src: Path, dst: Path) -> dict[str, int]:
-    """Write the WebAssembly form of graph `src` (new.* outputs) to `dst`; its operator counts."""
-    return _rewrite(src, dst, _new_rows_outputs)
+    """Write the WebAssembly form of graph `src` (one packed cache in and out) to `dst`; its operator counts."""
+    return _rewrite(src, dst, _packed_cache)
 
 
 def webgpu_graph(src: Path, dst: Path) -> dict[str, int]:

@@ -101,11 +101,12 @@ export async function load(url, { int8 = false, backend = "auto", threads, verif
 /**
  * The graph driven as export/README.md says, for batch 1, without IO binding (onnxruntime-web has
  * none for WebAssembly): every call copies its inputs into WebAssembly memory and its outputs out,
- * so the caches are kept as small as the sequence (the position dimension is symbolic).
- * - WebAssembly graphs (web/model.wasm*.onnx) output only the positions a call wrote (`new.*`);
- *   the cache lives here, (heads, length, head_size) per layer and kind, in two buffers that take
- *   turns: the old rows and the new ones are copied into the other, which the next call reads.
- * - WebGPU graphs output the whole cache (`present.*`), which stays on the GPU and is fed back.
+ * so the cache is kept as long as the sequence (the position dimension is symbolic).
+ * - WebAssembly graphs (web/model.wasm*.onnx) take the whole cache as one tensor, past_key_values
+ *   (2 * n_layers, kv_heads, length, head_size), and return only the positions the call wrote,
+ *   new_key_values (2 * n_layers, kv_heads, S, head_size). The cache lives here in two buffers that
+ *   take turns: the old rows and the new ones are copied into the other, which the next call reads.
+ * - WebGPU graphs take and return the whole cache per layer (`present.*`), which stays on the GPU.
  */
 class Engine {
   static async create(ort, manifest, backend, graph, decodeGraph) {
@@ -118,23 +119,22 @@ class Engine {
     if (backend === "webgpu") options.preferredOutputLocation = Object.fromEntries(present.map((n) => [n, "gpu-buffer"]));
     const session = await ort.InferenceSession.create(graph, options);
     const single = decodeGraph && (await ort.InferenceSession.create(decodeGraph, options));
-    return new Engine(ort, manifest, session, single);
+    return new Engine(ort, manifest, session, single, present);
   }
 
-  constructor(ort, manifest, session, single) {
+  constructor(ort, manifest, session, single, present) {
     this.ort = ort;
     this.session = session;
     this.single = single ?? session;  // one-token decode steps run this one
     this.blockSize = manifest.config.block_size;
     this.vocabSize = manifest.vocab_size;
-    this.past = session.inputNames.filter((name) => name.startsWith("past_key_values."));
-    this.rows = session.outputNames.includes("new.0.key");
+    this.presentNames = present;
+    this.packed = session.inputNames.includes("past_key_values");
     const [, heads, , headSize] = manifest.onnx.kv_cache.shape;
+    this.rows = present.length * heads;  // (layer, kind, head) rows of the cache, head_size floats per position
     [this.heads, this.headSize] = [heads, headSize];
     this.positions = session.inputNames.includes("position_ids");
-    if (this.rows) {  // (heads, block_size, head_size) twice per layer and kind: cache[i][turn]
-      this.cache = this.past.map(() => [0, 1].map(() => new Float32Array(heads * this.blockSize * headSize)));
-    }
+    if (this.packed) this.cache = [0, 1].map(() => new Float32Array(this.rows * this.blockSize * headSize));  // (rows, <= block_size, head_size)
     this.reset();
   }
 
@@ -144,7 +144,7 @@ class Engine {
     this.length = 0;
     this.turn = 0;
     const empty = new this.ort.Tensor("float32", new Float32Array(0), [1, this.heads, 0, this.headSize]);
-    this.present = this.past.map(() => empty);  // WebGPU: the last call's present.* tensors
+    this.present = this.presentNames.map(() => empty);  // WebGPU: the last call's present.* tensors
   }
 
   dispose() {
@@ -153,7 +153,7 @@ class Engine {
 
   /** Append `ids` after the cached tokens -> logits (V,) after the last of them. */
   async prefill(ids, session = this.session) {
-    const S = ids.length, L = this.length, T = this.ort.Tensor;
+    const S = ids.length, L = this.length, T = this.ort.Tensor, D = this.headSize;
     if (L + S > this.blockSize) throw new Error(`${L} + ${S} tokens pass the context of ${this.blockSize}`);
     const feeds = {
       input_ids: new T("int64", BigInt64Array.from(ids, BigInt), [1, S]),  // (1, S)
@@ -161,29 +161,25 @@ class Engine {
       total_sequence_length: new T("int32", Int32Array.of(L + S), [1]),
     };
     if (this.positions) feeds.position_ids = new T("int64", BigInt64Array.from(ids, (_, s) => BigInt(L + s)), [1, S]);
-    const size = this.heads * L * this.headSize;
-    this.past.forEach((name, i) => {
-      feeds[name] = this.rows ? new T("float32", this.cache[i][this.turn].subarray(0, size), [1, this.heads, L, this.headSize]) : this.present[i];
-    });
+    if (this.packed) {
+      feeds.past_key_values = new T("float32", this.cache[this.turn].subarray(0, this.rows * L * D), [this.presentNames.length, this.heads, L, D]);
+    } else {
+      this.presentNames.forEach((name, i) => { feeds[name.replace("present", "past_key_values")] = this.present[i]; });
+    }
     const out = await session.run(feeds);
-    if (this.rows) {
-      this.past.forEach((name, i) => this.append(this.cache[i], out[name.replace("past_key_values", "new")].data, L, S));
+    if (this.packed) {
+      const [src, dst, rows] = [this.cache[this.turn], this.cache[this.turn ^ 1], out.new_key_values.data];
+      for (let r = 0; r < this.rows; r++) {  // (rows, L, D) + (rows, S, D) -> (rows, L + S, D)
+        dst.set(src.subarray(r * L * D, (r + 1) * L * D), r * (L + S) * D);
+        dst.set(rows.subarray(r * S * D, (r + 1) * S * D), (r * (L + S) + L) * D);
+      }
       this.turn ^= 1;
     } else {
       this.dispose();
-      this.present = this.past.map((name) => out[name.replace("past_key_values", "present")]);  // (1, heads, L + S, head_size)
+      this.present = this.presentNames.map((name) => out[name]);  // (1, heads, L + S, head_size) each, on the GPU
     }
     this.length = L + S;
     return out.logits.data.subarray((S - 1) * this.vocabSize, S * this.vocabSize);  // logits (1, S, V): the last row
-  }
-
-  /** cache[turn] (heads, L, head_size) and rows (heads, S, head_size) -> cache[1 - turn] (heads, L + S, head_size). */
-  append(cache, rows, L, S) {
-    const [src, dst] = [cache[this.turn], cache[this.turn ^ 1]], D = this.headSize;
-    for (let h = 0; h < this.heads; h++) {
-      dst.set(src.subarray(h * L * D, (h + 1) * L * D), h * (L + S) * D);
-      dst.set(rows.subarray(h * S * D, (h + 1) * S * D), (h * (L + S) + L) * D);
-    }
   }
 
   decode(id) {
