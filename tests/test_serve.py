@@ -91,9 +91,11 @@ def test_openai_client_chat(client, model):
 def test_n_seed_stop_and_several_prompts(client, model):
     done = client.completions.create(model="tiny", prompt=["a cat", "the dog"], max_tokens=12, temperature=1.0,
                                      seed=5, n=2)
-    texts = [c.text for c in sorted(done.choices, key=lambda c: c.index)]
+    texts = [c.text for c in done.choices]
     assert texts == [model.generate(p, max_new_tokens=12, temperature=1.0, seed=5 + j)
                      for p in ("a cat", "the dog") for j in range(2)]
+    many = client.completions.create(model="tiny", prompt=["the"] * 20, max_tokens=5, temperature=0)  # > 8 slots
+    assert [c.text for c in many.choices] == [model.generate("the", max_new_tokens=5, temperature=0)] * 20
     full = model.generate("the", max_new_tokens=40, temperature=0)
     stop = full[10:12]
     cut = client.completions.create(model="tiny", prompt="the", max_tokens=40, temperature=0, stop=[stop])

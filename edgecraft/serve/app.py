@@ -226,6 +226,8 @@ def _sequence(state: State, prompt, max_tokens: int, req, choice: int, extra_sto
     if seq.prompt_length > model.block_size and not keep_tail:
         raise APIError(400, f"prompt: {seq.prompt_length} tokens; the model's context is {model.block_size}",
                        param="prompt", code="context_length_exceeded")
+    if len(state.params) > 1024:  # bounded, whatever options clients send
+        state.params.clear()
     seq.params = state.params.setdefault(seq.params, seq.params)  # equal options share one object: sampled together
     return seq
 
@@ -235,9 +237,10 @@ async def _run(state: State, scheduler: Scheduler, endpoint: str, jobs: list[Job
     """Queue the jobs and answer: the whole body, or an SSE stream once the first tokens are in
     (so a request refused while it waited still gets its status code). A client that goes away,
     waiting or not, cancels its jobs: they leave the batch before the next decode step."""
-    if len(jobs) > state.settings.slots:
-        raise APIError(400, f"n x prompts = {len(jobs)} sequences; this server runs {state.settings.slots} at once",
-                       param="n")
+    settings = state.settings
+    if len(jobs) > settings.slots + settings.max_queue:  # would never fit: not worth a retry
+        raise APIError(400, f"n x prompts = {len(jobs)} sequences; this server holds {settings.slots} running "
+                       f"and {settings.max_queue} waiting", param="n")
     scheduler.submit(jobs)
     watcher = asyncio.create_task(_disconnect(receive, sink))
     try:

@@ -28,6 +28,11 @@ from edgecraft.runtime.batch import Batch, Sequence
 from edgecraft.serve.metrics import Metrics
 from edgecraft.serve.schemas import APIError
 
+# seconds between the event loop's wake-ups while tokens stream (first tokens and endings go at
+# once): a wake-up per token cost a small model's server as much CPU as decoding it, while a chunk
+# of a few tokens every few milliseconds is far below what a reader notices
+# (benchmarks/results/serve_load.md)
+STREAM_INTERVAL = 0.005
 DRAIN_SECONDS = 2.0  # after SIGTERM, in-flight sequences get this long to finish before they are ended
 Alternatives = list[tuple[str, float]]  # the top-N tokens and their log-probabilities
 
@@ -111,6 +116,8 @@ class Scheduler:
         self._out: list[tuple[Sink, Event]] = []  # this round's events
         self._outbox: list[tuple[Sink, Event]] = []  # rounds the loop has not taken yet
         self._outbox_lock = threading.Lock()
+        self._wake_pending = False  # a _deliver is scheduled on the loop and will take the outbox
+        self._last_wake = 0.0
         self._draining_since: float | None = None
         self._stopped = False
         self.thread = threading.Thread(target=self._run, name="edgecraft-scheduler", daemon=True)
@@ -177,7 +184,7 @@ class Scheduler:
                     self._abort_all()
             elif admitted:
                 self._join(admitted)
-                self._flush()  # first tokens go out now, not after the next step: time to first token
+                self._flush(urgent=True)  # first tokens go out now, not after the next step
             if batch.active:
                 self._step()
             self.metrics.running.set(len(batch.active))
@@ -193,21 +200,26 @@ class Scheduler:
     def _emit(self, job: Job, event: Event) -> None:
         self._out.append((job.sink, event))
 
-    def _flush(self) -> None:
-        """Hand this round's events to the loop; wake it only if it has taken the last ones (a
-        wake-up is a syscall, and a loop that is behind takes several rounds at once)."""
+    def _flush(self, urgent: bool = False) -> None:
+        """Hand this round's events to the loop. The loop is woken (a syscall and a thread switch,
+        which cost a small model about as much as a decode step) at most every STREAM_INTERVAL,
+        except for first tokens and endings, which go out at once."""
         if self._out:
             out, self._out = self._out, []
+            urgent = urgent or any(e.finish_reason is not None or e.error is not None for _, e in out)
+            now = time.perf_counter()
             with self._outbox_lock:
-                wake = not self._outbox
                 self._outbox += out
+                wake = not self._wake_pending and (urgent or now - self._last_wake >= STREAM_INTERVAL)
+                if wake:
+                    self._wake_pending, self._last_wake = True, now
             if wake:
                 self.loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
         """On the event loop: the rounds so far into their requests' inboxes."""
         with self._outbox_lock:
-            out, self._outbox = self._outbox, []
+            out, self._outbox, self._wake_pending = self._outbox, [], False
         by_sink: dict[int, tuple[Sink, list[Event]]] = {}
         for sink, event in out:
             by_sink.setdefault(id(sink), (sink, []))[1].append(event)
