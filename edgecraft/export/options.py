@@ -9,6 +9,7 @@ from pathlib import Path
 from edgecraft.errors import UserError
 
 MIN_OPSET = 17  # LayerNormalization
+MAX_CALIBRATE = 10_000  # calibration batches: each is a forward pass, and ranges settle within dozens
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ def check_options(options: ExportOptions) -> None:
             raise UserError(f"{given[0]} applies to the int8 export; add --int8")
     if options.block_size is not None and not options.int4:
         raise UserError("--block-size applies to the int4 export; add --int4")
+    if options.calibrate > MAX_CALIBRATE:
+        raise UserError(f"--calibrate {options.calibrate}: at most {MAX_CALIBRATE} batches (a few dozen calibrate well)")
     increase = options.max_loss_increase
     if increase is not None and not 0 <= increase < math.inf:  # NaN fails this too
         raise UserError(f"--max-loss-increase {increase}: expected a percentage of at least 0, e.g. 2")

@@ -62,6 +62,9 @@ def _options(
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(s, str) or not s for s in stops):
         raise ValueError(f"stop strings must be non-empty strings, got {stops!r}")
+    for s in stops:  # text never holds a lone surrogate, so such a stop string could never match
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in s):
+            raise ValueError(_not_text(s).replace("the prompt", f"the stop string {s!r}"))
     return SamplingParams(temperature, top_k, top_p, repetition_penalty), stops
 
 

@@ -10,6 +10,7 @@ would cost the `edgecraft generate` process part of its memory budget (tests/tes
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -41,6 +42,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+        for name in ("temperature", "repetition_penalty"):  # infinity divides every logit away
+            if getattr(self, name) == math.inf:
+                raise ValueError(f"{name} must be finite, got inf")
 
     @property
     def greedy(self) -> bool:
