@@ -144,7 +144,8 @@ def int8_report(
     }
     print(
         f"int8 ({plan.scheme}): val loss {loss_fp32:.4f} fp32 -> {loss_int8:.4f} int8 "
-        f"({increase:+.2f}%), perplexity {math.exp(loss_fp32):.3f} -> {math.exp(loss_int8):.3f}; "
+        f"({increase:+.2f}%), perplexity {math.exp(loss_fp32):.3f} -> {math.exp(loss_int8):.3f} on "
+        f"{report['val_tokens']:,} tokens of the checks' text (named below); "
         f"parity with the fake-quant model {parity:.2g} (bound {bound:.2g}, top-1 {top1:.3f})"
     )
     if max_loss_increase is not None and increase > max_loss_increase:

@@ -197,6 +197,6 @@ def export_run(run_dir: Path, out: Path | None, options: ExportOptions) -> Path:
         f"export: {out}: parity {max(checks['max_abs_logit_diff_prefill'], checks['max_abs_logit_diff_decode']):.2g} "
         f"(bound {PARITY_BOUND}), top-1 agreement {checks['top1_agreement']:.4f}, "
         f"perplexity {checks['perplexity_pytorch']:.4f} PyTorch vs {checks['perplexity_onnx']:.4f} ONNX "
-        f"on {checks['tokens_checked']:,} tokens of {source.split(' (')[0]}"
+        f"on {checks['tokens_checked']:,} tokens of the checks' text, {source.split(' (')[0]}"
     )
     return out
