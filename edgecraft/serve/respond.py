@@ -46,6 +46,9 @@ class Choice:
             self.finish_reason = "abort"
 
 
+_encode_str = json.encoder.encode_basestring  # a str as a JSON string, non-ASCII kept: what dumps() writes
+
+
 def dumps(body: dict) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
@@ -156,6 +159,9 @@ class Reply:
     def _chunk(self, c: Choice, content, scores: list[Score], finish_reason: str | None, usage: dict | None = None) -> bytes:
         if self._chunk_head is None:  # the part every chunk repeats, serialised once
             self._chunk_head = b"data: " + dumps(self._head(self.chunk_object))[:-1] + b',"choices":['
+        if not self.chat and not self.logprobs and finish_reason is None:  # most chunks: text only
+            text = _encode_str(content).encode()
+            return b'%s{"text":%s,"index":%d,"logprobs":null,"finish_reason":null}]}\n\n' % (self._chunk_head, text, c.index)
         if self.chat:
             logprobs = _chat_logprobs(scores) if self.logprobs and scores else None
             choice = {"index": c.index, "delta": content, "logprobs": logprobs, "finish_reason": finish_reason}
