@@ -50,6 +50,10 @@ def _cases() -> list[list[str]]:
     cases += [["export", RUN, "--out", "o", "--text", p] for p in (MISSING, A_FOLDER, NOT_UTF8, "binary.bin")]
     cases += [["export", RUN, "--out", "o", "--int8", "--keep-float", v] for v in ("tail", NOT_UTF8)]
     cases += [["export", RUN, "--out", "o", "--calibrate", "2"]]  # an int8 flag without --int8
+    cases += [["export", RUN, "--out", "o", "--int4", "--block-size", v] for v in ("-1", "0", "7", "nan", "abc")]
+    cases += [["export", RUN, "--out", "o", "--block-size", "32"], ["export", RUN, "--web", "--out", READ_ONLY]]
+    cases += [["generate", RUN, "hi", "--int4"], ["generate", BUNDLE, "hi", "--int4"], ["generate", BUNDLE, "hi", "--int8", "--int4"]]
+    cases += [["generate", BUNDLE, "hi", "--backend", "tinygrad", "--device", v] for v in ("nope", NOT_UTF8)]
     # info
     cases += [["info", p, *j] for p in (MISSING, A_FILE, A_FOLDER, NOT_UTF8) for j in ([], ["--json"])]
     # bench

@@ -39,7 +39,7 @@ def int4_plan(model: GPT, recipe: Recipe, block_size: int | None, keep_float: tu
             f"--block-size {block_size}: the run was trained for 4-bit blocks of {quant.block_size} "
             f"(quant.block_size); export it without --block-size"
         )
-    block = quant.block_size if qat else (block_size or 32)
+    block = quant.block_size if qat else (32 if block_size is None else block_size)  # 0 is refused, not 32
     if block not in BLOCK_SIZES:
         raise UserError(f"--block-size {block}: expected one of {', '.join(map(str, BLOCK_SIZES))}")
     if cfg.d_model % block or cfg.d_ff % block:
