@@ -143,3 +143,14 @@ def test_an_edited_manifest_config_is_refused_naming_the_field(made, tmp_path: P
     result = cli("generate", str(bundle), "hi", "-n", "3")
     assert result.returncode == 2
     assert f"config.{field}" in one_error_line(result.stderr)
+
+
+def test_a_manifest_that_stops_listing_the_tokenizer_is_refused(made, tmp_path: Path) -> None:
+    """Dropping a file's entry must not turn its hash check off."""
+    bundle = copy_bundle(made[1], tmp_path / "b")
+    manifest = json.loads((bundle / "edgecraft.json").read_text())
+    del manifest["files"]["tokenizer.json"]
+    (bundle / "edgecraft.json").write_text(json.dumps(manifest))
+    result = cli("generate", str(bundle), "hi", "-n", "3")
+    assert result.returncode == 2
+    assert "tokenizer.json is not listed, so not verified" in one_error_line(result.stderr)

@@ -201,8 +201,11 @@ def sha256_file(path: Path) -> str:
 
 
 def verify_files(path: str | Path, manifest: Manifest) -> None:
-    """Check every file the manifest lists: present, recorded size, recorded sha256."""
+    """Check every file the manifest lists: present, recorded size, recorded sha256. The tokenizer
+    must be listed: the runtime reads it (model files are picked from the listed ones)."""
     path = Path(path)
+    if TOKENIZER not in manifest.files:
+        raise BundleError(f"{path / MANIFEST}: damaged manifest ({TOKENIZER} is not listed, so not verified); re-export the run")
     for name, entry in manifest.files.items():
         file = path / name
         if not file.is_file():
