@@ -44,9 +44,13 @@ def error_line(stderr: str) -> str:
     ("model.dropout=nan", "model.dropout: Input should be a finite number"),
 ])
 def test_recipes_refuse_non_finite_numbers_and_a_learning_rate_above_1(tmp_path: Path, override: str, words: str) -> None:
+    from typer.testing import CliRunner
+
+    from edgecraft.cli import app
+
     recipe = write_tiny_recipe(tmp_path)
-    result = edgecraft("train", str(recipe), "--set", override, cwd=tmp_path)
-    assert result.returncode == 2 and words in error_line(result.stderr)
+    result = CliRunner().invoke(app, ["train", str(recipe), "--set", override, "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and words in error_line(result.output)
     assert not (tmp_path / "runs").exists()
 
 

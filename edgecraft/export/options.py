@@ -53,6 +53,6 @@ def check_options(options: ExportOptions) -> None:
     if options.calibrate > MAX_CALIBRATE:
         raise UserError(f"--calibrate {options.calibrate}: at most {MAX_CALIBRATE} batches (a few dozen calibrate well)")
     increase = options.max_loss_increase
-    if increase is not None and not 0 <= increase < math.inf:  # NaN fails this too
-        raise UserError(f"--max-loss-increase {increase}: expected a percentage of at least 0, e.g. 2")
+    if increase is not None and not math.isfinite(increase):
+        raise UserError(f"--max-loss-increase {increase}: expected a finite percentage, e.g. 2")
     check_keep_float(options.keep_float)
