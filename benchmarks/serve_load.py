@@ -45,7 +45,10 @@ PROMPTS = [
     "import os\n",
     "Changed in version 3.",
 ]
-TARGETS = "one stream >= 80% of runtime.generate; 16 streams >= 70% of the bare engine's batch-16 decode; TTFT p95 at 16 < 50 ms; no failures at 64"
+TARGETS = (
+    "one stream >= 80% of runtime.generate; 16 streams >= 70% of the bare engine's batch-16 decode; "
+    "TTFT p95 at 16 < 50 ms; no failures at 64"
+)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -252,7 +255,8 @@ def write_report(args, info, results: dict, rss: float) -> None:
         ttft = [x for r in runs for x in r["ttft"]]
         per_token = [x for r in runs for x in r["per_token"]]
         failed, requests = sum(r["failed"] for r in runs), sum(r["requests"] for r in runs)
-        ref_tps, ref_cpu, ref = {1: (gen_tps, gen_cpu, "generate"), 16: (b16_tps, b16_cpu, "engine b16")}.get(c, (0, 0, ""))
+        references = {1: (gen_tps, gen_cpu, "generate"), 16: (b16_tps, b16_cpu, "engine b16")}
+        ref_tps, ref_cpu, ref = references.get(c, (0, 0, ""))
         lines.append(
             f"| {c} | {requests} | {failed} | {tps:,.0f} | {f'{tps / ref_tps:.0%} of {ref}' if ref else ''} "
             f"| {ms(percentile(ttft, 50))} | {ms(percentile(ttft, 95))} | {ms(percentile(per_token, 50))} "

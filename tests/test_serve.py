@@ -109,6 +109,10 @@ def test_logprobs_and_echo_score_the_prompt(client, model):
     assert done.choices[0].text == text and lp.tokens == list(text) and lp.token_logprobs[0] is None
     assert -sum(lp.token_logprobs[1:]) / (len(text) - 1) == pytest.approx(model.score(text).nll, rel=1e-4)
     assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+    # lm-eval's loglikelihood request: echo, one generated token, logprobs of everything
+    lm_eval = client.completions.create(model="tiny", prompt=[model.encode("the cat")], max_tokens=1, echo=True,
+                                        logprobs=1, temperature=0)
+    assert len(lm_eval.choices[0].logprobs.token_logprobs) == len("the cat") + 1
     gen = client.completions.create(model="tiny", prompt="the", max_tokens=5, logprobs=3, temperature=0)
     lp = gen.choices[0].logprobs
     assert "".join(lp.tokens) == gen.choices[0].text and lp.text_offset == [0, 1, 2, 3, 4]
@@ -310,7 +314,8 @@ def test_cli_refuses_a_bad_bundle_and_a_busy_port(tiny_bundle, tmp_path, server)
         ([str(tiny_bundle), "--api-key", "a", "--api-key-file", "b"], "not both"),
         ([str(tiny_bundle), "--port", "0", "--int8"], "model.int8.onnx"),
     ):
-        out = subprocess.run([sys.executable, "-m", "edgecraft", "serve", *args], capture_output=True, text=True, timeout=60)
+        command = [sys.executable, "-m", "edgecraft", "serve", *args]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and out.stderr.startswith("error:") and words in out.stderr
         assert "Traceback" not in out.stderr
 

@@ -90,7 +90,8 @@ def create_app(settings: Settings, on_ready: Callable[[State], None] = lambda s:
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return error_response(APIError(err.status_code, f"{request.method} {request.url.path}: {err.detail}", kind=kind))
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        return error_response(APIError(err.status_code, message, kind=kind))
 
     def ready(request: Request) -> Scheduler:
         """The key check, then the scheduler (503 while the model loads)."""
@@ -98,7 +99,8 @@ def create_app(settings: Settings, on_ready: Callable[[State], None] = lambda s:
         if key is not None:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+                raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                               code="invalid_api_key")
         if state.scheduler is None:
             raise APIError(503, "the model is loading", kind="server_error", headers={"Retry-After": "1"})
         return state.scheduler
@@ -146,7 +148,8 @@ def create_app(settings: Settings, on_ready: Callable[[State], None] = lambda s:
                                       echo=_prompt_text(model, prompt) if req.echo else ""))
                 jobs.append(Job(len(jobs), seq, sink, logprobs=req.logprobs,
                                 score_prompt=bool(req.echo) and req.logprobs is not None, generate=max_tokens > 0))
-        reply = Reply("completions", settings.name, choices, logprobs=req.logprobs is not None, include_usage=req.include_usage)
+        reply = Reply("completions", settings.name, choices, logprobs=req.logprobs is not None,
+                      include_usage=req.include_usage)
         return await _run(state, scheduler, "completions", jobs, sink, reply, bool(req.stream), request.receive)
 
     @app.post("/v1/chat/completions")

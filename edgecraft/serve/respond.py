@@ -156,12 +156,15 @@ class Reply:
             out.append(DONE)
         return b"".join(out)
 
-    def _chunk(self, c: Choice, content, scores: list[Score], finish_reason: str | None, usage: dict | None = None) -> bytes:
+    def _chunk(
+        self, c: Choice, content, scores: list[Score], finish_reason: str | None, usage: dict | None = None
+    ) -> bytes:
         if self._chunk_head is None:  # the part every chunk repeats, serialised once
             self._chunk_head = b"data: " + dumps(self._head(self.chunk_object))[:-1] + b',"choices":['
         if not self.chat and not self.logprobs and finish_reason is None:  # most chunks: text only
             text = _encode_str(content).encode()
-            return b'%s{"text":%s,"index":%d,"logprobs":null,"finish_reason":null}]}\n\n' % (self._chunk_head, text, c.index)
+            tail = b',"index":%d,"logprobs":null,"finish_reason":null}]}\n\n' % c.index
+            return self._chunk_head + b'{"text":' + text + tail
         if self.chat:
             logprobs = _chat_logprobs(scores) if self.logprobs and scores else None
             choice = {"index": c.index, "delta": content, "logprobs": logprobs, "finish_reason": finish_reason}

@@ -102,7 +102,9 @@ def log_softmax(rows: np.ndarray) -> np.ndarray:
 class Scheduler:
     """Owns `model.engine` through one `Batch` of `slots` rows; run() is the scheduler thread."""
 
-    def __init__(self, model: Model, slots: int, max_queue: int, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, model: Model, slots: int, max_queue: int, metrics: Metrics, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.model = model
         self.batch = Batch(model.engine, slots)
         self.max_queue = max_queue
@@ -131,7 +133,8 @@ class Scheduler:
                 raise APIError(503, "the server is shutting down", kind="server_error", headers={"Retry-After": "1"})
             if len(self._waiting) + len(jobs) > self.max_queue + self.batch.free:
                 raise APIError(
-                    503, f"the server is busy: {len(self._waiting)} sequences waiting (--max-queue {self.max_queue}); retry later",
+                    503, f"the server is busy: {len(self._waiting)} sequences waiting "
+                    f"(--max-queue {self.max_queue}); retry later",
                     kind="server_error", code="queue_full", headers={"Retry-After": "1"},
                 )
             self._waiting.extend(jobs)
@@ -165,7 +168,9 @@ class Scheduler:
         batch = self.batch
         while True:
             with self._lock:
-                while not (self._waiting or self._cancelled or batch.active or self._stopped) and self._draining_since is None:
+                while self._draining_since is None and not (
+                    self._waiting or self._cancelled or batch.active or self._stopped
+                ):
                     self._wake.wait()
                 cancelled, self._cancelled = self._cancelled, []
                 admitted = []
