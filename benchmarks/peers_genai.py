@@ -53,14 +53,14 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 import harness
-from peers import has_int8, prompts, start, train_run  # shared with peers.py
+from peers import flags, has_int8, prompts, start, train_run  # shared with peers.py
+from peers_models import load_checked, logit_diff, run_weights
 
 SETUP = (
     "python -m venv VENV && VENV/bin/pip install torch==2.13.0 && "
@@ -81,32 +81,26 @@ LLAMA_SHAPE = {"norm": "rmsnorm", "pos": "rope", "mlp": "swiglu", "bias": False,
 
 def llama_from_run(run_dir: Path):
     """A transformers LlamaForCausalLM of the run's shape carrying the run's weights."""
-    from safetensors import safe_open
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = run_dir / "model.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        cfg = json.loads(f.metadata()["config"])
-        weights = {name: f.get_tensor(name) for name in f.keys()}
-    shape = {k: cfg.get(k) for k in LLAMA_SHAPE}
-    if shape != LLAMA_SHAPE:
-        raise SystemExit(f"onnxruntime-genai's Llama builder needs a llama-style run; {path} has {shape}")
     from edgecraft.config import ROPE_THETA
 
+    cfg, weights = run_weights(run_dir, LLAMA_SHAPE)
     D, H = cfg["d_model"], cfg["n_heads"]
+    KV = cfg.get("n_kv_heads") or H  # grouped-query: fewer key/value heads than query heads
     config = LlamaConfig(
         vocab_size=cfg["vocab_size"], hidden_size=D, intermediate_size=cfg["d_ff"],
-        num_hidden_layers=cfg["n_layers"], num_attention_heads=H, num_key_value_heads=H, head_dim=D // H,
+        num_hidden_layers=cfg["n_layers"], num_attention_heads=H, num_key_value_heads=KV, head_dim=D // H,
         hidden_act="silu", max_position_embeddings=cfg["block_size"], rms_norm_eps=1e-5,  # nn.RMSNorm(eps=1e-5)
         rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA}, attention_bias=False,
         mlp_bias=False, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
         torch_dtype="float32",
     )
-    state = {"model.embed_tokens.weight": weights.get("tok_emb.weight", weights.get("head.weight")),
-             "model.norm.weight": weights["norm_f.weight"]}
+    state = {"model.embed_tokens.weight": weights["tok_emb.weight"], "model.norm.weight": weights["norm_f.weight"]}
     for i in range(cfg["n_layers"]):
         p, q = f"blocks.{i}.", f"model.layers.{i}."
-        wq, wk, wv = weights[p + "attn.qkv.weight"].split(D, dim=0)  # rows: q | k | v, heads in order
+        # rows: q | k | v, heads in order
+        wq, wk, wv = weights[p + "attn.qkv.weight"].split((D, KV * D // H, KV * D // H), dim=0)
         state |= {
             q + "input_layernorm.weight": weights[p + "norm1.weight"],
             q + "self_attn.q_proj.weight": wq, q + "self_attn.k_proj.weight": wk,
@@ -116,12 +110,7 @@ def llama_from_run(run_dir: Path):
             q + "mlp.up_proj.weight": weights[p + "mlp.up.weight"],
             q + "mlp.down_proj.weight": weights[p + "mlp.proj.weight"],
         }
-    model = LlamaForCausalLM(config).eval()
-    state = {k: v.contiguous() for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if m != "lm_head.weight"]  # tied to the embedding
-    if missing or unexpected:
-        raise SystemExit(f"weight mapping incomplete: missing {missing}, unexpected {unexpected}")
+    model = load_checked(LlamaForCausalLM(config), state, ("lm_head.weight",))  # tied to the embedding
     model.tie_weights()
     if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
         raise SystemExit("lm_head is not tied to the embedding")
@@ -154,20 +143,11 @@ def prepare_genai(run_dir: Path, work: Path, probe: list[int], threads: list[int
     """Write work/hf, build work/genai-KIND, copy it per thread count with its session options;
     check the HF model's and genai's logits against edgecraft's PyTorch model."""
     import onnx
-    import torch
-
-    from edgecraft.checkpoint import load_model
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     model = llama_from_run(run_dir)
-    ids = torch.tensor([probe])
-    with torch.no_grad():
-        ours = load_model(run_dir / "model.safetensors").eval()(ids)[0][0]  # (T, V)
-        theirs = model(ids).logits[0]
-    diff = float((ours - theirs).abs().max())
-    if diff > 1e-3:
-        raise SystemExit(f"LlamaForCausalLM built from {run_dir} disagrees with edgecraft: max |logit diff| {diff:.2e}")
+    diff, ours = logit_diff(run_dir, model, probe)  # ours: (T, V)
     hf = work / "hf"
     model.save_pretrained(hf)
     # the builder reads the tokenizer (AutoTokenizer) and copies it next to the graph: the run's own
@@ -211,7 +191,7 @@ def prepare_genai(run_dir: Path, work: Path, probe: list[int], threads: list[int
         g = gen._generator(np.array([probe]), 1)
         g.append_tokens(np.array([probe], dtype=np.int32))
         logits = np.asarray(g.get_logits()).reshape(-1, vocab)[-1]
-        report["builder"][kind]["max_abs_last_logit_diff_vs_edgecraft"] = float(np.abs(logits - ours[-1].numpy()).max())
+        report["builder"][kind]["max_abs_last_logit_diff_vs_edgecraft"] = float(np.abs(logits - ours[-1]).max())
     return report
 
 
@@ -446,27 +426,12 @@ def ratios(lines: list[dict]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", type=Path, help="a trained llama-style edgecraft run (default: train one)")
-    parser.add_argument("--corpus", type=Path, default=harness.default_corpus(),
-                        help="without --run: train recipes/char-1m-llama.toml on this (default: tinyshakespeare if present)")
-    parser.add_argument("--steps", type=int, default=300, help="training steps without --run")
+    flags(parser, "char-1m-llama", ROWS, "peers_genai", [1, 2], rounds=7)
     parser.add_argument("--batch-size", type=int, default=8, help="training batch size without --run")
-    parser.add_argument("--bundle", type=Path, help="the run's bundle (default: export it, fp32 and int8)")
     parser.add_argument("--genai-python", default=sys.executable, help="Python with onnxruntime-genai (SETUP makes one)")
     parser.add_argument("--genai-precisions", default="fp32,int4")
-    parser.add_argument("--threads", type=harness.int_list, default=[1, 2])
-    parser.add_argument("--batches", type=harness.int_list, default=[1, 16])
-    parser.add_argument("--rows", default=",".join(ROWS))
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=200)
-    parser.add_argument("--runs", type=int, default=3, help="runs per worker (medianed) after its warm-up")
-    parser.add_argument("--warmup", type=int, default=1, help="warm-up runs inside each worker")
-    parser.add_argument("--rounds", type=int, default=7, help="measured rounds (each a fresh worker per row)")
     parser.add_argument("--warmup-rounds", type=int, default=1)
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgecraft-peers-genai")
-    parser.add_argument("--out", type=Path, default=harness.RESULTS, help="where peers_genai.{md,json} go")
     parser.add_argument("--note", action="append", default=[], help="a line for the report (repeatable)")
-    parser.add_argument("--render", type=Path, help="only re-render peers_genai.md from this peers_genai.json")
     args = parser.parse_args()
     if args.render:
         report = {"title": TITLE, **json.loads(args.render.read_text())}
