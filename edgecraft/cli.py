@@ -328,7 +328,7 @@ def serve(
     ] = None,
 ) -> None:
     """OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health,
-    /metrics) with continuous batching. Needs the serve extra: pip install 'edgecraft[serve]'."""
+    /metrics) with continuous batching; needs the serve extra (FastAPI, uvicorn, prometheus-client)."""
     if not is_bundle(bundle):
         raise UserError(f"{bundle}: not a bundle (no edgecraft.json); export a run first")
     if api_key is not None and api_key_file is not None:
