@@ -12,8 +12,8 @@ Steps:
 1. edgecraft side (this Python): the run is exported to a bundle (model.onnx, and model.int8.onnx).
 2. genai side (--genai-python, an environment with onnxruntime-genai, transformers 5.x, onnx,
    onnx-ir, torch; it does not share one with edgecraft's transformers 4.x peers; SETUP below
-   has the commands that make it, VENV being its folder): the run's weights become a Hugging Face LlamaForCausalLM
-   directory (rotary in the half-split "rotate_half" form that both use, RMSNorm eps 1e-5, tied
+   has the commands that make it, VENV being its folder): the run's weights become a Hugging Face
+   LlamaForCausalLM directory (rotary in the half-split "rotate_half" form that both use, RMSNorm eps 1e-5, tied
    embeddings, the run's vocabulary; q/k/v are the rows of edgecraft's fused qkv matrix); its
    logits are checked against edgecraft's PyTorch model; then onnxruntime-genai's model builder
    (`python -m onnxruntime_genai.models.builder -i HF -o OUT -p fp32 -e cpu`, and `-p int4`)
@@ -27,21 +27,9 @@ Steps:
    within a round, rounds repeated so background load hits every row alike; the first round is a
    warm-up and is dropped; figures are medians over the measured rounds of each worker's median.
 
-Figures per row (token ids in and out, no tokenization anywhere):
-- decode tok/s: greedy batch-1 decode steps after the first token, i.e. (N - 1) / time of the
-  N - 1 one-token steps that produce tokens 2..N, N = --new-tokens (200) after a prompt of
-  block_size - N tokens (56: the engine's KV buffers hold block_size positions); each step
-  includes reading the chosen token back into Python;
-- total tok/s: N / (prefill + all steps), the prompt's prefill included;
-- TTFT: a fresh sequence of a --prompt-len (64) token prompt to its first greedy token (edgecraft:
-  reset + prefill + argmax; genai: new Generator + append_tokens + generate_next_token);
-- batch 16: aggregate decode tok/s of 16 sequences (distinct prompts), the same way.
-Row genai-loop-edgecraft-fp32 is genai's Generator over edgecraft's own fp32 graph (the bundle's
-genai_config.json; batch 1 only): beside genai-fp32 it compares the two graphs under one decode
-loop, beside edgecraft-fp32 the two decode loops over one graph.
-Greedy tokens of each row are compared with edgecraft fp32's (identical sequences and first
-divergence); the thread count is checked from inside each worker (threads of the process and its
-CPU time over wall time while decoding).
+Token ids go in and come out, no tokenization anywhere. The figures (decode and total tok/s,
+TTFT, batch 16, per CPU-second, paired ratios, greedy agreement with edgecraft fp32) are defined
+in the report's own text (markdown() below), so that every results file explains itself.
 """
 
 from __future__ import annotations

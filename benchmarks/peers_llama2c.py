@@ -34,18 +34,15 @@ What run.c does with `RUN model.bin -z tokenizer.bin -t 0 -n 256 -i PROMPT`: it 
 token per character here), each position one full forward pass, then greedy tokens until 256
 positions (-n counts every position, prompt included; 256 is the context); it stops early if
 token 1 comes out, and times the forward passes of positions 1..255 (its clock starts after the
-first), printing "achieved tok/s" with a millisecond clock (~50 ms per run here, so each run's
-figure is quantised by ~2%). A character vocabulary has no BOS, so the token that run.c sees as
+first), printing "achieved tok/s" from a millisecond clock (a short run's figure is quantised).
+A character vocabulary has no BOS, so the token that run.c sees as
 id 1 is chosen (ids swapped with the vocabulary's id 1 in run.c's files, the model unchanged) as
 one that is neither the space nor in the prompt and that edgecraft's greedy continuation never
-emits. edgecraft's loop does the same work: Engine.decode one token at a time from position 0
-through 255 (the same forced tokens, then greedy argmax in Python), its clock started after the
+emits. edgecraft's loop does the same work: the engine's decode one token at a time from position
+0 through 255 (the same forced tokens, then greedy argmax in Python), its clock started after the
 first step, tok/s = 255 / time. Rounds alternate run.c and edgecraft (and the OpenMP pair), the
-first round is a warm-up; figures are medians of the measured rounds. Beside wall-clock tok/s,
-tokens per CPU-second over the same positions (run.c: its process's CPU time less that of a
-1-position run; edgecraft: process_time over its loop), which a busy machine disturbs less; at 2
-threads that would count spinning threads, so it is given for 1 thread only. Greedy agreement: run.c
-prints the prompt and its continuation as text; it is compared with edgecraft's greedy characters.
+first round is a warm-up; the wall-clock and CPU-time figures and the greedy agreement are defined
+in the report's own text (render() below).
 """
 
 from __future__ import annotations
