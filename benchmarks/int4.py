@@ -1,10 +1,10 @@
 """int4 against int8 and fp32 on char-1m bundles, and n_kv_heads 8/2/1, side by side.
 
-    python benchmarks/int4.py --bundle float=export/kv8 [--bundle qat4=export/qat4] \
-        [--bundle kv2=export/kv2 --bundle kv1=export/kv1] [--rounds 7] [--out benchmarks/results]
+    python benchmarks/int4.py --bundle float=export/kv8 [--bundle qat4=export/qat4:int4] \
+        [--bundle kv2=export/kv2:fp32 --bundle kv1=export/kv1:fp32] [--rounds 7] [--forms]
 
-Each --bundle NAME=PATH adds a row per model file it holds (model.onnx, model.int8.onnx,
-model.int4.onnx); an int8 bundle with model.int8.1row.onnx also gets an "int8-dqmm" row, its int8
+Each --bundle NAME=PATH[:PRECISIONS] adds a row per model file it holds (model.onnx, model.int8.onnx,
+model.int4.onnx), or those of PRECISIONS (comma-separated: fp32, int8, int8-dqmm, int4); an int8 bundle with model.int8.1row.onnx also gets an "int8-dqmm" row, its int8
 graph alone (DynamicQuantizeMatMul for every call), beside the "int8" row that runs one-row decode
 steps on the 8-bit MatMulNBits graph (runtime/onnx_engine.py): the int8 choice, measured.
 
@@ -138,18 +138,31 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=harness.RESULTS)
     parser.add_argument("--note", action="append", default=[], help="a line for the report (repeatable)")
     parser.add_argument("--forms", action="store_true", help="also time the matrices alone in each kernel form")
+    parser.add_argument("--render", type=Path, help="only re-render int4.md from this int4.json")
     args = parser.parse_args()
     info = harness.RunInfo(TITLE)
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        info.data.update({k: saved[k] for k in ("machine", "load_before", "command")})
+        args.note = saved.get("notes", args.note)
+        rows = saved["rows"]
+        args.batches = [int(b) for b in next(v for k, v in rows.items() if k != "kernel forms")[0] if b.isdigit()]
+        args.note = [*args.note, "Re-rendered from int4.json (--render); the measuring run ended at load average "
+                     + "/".join(f"{x:.2f}" for x in saved["load_after"]) + "."]
+        write(info, args, saved["bundles"], saved["quality"], rows, saved["loads"])
+        return
     bundles = dict(item.split("=", 1) for item in args.bundle)
     rows, qual = {}, {}
-    for name, path in bundles.items():
+    for name, where in list(bundles.items()):
+        path, _, only = where.partition(":")
+        bundles[name] = path
         path = Path(path)
         qual[name] = quality(name, path)
         files = json.loads((path / "edgecraft.json").read_text())["files"]
         precisions = [p for p, f in FILES.items() if f in files]
         if "model.int8.1row.onnx" in files:
             precisions.append("int8-dqmm")
-        for p in precisions:
+        for p in [p for p in precisions if not only or p in only.split(",")]:
             spec = {"bundle": str(path), "precision": p, "batches": args.batches, "runs": args.runs}
             rows[f"{name} {p}"] = (lambda s: lambda: harness.child(__file__, "measure", s))(spec)
     if args.forms:
@@ -175,27 +188,32 @@ def forms_table(runs: list[dict]) -> list[str]:
     return lines
 
 
-def speed_table(done: dict, batches: list[int]) -> tuple[list[str], dict]:
+def speed_table(done: dict, batches: list[int]) -> tuple[list[str], dict, dict]:
+    """Wall-clock and per-CPU-second medians: on a loaded machine a worker gets a fraction of a core,
+    and tokens per CPU-second is what the row would do on an idle one."""
     med = {(row, b): statistics.median(r[str(b)]["tok_s"] for r in runs) for row, runs in done.items() for b in batches}
-    lines = ["| row | " + " | ".join(f"batch-{b} decode tok/s (median) | per round" for b in batches) + " |",
-             "|---|" + "---|---|" * len(batches)]
+    cpu = {(row, b): statistics.median(r[str(b)]["tok_per_cpu_s"] for r in runs) for row, runs in done.items() for b in batches}
+    lines = ["| row | " + " | ".join(f"batch-{b} tok/s (median) | per round | tok per CPU-s" for b in batches) + " |",
+             "|---|" + "---|---|---|" * len(batches)]
     for row, runs in done.items():
-        cells = [f"{med[(row, b)]:,.0f} | " + " ".join(f"{r[str(b)]['tok_s']:,.0f}" for r in runs) for b in batches]
+        cells = [f"{med[(row, b)]:,.0f} | " + " ".join(f"{r[str(b)]['tok_s']:,.0f}" for r in runs) + f" | {cpu[(row, b)]:,.0f}"
+                 for b in batches]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return lines, med
+    return lines, med, cpu
 
 
-def paired(done: dict, a: str, b: str, batch: int) -> float:
-    return statistics.median(x[str(batch)]["tok_s"] / y[str(batch)]["tok_s"] for x, y in zip(done[a], done[b]))
+def paired(done: dict, a: str, b: str, batch: int, key: str = "tok_s") -> float:
+    return statistics.median(x[str(batch)][key] / y[str(batch)][key] for x, y in zip(done[a], done[b]))
 
 
 def write(info, args, bundles: dict, qual: dict, done: dict, loads: list) -> None:
     kernel = done.pop("kernel forms", None)
-    lines, med = speed_table(done, args.batches)
+    lines, med, cpu = speed_table(done, args.batches)
     body = [f"Bundles: {', '.join(f'{k} = {v}' for k, v in bundles.items())}.", *args.note, "",
             f"Rounds measured: {len(next(iter(done.values())))}; 1-minute load at each round's end: "
             f"{', '.join(map(str, loads))}.", "", "## Decode speed (1 thread, a 256-token context)", "", *lines, "",
-            "| comparison | batch | ratio of medians | paired (per round) |", "|---|---|---|---|"]
+            "| comparison | batch | ratio of medians | paired (per round) | by CPU time | paired by CPU time |",
+            "|---|---|---|---|---|---|"]
     names = list(done)
     pairs = [(x, y) for x in names for y in names if x.split()[0] == y.split()[0] and
              (x.split()[1], y.split()[1]) in {("int4", "int8"), ("int4", "fp32"), ("int8", "fp32"), ("int8", "int8-dqmm")}]
@@ -205,7 +223,8 @@ def write(info, args, bundles: dict, qual: dict, done: dict, loads: list) -> Non
         pairs += [(x, most) for x in fp32 if qual[x.split()[0]]["n_kv_heads"] < qual[most.split()[0]]["n_kv_heads"]]
     for x, y in pairs:
         for b in args.batches:
-            body.append(f"| {x} ÷ {y} | {b} | {med[(x, b)] / med[(y, b)]:.2f}x | {paired(done, x, y, b):.2f}x |")
+            body.append(f"| {x} ÷ {y} | {b} | {med[(x, b)] / med[(y, b)]:.2f}x | {paired(done, x, y, b):.2f}x | "
+                        f"{cpu[(x, b)] / cpu[(y, b)]:.2f}x | {paired(done, x, y, b, 'tok_per_cpu_s'):.2f}x |")
     body += ["", "## Size and validation loss (the exports' own checks: 8 held-out windows, decoded at batch 1)", "",
              "| bundle | n_kv_heads | file | bytes | of fp32 | val loss | vs its fp32 | method |", "|---|---|---|---|---|---|---|---|"]
     for name, q in qual.items():
@@ -233,7 +252,8 @@ def write(info, args, bundles: dict, qual: dict, done: dict, loads: list) -> Non
     if kernel:
         body += ["", "## Kernel forms (fastest of 5 x 100 calls per round, medians over rounds)", "", *forms_table(kernel)]
         done["kernel forms"] = kernel
-    data = {"bundles": bundles, "quality": qual, "rows": done, "loads": loads}
+    data = {"bundles": bundles, "quality": qual, "rows": done, "loads": loads,
+            "notes": [n for n in args.note if not n.startswith("Re-rendered")]}
     info.write(args.out / "int4", "\n".join(body), data)
 
 
