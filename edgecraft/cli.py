@@ -290,6 +290,9 @@ def bench(
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write results as CSV.")] = None,
     markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write a markdown table.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG chart (needs edgecraft[bench]).")] = None,
+    backend: Annotated[
+        str, typer.Option(help="Bundle rows on onnxruntime and/or tinygrad, e.g. onnxruntime,tinygrad.")
+    ] = "onnxruntime",
 ) -> None:
     """Measure load time, prefill/decode tokens/s, latency, memory, size and perplexity.
 
@@ -304,6 +307,7 @@ def bench(
     options = BenchOptions(
         device=device, threads=thread_list, batch=batch, prompt_len=prompt_len,
         new_tokens=new_tokens, runs=runs, text=text, warmup=warmup, ppl_tokens=ppl_tokens,
+        backends=[b.strip() for b in backend.split(",")],
     )
     run_bench(paths, options, json_out=json_out, csv_out=csv_out, markdown_out=markdown_out, plot=plot)
 

@@ -20,7 +20,7 @@ Table = tuple[list[str], list[list[str]]]  # header, rows of cells
 
 def _backend(row: dict) -> str:
     """Short: the versions are in the machine line."""
-    return "torch eager" if row["kind"] == "torch" else "onnxruntime"
+    return {"torch": "torch eager", "tinygrad": "tinygrad"}.get(row["kind"], "onnxruntime")
 
 
 def _threads(row: dict) -> str:

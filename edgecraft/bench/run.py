@@ -24,6 +24,7 @@ from edgecraft.errors import UserError
 from edgecraft.runtime.bundle import QUANT_MODELS
 
 FORMAT = "edgecraft-bench/1"
+BACKEND_KINDS = {"onnxruntime": "onnx", "tinygrad": "tinygrad"}  # --backend -> a row's kind
 
 NOTES = (
     "pp P: prefill of P prompt tokens per sequence into an empty KV cache; tokens/s = batch * P / time.",
@@ -59,6 +60,7 @@ class BenchOptions:
     warmup: int = 1
     ppl_tokens: int = 16384  # quality is scored on at most this many tokens (0 = all)
     seed: int = 0
+    backends: list[str] = field(default_factory=lambda: ["onnxruntime"])  # bundle rows: onnxruntime and/or tinygrad
 
 
 def _check(options: BenchOptions) -> None:
@@ -69,6 +71,9 @@ def _check(options: BenchOptions) -> None:
     for name in ("batch", "prompt_len", "new_tokens", "runs"):
         if getattr(options, name) is not None and getattr(options, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(options, name)}")
+    unknown = [b for b in options.backends if b not in BACKEND_KINDS]
+    if unknown or not options.backends:
+        raise UserError(f"--backend {','.join(options.backends)}: expected onnxruntime and/or tinygrad, e.g. onnxruntime,tinygrad")
     if options.warmup < 0 or options.ppl_tokens < 0:
         raise UserError("--warmup and --ppl-tokens must be >= 0")
 
@@ -99,10 +104,11 @@ def _bundle_models(path: Path) -> list[str]:
 def row_specs(paths: list[Path], options: BenchOptions, eval_text: Path | None) -> list[dict]:
     """One spec per row, in the order they are measured; validates every path first."""
     specs = []
-    common = {k: v for k, v in asdict(options).items() if k not in ("threads", "text")}
+    common = {k: v for k, v in asdict(options).items() if k not in ("threads", "text", "backends")}
     for path in paths:
         kind = _kind(path)
-        variants = [("onnx", p) for p in _bundle_models(path)] if kind == "bundle" else [("torch", "fp32")]
+        variants = [(BACKEND_KINDS[b], p) for b in options.backends for p in _bundle_models(path)] \
+            if kind == "bundle" else [("torch", "fp32")]
         for backend, precision in variants:
             for threads in options.threads:
                 specs.append({

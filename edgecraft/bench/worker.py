@@ -88,6 +88,41 @@ def load_onnx(spec: dict) -> tuple[object, object, dict]:
     return model.engine, model.tokenizer, facts
 
 
+def load_tinygrad(spec: dict) -> tuple[object, object, dict]:
+    """(engine, tokenizer, facts) for a bundle row on tinygrad (--backend tinygrad); compile time
+    counts in load_s for nothing but the weights: the first runs (warm-up) compile the steps."""
+    start = time.perf_counter()
+    try:
+        from importlib.metadata import version
+
+        from edgecraft.runtime import load
+        from edgecraft.runtime.tinygrad_engine import check_available
+
+        import_s, rss_baseline = time.perf_counter() - start, _rss_mb()
+        check_available(spec["device"])
+    except RuntimeError as err:  # no tinygrad, no clang, or no such device here
+        raise Skip(str(err)) from None
+    path = Path(spec["path"])
+    start = time.perf_counter()
+    model = load(path, quant=spec["precision"], device=spec["device"], backend="tinygrad")
+    load_s = time.perf_counter() - start
+    onnx = path / QUANT_MODELS[spec["precision"]]
+    manifest = model.manifest
+    facts = {
+        "backend": f"tinygrad {version('tinygrad')} {model.engine.device}",
+        "import_s": import_s,
+        "rss_after_import_mb": rss_baseline,
+        "load_s": load_s,
+        "file": onnx.name,
+        "file_bytes": onnx.stat().st_size,
+        "params": manifest.parameters,
+        "export_checks": manifest.checks,
+        "quantization": manifest.quantization.get(onnx.name),
+        "threads_used": 1,
+    }
+    return model.engine, model.tokenizer, facts
+
+
 def load_torch(spec: dict) -> tuple[object, object, dict]:
     """(engine, tokenizer, facts) for a run directory row: the trained model in PyTorch eager."""
     start = time.perf_counter()
@@ -221,7 +256,7 @@ def prompt_ids(eval_ids: np.ndarray | None, batch: int, length: int, vocab: int,
 
 def run_row(spec: dict) -> dict:
     """Measure one row as described by `spec` (see edgecraft.bench.run.row_specs)."""
-    loader = load_torch if spec["kind"] == "torch" else load_onnx
+    loader = {"torch": load_torch, "tinygrad": load_tinygrad}.get(spec["kind"], load_onnx)
     engine, tokenizer, facts = loader(spec)
     block, vocab = engine.block_size, engine.vocab_size
     # defaults fit the model; values given on the command line are checked, never clamped

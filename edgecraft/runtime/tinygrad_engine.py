@@ -8,11 +8,12 @@ table for rotary models, heads zero-padded to cache_head_size, rotary tables), a
 what the graph holds is what makes the logits match onnxruntime's.
 
 Every call is one TinyJit replay over fixed shapes, so nothing compiles after warm-up:
-- The KV cache is one buffer per layer and kind, (B, n_kv_heads, C, head_size), C = 3 block_size
-  columns. Sequences are right-aligned: every active slot's newest token sits in column t - 1, so a
+- The KV cache is one buffer per layer and kind, (B, n_kv_heads, C, head_size), C = 4 block_size
+  columns (values transposed, (B, n_kv_heads, head_size, C), so both attention products read
+  contiguous memory). Sequences are right-aligned: every active slot's newest token sits in column t - 1, so a
   decode step writes one column, t, for all slots (a symbolic slice, no scatter), and attention
   reads the window of the longest slot, each slot masking the columns before its own start.
-  When t reaches C, every slot is moved back to end at block_size (one copy every 2 block_size steps).
+  When t reaches C, every slot is moved back to end at 2 block_size (one copy every 2 block_size steps).
 - Prefill pads its chunk on the left to a power of two (S) and writes columns t - S .. t - 1, masked
   per row, so a chunk of any length reuses a few compiled shapes.
 - decode of n slots runs the step compiled for the next power of two; the extra rows write column t
@@ -21,7 +22,9 @@ Every call is one TinyJit replay over fixed shapes, so nothing compiles after wa
 int8 bundles run as int8 arithmetic emulated exactly in float32: activations are quantized per call
 as onnxruntime's DynamicQuantizeMatMul does (or with the static ranges of MatMulIntegerToFloat),
 products of integers summed in float32 (exact below 2^24), then scaled; quantized tables are
-dequantized once at load, as GatherBlockQuantized does per row.
+dequantized once at load, as GatherBlockQuantized does per row. A dynamic range covers the call's
+real tokens; onnxruntime's also covers the padding of a ragged prefill (rows of different
+lengths in one call), so there the two differ by a rounding step of the activations.
 """
 
 from __future__ import annotations
@@ -197,7 +200,7 @@ class Linear:
     def __call__(self, x, valid):
         """x (R, S, K), valid (R, S, 1) bool: the rows that count for a dynamic range."""
         if self.scale is None:
-            y = _product(x, self.w, x.shape[0] * x.shape[1] == 1)
+            y = _product(x, self.w, _lanes(x))
         else:
             if self.act is None:  # onnxruntime's GetQuantizationParameter over the call's real rows
                 masked = valid.where(x, 0.0)
@@ -208,22 +211,28 @@ class Linear:
             else:
                 step, zp = self.act
             q = ((x / step).round() + zp).clip(0.0, 255.0) - zp  # (R, S, K) integers in float32
-            y = _product(q, self.w, x.shape[0] * x.shape[1] == 1) * (self.scale * step)  # integer sums: exact in float32 below 2^24
+            y = _product(q, self.w, _lanes(x)) * (self.scale * step)  # integer sums: exact in float32 below 2^24
         return y if self.bias is None else y + self.bias
 
 
-def _product(x, w, single: bool):
-    """x (..., M, K) @ w.T, w (..., N, K) (leading axes broadcast). With `single` (one row per
-    call) the sum runs over eight interleaved lanes: tinygrad's CPU kernel for one row otherwise
-    keeps one scalar accumulator, a chain of dependent adds several times slower
-    (benchmarks/results/tinygrad_decode.md); for more rows it keeps several already."""
+def _product(x, w, lanes: int):
+    """x (..., M, K) @ w.T, w (..., N, K) (leading axes broadcast), summed over `lanes`
+    interleaved partial sums (0: a plain matmul). tinygrad's CPU kernel for a few rows keeps one
+    scalar accumulator per output, a chain of dependent adds; lanes make it vectors of
+    independent ones, several times faster for decode steps (benchmarks/results/tinygrad_decode.md)."""
     K = x.shape[-1]
-    lanes = 8 if K % 8 == 0 else 4 if K % 4 == 0 else 1
-    if not single or lanes == 1:
+    if lanes == 0 or K % lanes:
         return x.matmul(w.transpose(-1, -2))
     xs = x.reshape(*x.shape[:-1], 1, K // lanes, lanes)  # (..., M, 1, K/l, l)
     ws = w.reshape(*w.shape[:-2], 1, w.shape[-2], K // lanes, lanes)  # (..., 1, N, K/l, l)
     return (xs * ws).sum(-2).sum(-1)  # (..., M, N)
+
+
+def _lanes(x) -> int:
+    """Partial sums for a product of x (R, S, K): 8 for one row, 4 for a decode batch, none for a
+    prefill (its kernel has rows enough to keep independent sums)."""
+    R, S = x.shape[0], x.shape[1]
+    return 8 if R * S == 1 else 4 if S == 1 else 0
 
 
 def _norm(x, gain, bias, rms: bool):
@@ -363,7 +372,7 @@ def forward(w: Weights, kv: list, meta, r0, c0, window, R: int, S: int, masked: 
         # softmax with each exp computed once (materialized, or every consumer recomputes it) and
         # the division after the product, on hp values rather than W
         e = (scores - scores.max(-1, keepdim=True)).exp().reshape(R, nkv, g * S, window).contiguous()
-        attn = _product(e, values, R * S == 1) / e.sum(-1, keepdim=True)  # (R, nkv, g S, hp)
+        attn = _product(e, values, 8 if R * S == 1 else 0) / e.sum(-1, keepdim=True)  # (R, nkv, g S, hp)
         attn = attn.reshape(R, nkv, g, S, hp).permute(0, 3, 1, 2, 4).reshape(R, S, nh * hp)
         x = x + layer["proj"](attn, valid)
         if layer["proj_bias"] is not None:
@@ -404,7 +413,7 @@ class TinygradEngine:
         self.block_size = config.block_size
         self.vocab_size = config.vocab_size
         self.weights = Weights(inits, config, self.device, path)
-        self._columns = 3 * config.block_size  # C: cache columns (module docstring)
+        self._columns = 4 * config.block_size  # C: cache columns (module docstring)
         self._jits: dict[tuple, object] = {}
         self.lengths = np.zeros(0, dtype=np.int64)  # (B,) tokens cached per slot
         self.reset(1)
@@ -418,7 +427,10 @@ class TinygradEngine:
         B = batch_size
         if B < 1:
             raise ValueError(f"batch_size must be >= 1, got {B}")
-        self._t = self.block_size  # the column the next decode writes; every aligned slot ends before it
+        # the column the next decode writes; every aligned slot ends before it. Every slot ends at
+        # block_size or later, even one moved back to make room for an appended chunk, so the
+        # last block_size columns before any end are in the buffer
+        self._t = 2 * self.block_size
         if B == len(self.lengths):
             self.lengths[:] = 0
             self._end[:] = self._t
@@ -460,9 +472,9 @@ class TinygradEngine:
             self._jits[key] = self._jit(copy)
         B, C = len(self.lengths), self._columns
         v = self._var
-        self._jits[key](v("src", 0, B - 1).bind(src), v("dst", 0, B - 1).bind(dst),
+        self._jits[key](v("src", 0, B - 1).bind(int(src)), v("dst", 0, B - 1).bind(int(dst)),
                         v("src_col", 0, C - block).bind(int(self._end[src]) - block),
-                        v("dst_col", 0, C - block).bind(end - block))
+                        v("dst_col", 0, C - block).bind(int(end) - block))
 
     def _align(self, slots, end: int) -> None:
         """Move each of `slots` that holds tokens so that its newest ends at column `end`."""
@@ -472,8 +484,8 @@ class TinygradEngine:
             self._end[b] = end
 
     def _make_room(self) -> None:
-        """At the last column, move every slot back to end at block_size (module docstring)."""
-        self._t = self.block_size
+        """At the last column, move every slot back to end at 2 block_size (module docstring)."""
+        self._t = 2 * self.block_size
         self._align(range(len(self.lengths)), self._t)
 
     # ------------------------------------------------------------------------------ steps
@@ -567,7 +579,7 @@ class TinygradEngine:
         window = _bucket(longest + 1, self.block_size, least=32)
         meta = np.zeros((R, 5), dtype=np.int32)  # (R, 5): forward's layout for S = 1
         meta[:n, 0], meta[:n, 1], meta[:n, 2] = ids, active, window - 1 - active
-        meta[:, 3], meta[:, 4] = window - 1, 1
+        meta[:, 3], meta[:n, 4] = window - 1, 1  # rows past n: not new, out of int8's ranges
         out = self._call("decode", R, 1, window, meta, 0, self._t)
         self._t += 1
         self._end[:n] = self._t

@@ -1,0 +1,112 @@
+"""The tinygrad backend beside onnxruntime on one bundle: decode tokens/s at batch 1 and 16, kernels
+per step, compile time cold and warm (first token of a fresh process), peak memory.
+
+    python benchmarks/tinygrad_decode.py [--bundle export/char-1m] [--rounds 3] [--device CPU]
+
+Without --bundle the char-1m recipe's model is exported with random weights (speed does not depend
+on training). Every row runs in a fresh process per round (harness.child), rounds interleaved; a
+row warms up (compiles, captures its steps) before it is timed, so the figures are steady-state
+decoding. Greedy argmax on the host is inside the timed loop, as runtime.Model does it. Writes
+benchmarks/results/tinygrad_decode.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import harness
+
+ROWS = [("onnxruntime", "fp32"), ("tinygrad", "fp32"), ("onnxruntime", "int8"), ("tinygrad", "int8")]
+PROMPT, NEW = 16, 200
+
+
+def _model(payload: dict):
+    from edgecraft.runtime import load
+
+    if payload["backend"] == "tinygrad":
+        return load(payload["bundle"], quant=payload["quant"], backend="tinygrad", device=payload["device"])
+    return load(payload["bundle"], quant=payload["quant"], threads=1)
+
+
+def decode_row(payload: dict) -> dict:
+    """Child: steady-state greedy decoding at one batch size (after a warm-up run)."""
+    model = _model(payload)
+    engine, B = model.engine, payload["batch"]
+    prompt = np.random.default_rng(0).integers(0, engine.vocab_size, (B, PROMPT))
+    harness.greedy(engine, prompt, NEW)  # warm-up: compiles and captures every step shape used
+    tokens, _, wall, cpu = harness.greedy(engine, prompt, NEW)
+    steps = NEW - 1
+    kernels = None
+    if payload["backend"] == "tinygrad":  # the largest captured decode step of this batch
+        replays = [e[5] for k, e in engine._jits.items() if k[0] == "decode" and k[1] == B and e[5] is not None]
+        kernels = max((len(r.kernels) for r in replays), default=None)
+    return {"tok_s": B * steps / wall, "tok_cpu_s": B * steps / cpu, "kernels": kernels,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens": tokens[:, :64].tolist()}
+
+
+def first_token(payload: dict) -> dict:
+    """Child: a fresh process's import + load + prefill + first token, with the cache it is given."""
+    start = time.perf_counter()
+    model = _model(payload)
+    model.generate("The ", max_new_tokens=1, temperature=0)
+    return {"seconds": time.perf_counter() - start}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, help="a bundle with model.onnx and model.int8.onnx (default: random weights)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="CPU", help="the tinygrad device (onnxruntime rows stay on the CPU)")
+    args = parser.parse_args()
+    info = harness.RunInfo("tinygrad backend: decode speed beside onnxruntime (char-1m)")
+    with tempfile.TemporaryDirectory(prefix="tinygrad-bench-") as tmp:
+        bundle = args.bundle
+        if bundle is None:
+            bundle = Path(tmp) / "bundle"
+            harness.edgecraft_cli("export", str(harness.random_run(Path(tmp))), "--int8", "--out", str(bundle))
+        cache = Path(tmp) / "cache"  # a fresh compile cache: the first process compiles (cold)
+        os.environ["EDGECRAFT_TINYGRAD_CACHE"] = str(cache)
+        base = {"bundle": str(bundle), "device": args.device}
+        cold = [harness.child(__file__, "first", {**base, "backend": "tinygrad", "quant": "fp32"})["seconds"]]
+        warm = [harness.child(__file__, "first", {**base, "backend": "tinygrad", "quant": "fp32"})["seconds"]
+                for _ in range(3)]
+        ort_first = [harness.child(__file__, "first", {**base, "backend": "onnxruntime", "quant": "fp32"})["seconds"]
+                     for _ in range(3)]
+        rows = {f"{b} {q} b{B}": (lambda b=b, q=q, B=B: harness.child(__file__, "decode", {**base, "backend": b, "quant": q, "batch": B}))
+                for B in (1, 16) for b, q in ROWS}
+        results = harness.interleave(rows, args.rounds, warmup=0)
+    lines = ["| backend | precision | batch | decode tok/s (median [min-max]) | tok per CPU-s | kernels/step | peak RSS MB |",
+             "|---|---|---|---|---|---|---|"]
+    for name, runs in results.items():
+        backend, quant, b = name.split()
+        tok = [r["tok_s"] for r in runs]
+        lines.append(
+            f"| {backend} | {quant} | {b[1:]} | {np.median(tok):,.0f} [{min(tok):,.0f}-{max(tok):,.0f}] | "
+            f"{np.median([r['tok_cpu_s'] for r in runs]):,.0f} | {runs[0]['kernels'] or ''} | "
+            f"{max(r['peak_rss_mb'] for r in runs):.0f} |"
+        )
+    same = {f"{q} b{B}": results[f"tinygrad {q} b{B}"][0]["tokens"] == results[f"onnxruntime {q} b{B}"][0]["tokens"]
+            for B in (1, 16) for _, q in ROWS}
+    body = "\n".join(lines) + (
+        f"\n\nFirst token of a fresh process (import + load + prefill + first token), tinygrad {args.device}: "
+        f"cold cache {cold[0]:.2f} s, warm cache {np.median(warm):.2f} s (median of {len(warm)}); "
+        f"onnxruntime {np.median(ort_first):.2f} s.  \n"
+        f"Greedy tokens identical to onnxruntime's (first 64 of every row): {same}.  \n"
+        f"Decode: {NEW - 1} steps after a {PROMPT}-token prompt, greedy argmax on the host; `tok per CPU-s` "
+        "is what the row gets per second of CPU, the speed on an idle core.\n"
+    )
+    info.write(harness.RESULTS / "tinygrad_decode", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    if not harness.serve_child({"decode": decode_row, "first": first_token}):
+        sys.exit(main())

@@ -1,0 +1,132 @@
+"""The tinygrad backend (issue 13): the same bundle as onnxruntime through the same runtime.Model,
+for every variant the exporter writes: logits within 1e-4 at every position of a full context,
+the same greedy text for 200 tokens (past the context, through the sliding window), the same
+batches; device choice, missing-clang and cache reuse by a second process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tinygrad", reason="the tinygrad extra is not installed: pip install 'edgecraft[tinygrad]'")
+if shutil.which("clang") is None:
+    pytest.skip("tinygrad's CPU device needs clang: apt-get install clang", allow_module_level=True)
+
+from edgecraft.export import ExportOptions, export_run  # noqa: E402
+from edgecraft.runtime import load  # noqa: E402
+from edgecraft.runtime.bundle import read_manifest  # noqa: E402
+from edgecraft.runtime.onnx_engine import OnnxEngine  # noqa: E402
+from edgecraft.runtime.tinygrad_engine import TinygradEngine, check_available  # noqa: E402
+from test_export import LLAMA, make_run  # noqa: E402
+
+# GPT-2 style and llama style (rotary in GroupQueryAttention), char and BPE, and a llama with
+# grouped-query attention and heads of 12 (zero-padded to 16, rotary outside the attention node)
+VARIANTS = {
+    "gpt2-char": {},
+    "llama-char": LLAMA,
+    "gpt2-bpe": {"tokenizer": "bpe"},
+    "llama-gqa-head12": {**LLAMA, "d_model": 24, "n_heads": 2, "n_kv_heads": 1},
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def bundle(request, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp(request.param)
+    run = make_run(root, **VARIANTS[request.param])
+    return export_run(run, root / "bundle", ExportOptions(int8=True))
+
+
+@pytest.mark.parametrize("model_file", ["model.onnx", "model.int8.onnx"])
+def test_teacher_forced_logits_match_onnxruntime(bundle: Path, model_file: str) -> None:
+    """A full context in one prefill, then decode steps from a short one: every position within
+    1e-4 (the int8 graph's activation quantization is emulated, so int8 matches int8 too)."""
+    cfg = read_manifest(bundle).config
+    ort, tg = OnnxEngine(bundle / model_file, cfg), TinygradEngine(bundle / model_file, cfg)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, cfg.block_size))
+    assert np.abs(tg.prefill(ids) - ort.prefill(ids)).max() <= 1e-4
+    for engine in (ort, tg):
+        engine.reset(1)
+        engine.prefill(ids[:, :3])
+    for position in range(3, cfg.block_size):
+        expected = ort.decode(ids[0, position : position + 1])
+        assert np.abs(tg.decode(ids[0, position : position + 1]) - expected).max() <= 1e-4, position
+    assert tg.lengths.tolist() == [cfg.block_size]
+
+
+def test_greedy_text_and_batches_match_onnxruntime(bundle: Path) -> None:
+    """200 greedy tokens (past the 48-token context: window re-fills) and a batch whose sequences
+    leave at different steps (slots released and moved) write what onnxruntime writes."""
+    ort, tg = load(bundle), load(bundle, backend="tinygrad")
+    assert tg.generate("The cat", max_new_tokens=200, temperature=0) == ort.generate("The cat", max_new_tokens=200, temperature=0)
+    ragged, even = ["A dog", "The big red cat sat", "Then"], ["A dog", "The c", "Then "]
+    # int8: prompts of one length, as onnxruntime's dynamic ranges include a ragged prefill's
+    # padding (tinygrad_engine.py's docstring)
+    for model_ort, model_tg, prompts in ((ort, tg, ragged), (load(bundle, int8=True), load(bundle, int8=True, backend="tinygrad"), even)):
+        for n in (30, 70):  # 70: every slot slides its window at least once
+            expected = model_ort.generate_batch(prompts, max_new_tokens=n, temperature=0, stop=["."])
+            assert model_tg.generate_batch(prompts, max_new_tokens=n, temperature=0, stop=["."]) == expected
+    sampled = {"max_new_tokens": 60, "temperature": 0.8, "top_k": 20, "seed": 3}
+    assert list(tg.stream("The", **sampled)) == list(ort.stream("The", **sampled))
+
+
+def test_appending_to_a_slot_and_moving_slots(bundle: Path) -> None:
+    """The engine interface beyond what Batch does: a chunk appended to a slot that holds tokens,
+    prefill of some rows only, move and release."""
+    cfg = read_manifest(bundle).config
+    ort, tg = OnnxEngine(bundle / "model.onnx", cfg), TinygradEngine(bundle / "model.onnx", cfg)
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (3, 20))
+    for engine in (ort, tg):
+        engine.reset(3)
+    chunks = [  # (columns of ids, tokens per row): rows 0 and 2 append, row 1 waits, then decodes
+        (slice(0, 5), [5, 2, 0]), (slice(5, 12), [7, 0, 4]), (12, 2), (slice(13, 16), [0, 0, 3]), (16, 3),
+    ]
+    for columns, n in chunks:
+        if isinstance(n, int):  # decode of slots 0..n-1 (slot 2 sits the first one out)
+            a, b = ort.decode(ids[:n, columns]), tg.decode(ids[:n, columns])
+            assert np.abs(a - b).max() <= 1e-4
+        else:
+            a, b = ort.prefill(ids[:, columns], np.array(n)), tg.prefill(ids[:, columns], np.array(n))
+            assert all(np.abs(a[r, :k] - b[r, :k]).max() <= 1e-4 for r, k in enumerate(n) if k)
+        assert tg.lengths.tolist() == ort.lengths.tolist()
+    for engine in (ort, tg):
+        engine.release(0)
+        engine.move(2, 0)
+    assert tg.lengths.tolist() == ort.lengths.tolist() == [8, 4, 0]
+    assert np.abs(tg.decode(ids[:2, 17]) - ort.decode(ids[:2, 17])).max() <= 1e-4
+    with pytest.raises(ValueError, match="exceed block_size"):
+        tg.prefill(np.zeros((3, cfg.block_size), dtype=np.int64))
+
+
+def test_device_choice_and_missing_compiler(monkeypatch) -> None:
+    assert check_available("cpu") == "CPU"
+    with pytest.raises(RuntimeError, match=r"tinygrad device 'metal' is not available here; devices found: .*CPU"):
+        check_available("metal")
+    monkeypatch.setenv("CC", "no-such-clang")
+    with pytest.raises(RuntimeError, match="apt-get install clang"):
+        check_available("cpu")
+
+
+def test_a_second_process_reuses_the_compile_cache(bundle: Path, tmp_path: Path) -> None:
+    """EDGECRAFT_TINYGRAD_CACHE holds the compiled kernels: a second process generating the same
+    text never runs the compiler (CC is a script that counts its calls)."""
+    calls = tmp_path / "calls"
+    cc = tmp_path / "cc"
+    cc.write_text(f'#!/bin/sh\necho x >> "{calls}"\nexec clang "$@"\n')
+    cc.chmod(0o755)
+    env = {**os.environ, "CC": str(cc), "EDGECRAFT_TINYGRAD_CACHE": str(tmp_path / "cache")}
+    code = (
+        "import sys; from edgecraft.runtime import load; "
+        f"print(load({str(bundle)!r}, backend='tinygrad').generate('The', max_new_tokens=20, temperature=0))"
+    )
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    compiled = len(calls.read_text().split())
+    assert compiled > 0 and (tmp_path / "cache" / "cache.db").is_file()
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert second.stdout == first.stdout
+    assert len(calls.read_text().split()) == compiled  # nothing compiled the second time
