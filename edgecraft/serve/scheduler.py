@@ -122,6 +122,7 @@ class Scheduler:
         self._last_wake = 0.0
         self._draining_since: float | None = None
         self._stopped = False
+        self._gauges = (0, 0)  # (running, waiting) as last published
         self.thread = threading.Thread(target=self._run, name="edgecraft-scheduler", daemon=True)
 
     # ------------------------------------------------------------------ event-loop side
@@ -192,8 +193,10 @@ class Scheduler:
                 self._flush(urgent=True)  # first tokens go out now, not after the next step
             if batch.active:
                 self._step()
-            self.metrics.running.set(len(batch.active))
-            self.metrics.waiting.set(waiting)
+            if (len(batch.active), waiting) != self._gauges:  # a gauge update takes a lock: only on change
+                self._gauges = (len(batch.active), waiting)
+                self.metrics.running.set(self._gauges[0])
+                self.metrics.waiting.set(waiting)
             self._flush()
             if draining and not batch.active and (self._stopped or not self._waiting):
                 if self._stopped:
