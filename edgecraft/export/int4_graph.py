@@ -6,8 +6,9 @@ its fake-quant model computed.
 - block linear: MatMul (+ Add bias) -> MatMulNBits(x, packed uint4 W, scales, bias); the bias
   rides in the node (one node fewer per biased matrix than the fp32 graph)
 - embedding tables: GatherBlockQuantized in 8 bits, as in the int8 graph (export/int8_graph.py);
-  the head reads the (tied) table's 8-bit round trip as a float MatMul: a 4-bit head costs the
-  most validation loss for the fewest bytes (benchmarks/results/int4.md)
+  the head reads the (tied) table's 8-bit round trip as a float MatMul. With the 8-bit tables the
+  char-1m int4 file is 17.6% of fp32 (benchmarks/results/int4.md); a 4-bit head and tables were
+  not tried: at a character vocabulary they are about 1% of the weights
 
 MatMulNBits's layout: B (N, K / block, block / 2) uint8, two weights a byte, the lower nibble
 first, each stored as q + 8 (the default zero point); scales (N * K / block,) float32.
@@ -28,7 +29,7 @@ from edgecraft.export.int8_graph import quantized_table
 from edgecraft.quant import block_grid, fake_quant_weight
 
 BITS = 4
-ACCURACY_LEVEL = 4  # int8 compute: the fast CPU kernel (levels 0-2 are 1.7-3.3x slower, results/int4.md)
+ACCURACY_LEVEL = 4  # int8 compute: level 0 (float compute) is 1.6x slower (benchmarks/results/int4.md)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """The int8 graph: the fp32 decoder graph of export/graph.py with its matrices and tables
 rewritten to onnxruntime int8 kernels, rounded by edgecraft.quant's functions.
 
-One DynamicQuantizeMatMul per linear layer is the fastest int8 form at decode batch 1 and 16 (a QDQ
+One DynamicQuantizeMatMul per linear layer is the fastest int8 form for prompts and batches (a QDQ
 MatMul and MatMulNBits without int8 compute dequantize the weights on every call and are slower
-than fp32; benchmarks/results/int8.md). So:
+than fp32; benchmarks/results/int8.md); for one-row decode steps 8-bit MatMulNBits with int8
+compute is faster, and single_row_graph() writes that form beside it (benchmarks/results/int4.md).
+So:
 - scheme "dynamic": MatMul (+ Add bias) -> DynamicQuantizeMatMul(x, int8 W, per-column scale, bias)
 - scheme "static":  MatMul (+ Add bias) -> QuantizeLinear(x, a_scale, a_zp) ->
                     MatMulIntegerToFloat(xq, int8 W, a_scale, w scale, a_zp, bias)
