@@ -164,6 +164,17 @@ class Recipe(_Section):
     train: TrainConfig = TrainConfig()
     quant: QuantConfig = QuantConfig()
 
+    @model_validator(mode="after")
+    def _blocks_fit(self) -> "Recipe":
+        """4-bit QAT quantizes blocks of quant.block_size along every matrix's input width."""
+        q, m = self.quant, self.model
+        if q.qat and q.bits == 4 and (m.d_model % q.block_size or m.d_ff % q.block_size):
+            raise ValueError(
+                f"quant.block_size {q.block_size} must divide model.d_model ({m.d_model}) and "
+                f"model.d_ff ({m.d_ff}); choose a smaller block"
+            )
+        return self
+
 
 def _format_error(origin: str, err: ValidationError) -> str:
     first = err.errors()[0]

@@ -5,6 +5,7 @@ load / generate path end to end on a 4-bit QAT run."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +212,15 @@ def test_int8_bundle_runs_one_row_decode_steps_on_its_single_row_graph(trained_r
     engine.prefill(np.repeat(ids, 2, 0))
     main.prefill(np.repeat(ids, 2, 0))
     np.testing.assert_array_equal(engine.decode(np.array([2, 7])), main.decode(np.array([2, 7])))  # batches
+
+
+@pytest.mark.parametrize("quant, message", [
+    ({"qat": True, "bits": 4, "block_size": 32}, "quant.block_size 32 must divide model.d_model (48)"),
+    ({"bits": 4, "scheme": "static"}, "scheme 'static' is an 8-bit scheme"),
+    ({"bits": 3}, "quant.bits"),
+])
+def test_recipe_refuses_4_bit_settings_that_cannot_run(quant, message):
+    from edgecraft.recipe import validate
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate({"model": {"d_model": 48, "n_heads": 4, "d_ff": 96}, "quant": quant}, "r.toml")
