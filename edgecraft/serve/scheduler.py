@@ -284,30 +284,33 @@ class Scheduler:
     def _step(self) -> None:
         advanced, logits = self.batch.step()  # (n, V)
         now = time.perf_counter()
+        jobs = [self._jobs[id(seq)] for seq in advanced]
         observe = self.metrics.per_token.observe
-        for seq in advanced:
-            observe(now - self._jobs[id(seq)].last_token)
-        self._report([self._jobs[id(seq)] for seq in advanced], logits, now)
+        for job in jobs:
+            observe(now - job.last_token)
+        self._report(jobs, logits, now)
 
     def _report(self, jobs: list[Job], logits: np.ndarray, now: float) -> None:
-        """Each job's newest token as an event; row i of `logits` (k, V) produced jobs[i]'s token."""
-        scored = [i for i, job in enumerate(jobs) if job.logprobs is not None]
-        rows = log_softmax(logits[scored]) if scored else None  # (s, V)
-        scores = dict(zip(scored, range(len(scored))))
-        decode = self.model.decode
+        """Each job's newest token as an event; row i of `logits` (k, V) produced jobs[i]'s token.
+        """
+        out = self._out
         for i, job in enumerate(jobs):
             seq = job.seq
-            token = seq.generated[-1]
-            event = Event(job.index, seq.piece, token, finish_reason=seq.finish_reason)
-            if i in scores:
-                row = rows[scores[i]]
-                event.text, event.logprob = decode([token]), float(row[token])
-                event.top = _top(row, job.logprobs, decode)
+            event = Event(job.index, seq.piece, seq.generated[-1], finish_reason=seq.finish_reason)
+            if job.logprobs is not None:
+                self._score(event, logits[i], job.logprobs)
             job.last_token = now
             if seq.finish_reason is not None:
-                self._jobs.pop(id(seq), None)
-            self._emit(job, event)
+                del self._jobs[id(seq)]
+            out.append((job.sink, event))
         self.metrics.generated_tokens.inc(len(jobs))
+
+    def _score(self, event: Event, logits: np.ndarray, top: int) -> None:
+        """The event's token's log-probability and the `top` most likely tokens, from its row (V,)."""
+        row = log_softmax(logits[None])[0]  # (V,)
+        decode = self.model.decode
+        event.text, event.logprob = decode([event.token]), float(row[event.token])
+        event.top = _top(row, top, decode)
 
 
 def _top(row: np.ndarray, n: int | None, decode) -> Alternatives | None:
