@@ -291,8 +291,7 @@ class Scheduler:
         self._report(jobs, logits, now)
 
     def _report(self, jobs: list[Job], logits: np.ndarray, now: float) -> None:
-        """Each job's newest token as an event; row i of `logits` (k, V) produced jobs[i]'s token.
-        """
+        """Each job's newest token as an event; row i of `logits` (k, V) produced jobs[i]'s token."""
         out = self._out
         for i, job in enumerate(jobs):
             seq = job.seq
