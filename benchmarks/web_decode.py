@@ -47,7 +47,12 @@ SWIFTSHADER_WEBGPU = [
 PROMPT = "\n"
 # The measuring page, served at /bench.html beside the bundle: times are performance.now(), ms
 # since the navigation started.
-BENCH_PAGE = """<!doctype html><meta charset="utf-8"><script type="module">
+BENCH_PAGE = """<!doctype html><meta charset="utf-8">
+<script>  // a failure ends the wait with its message (a module's top-level await reports to "error")
+addEventListener("error", (e) => { window.result = { error: String(e.error?.stack ?? e.message) }; });
+addEventListener("unhandledrejection", (e) => { window.result = { error: String(e.reason?.stack ?? e.reason) }; });
+</script>
+<script type="module">
 import { load } from "/web/edgecraft.js";
 const q = new URLSearchParams(location.search);
 const model = await load("/", { backend: q.get("backend"), int8: q.get("model") === "int8", threads: Number(q.get("threads")) });
@@ -120,9 +125,11 @@ def browser_row(browser, url: str, backend: str, model: str, threads: int, token
     page = context.new_page()
     query = urllib.parse.urlencode(dict(backend=backend, model=model, threads=threads, tokens=tokens, prompt=PROMPT, warmup=warmup))
     page.goto(f"{url}bench.html?{query}")
-    page.wait_for_function("window.result !== undefined", timeout=600_000)
+    page.wait_for_function("window.result !== undefined", timeout=300_000)
     result = page.evaluate("window.result")
     context.close()
+    if "error" in result:
+        raise RuntimeError(f"{backend} {model} {threads} threads: {result['error']}")
     return result
 
 

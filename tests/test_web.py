@@ -170,7 +170,7 @@ def test_page_sampling_equals_python(kind, bundles, servers, browser):
 
 def test_module_on_its_own(bundles, servers, browser):
     """The README's example: load() + stream() from another page; the pieces join to generate()'s
-    text; a damaged model file is refused, named, by its sha256."""
+    text; bad options are refused, named; a damaged model file is refused, named, by its sha256."""
     from edgecraft.runtime import load
 
     page = browser.new_page()
@@ -184,6 +184,19 @@ def test_module_on_its_own(bundles, servers, browser):
     }""")
     assert len(pieces) > 1
     assert "".join(pieces) == load(bundles["bpe"]).generate("The cat", max_new_tokens=60, temperature=0)
+    refusals = page.evaluate("""async () => {
+        const { load } = await import("/web/edgecraft.js");
+        const refusal = async (f) => { try { await f(); return ""; } catch (err) { return err.message; } };
+        const model = await load("/", { backend: "wasm" });
+        return [
+            await refusal(() => model.generate("The", { temperature: -1 })),
+            await refusal(() => model.generate("The", { top_k: 5 })),
+            await refusal(() => load("/", { backend: "wasm", threads: 2 })),
+        ];
+    }""")
+    assert refusals[0] == "temperature must be >= 0 (0 = greedy), got -1"  # the Python runtime's words
+    assert refusals[1].startswith("unknown option top_k; expected one of maxNewTokens")
+    assert refusals[2].startswith("threads: 2 WebAssembly threads need a cross-origin isolated page")
     damaged = bundles["bpe"].parent / "bpe-damaged"
     shutil.copytree(bundles["bpe"], damaged)
     data = bytearray((damaged / "web/model.wasm.onnx").read_bytes())

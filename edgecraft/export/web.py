@@ -56,6 +56,7 @@ CHANGES = {
               "DynamicQuantizeMatMul on the CPU",
 }
 NBITS_BLOCK = 32  # MatMulNBits' block along K; every block of a column carries that column's one scale
+MAX_NBITS_BLOCK = 256  # the largest MatMulNBits block onnxruntime-web's WebAssembly kernel accepts
 
 
 def vendored_versions() -> dict[str, str]:
@@ -166,6 +167,17 @@ def _packed_cache(graph: onnx.GraphProto) -> None:
     graph.node.extend(nodes)
 
 
+def _refused_by_onnxruntime_web(path: Path) -> str:
+    """Why onnxruntime-web (1.31) cannot load graph `path`, or "": its MatMulNBits kernel takes
+    blocks of 16 to 256 only, where onnxruntime 1.32 takes larger ones (the int8 one-row graph uses
+    one block per row of K)."""
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
+        if node.op_type == "MatMulNBits" and block > MAX_NBITS_BLOCK:
+            return f"{node.name}: MatMulNBits block_size {block}; onnxruntime-web takes at most {MAX_NBITS_BLOCK}"
+    return ""
+
+
 def _op_types(model: onnx.ModelProto) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in model.graph.node:
@@ -211,10 +223,14 @@ def add_web(bundle: Path) -> Path:
             shutil.copyfile(ASSETS / name, tmp / name)
         shutil.copytree(VENDOR, tmp / "vendor")
         graphs: dict[str, dict[str, str]] = {"wasm": {}, "webgpu": {}}
-        derived = {}
+        derived: dict[str, dict] = {}
         for name in [f for f in (FP32_MODEL, INT8_MODEL, INT8_SINGLE_ROW_MODEL) if f in manifest.files]:
             for backend, write in (("wasm", wasm_graph), ("webgpu", webgpu_graph)):
                 if name not in GRAPHS[backend]:
+                    continue
+                refused = _refused_by_onnxruntime_web(bundle / name)
+                if refused:  # the page then runs decode steps on the int8 graph too
+                    derived[GRAPHS[backend][name]] = {"from": name, "backend": backend, "skipped": refused}
                     continue
                 file = GRAPHS[backend][name]
                 graphs[backend][PRECISIONS[name]] = file

@@ -58,15 +58,26 @@ export async function detectBackend() {
   return "wasm";
 }
 
+/** WebAssembly threads: 0 = every core the page may use (threads share memory only in a cross-origin isolated page). */
+function wasmThreads(threads) {
+  if (!Number.isInteger(threads) || threads < 0) throw new RangeError(`threads must be an integer >= 0 (0 = every core), got ${threads}`);
+  const isolated = globalThis.crossOriginIsolated === true;
+  if (threads > 1 && !isolated) {
+    throw new RangeError(`threads: ${threads} WebAssembly threads need a cross-origin isolated page (served with ` +
+                         `Cross-Origin-Opener-Policy: same-origin and Cross-Origin-Embedder-Policy: require-corp); use 1 or 0`);
+  }
+  return threads === 0 ? (isolated ? navigator.hardwareConcurrency : 1) : threads;
+}
+
 /**
  * Open the bundle at `url` (a folder URL, relative to the page): check its format and every file
  * it uses against edgecraft.json, then start onnxruntime-web.
  * Options: int8 (the int8 graph), backend ("auto" | "wasm" | "webgpu"), threads (WebAssembly
- * threads; 0 = every core, which needs a cross-origin isolated page; default the manifest's),
+ * threads, default the manifest's; 0 = every core in a cross-origin isolated page, else 1),
  * verify (default true).
  */
 export async function load(url, { int8 = false, backend = "auto", threads, verify = true } = {}) {
-  const base = new URL(url.endsWith("/") ? url : url + "/", document.baseURI);
+  const base = new URL(url.endsWith("/") ? url : url + "/", globalThis.document?.baseURI ?? location.href);
   const manifest = JSON.parse(new TextDecoder().decode(await fetchBytes(new URL("edgecraft.json", base))));
   if (manifest.format !== FORMAT) {
     throw new Error(`edgecraft.json: format ${JSON.stringify(manifest.format)}, this page reads ${FORMAT}; upgrade edgecraft`);
@@ -89,9 +100,7 @@ export async function load(url, { int8 = false, backend = "auto", threads, verif
   const ort = await import(new URL(RUNTIMES[backend].api, VENDOR).href);
   const runtime = RUNTIMES[backend].runtime;
   ort.env.wasm.wasmPaths = { mjs: new URL(runtime + ".js", VENDOR).href, wasm: new URL(runtime + ".wasm", VENDOR).href };
-  threads = threads ?? manifest.runtime.threads;
-  ort.env.wasm.numThreads = threads === 0 ? navigator.hardwareConcurrency : threads;
-  if (ort.env.wasm.numThreads > 1 && !globalThis.crossOriginIsolated) ort.env.wasm.numThreads = 1;  // no SharedArrayBuffer
+  ort.env.wasm.numThreads = wasmThreads(threads ?? manifest.runtime.threads);
   const engine = await Engine.create(ort, manifest, backend, graph, decodeGraph);
   return new Model(engine, tokenizer, manifest, { file, decodeFile, backend, threads: ort.env.wasm.numThreads });
 }
@@ -446,10 +455,15 @@ class Model {
   /**
    * Text pieces as they are generated; they join to generate()'s text. A piece never holds a
    * broken character nor text that may turn out to start a stop string. One stream at a time.
+   * Options are checked now; tokens are generated as the iterator is read.
    */
-  async *stream(prompt, options = {}) {
+  stream(prompt, options = {}) {
     const o = checkOptions(options);
     const ids = typeof prompt === "string" ? this.encode(prompt) : (prompt.length ? [...prompt] : [this.startId]);
+    return this.guarded(ids, o);
+  }
+
+  async *guarded(ids, o) {
     if (this.busy) throw new Error("this model is already generating; finish (or break out of) that stream first");
     this.busy = true;
     try {
