@@ -107,7 +107,9 @@ def browser(pw):
 
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("screenshots")
+    folder = tmp_path_factory.mktemp("screenshots")
+    print(f"test_web screenshots: {folder}")  # shown with -s
+    return folder
 
 
 def open_page(browser, url: str, console: list[str] | None = None):
