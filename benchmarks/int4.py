@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -147,8 +148,9 @@ def main() -> None:
         args.note = saved.get("notes", args.note)
         rows = saved["rows"]
         args.batches = [int(b) for b in next(v for k, v in rows.items() if k != "kernel forms")[0] if b.isdigit()]
-        args.note = [*args.note, "Re-rendered from int4.json (--render); the measuring run ended at load average "
-                     + "/".join(f"{x:.2f}" for x in saved["load_after"]) + "."]
+        # the header's "at the end" is the measuring run's, not the re-render's
+        harness.os.getloadavg = lambda: tuple(saved["load_after"])
+        args.note = [*args.note, "(Re-rendered from int4.json with --render.)"]
         write(info, args, saved["bundles"], saved["quality"], rows, saved["loads"])
         return
     bundles = dict(item.split("=", 1) for item in args.bundle)
@@ -170,7 +172,7 @@ def main() -> None:
     loads = []
 
     def after(done):
-        loads.append(round(__import__("os").getloadavg()[0], 2))
+        loads.append(round(os.getloadavg()[0], 2))
         write(info, args, bundles, qual, done, loads)
 
     t0 = time.time()
@@ -253,7 +255,7 @@ def write(info, args, bundles: dict, qual: dict, done: dict, loads: list) -> Non
         body += ["", "## Kernel forms (fastest of 5 x 100 calls per round, medians over rounds)", "", *forms_table(kernel)]
         done["kernel forms"] = kernel
     data = {"bundles": bundles, "quality": qual, "rows": done, "loads": loads,
-            "notes": [n for n in args.note if not n.startswith("Re-rendered")]}
+            "notes": [n for n in args.note if not n.startswith("(Re-rendered")]}
     info.write(args.out / "int4", "\n".join(body), data)
 
 
