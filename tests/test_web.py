@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from conftest import write_tiny_recipe
 
-from edgecraft.export.web import VENDOR, webgpu_graph
+from edgecraft.export.web import VENDOR, _fit_nbits_blocks, webgpu_graph
 
 CHROMIUM = Path("/usr/lib/chromium/chromium")
 SWIFTSHADER_WEBGPU = [  # a software WebGPU adapter for a headless browser without a GPU
@@ -255,7 +255,8 @@ def test_manifest_web_section(bundles):
 
 
 def test_browser_graphs_compute_the_same(bundles, tmp_path):
-    """The WebAssembly graph (one cache tensor in, the positions written out) gives the same logits;
+    """The WebAssembly graph (one cache tensor in, the positions written out) gives the same logits,
+    and so does a MatMulNBits block split for onnxruntime-web;
     the Add chains change nothing; MatMulNBits computes x @ (q * scale) in float, so the int8
     WebGPU graph equals the int8 weights with unquantized activations (the WASM graph quantizes them)."""
     import onnx
@@ -281,6 +282,28 @@ def test_browser_graphs_compute_the_same(bundles, tmp_path):
     x = rng.normal(size=(3, K)).astype(np.float32)
     y = ort.InferenceSession(str(tmp_path / "mm.webgpu.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ (q.astype(np.float32) * scale) + bias, rtol=1e-5, atol=1e-5)
+
+    # a MatMulNBits block of 512 (the int8 one-row graph at K = 512) -> blocks of 256 for onnxruntime-web
+    K = 512
+    stored = rng.integers(0, 256, size=(N, 1, K), dtype=np.uint8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulNBits", ["x", "q", "s"], ["y"], name="mm", domain="com.microsoft",
+                          K=K, N=N, bits=8, block_size=K, accuracy_level=4)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])],
+        [numpy_helper.from_array(stored, "q"), numpy_helper.from_array(scale, "s")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "nbits.onnx"))
+    refit = onnx.load(str(tmp_path / "nbits.onnx"))
+    _fit_nbits_blocks(refit.graph)
+    assert [a.i for a in refit.graph.node[0].attribute if a.name == "block_size"] == [256]
+    onnx.save(refit, str(tmp_path / "nbits.256.onnx"))
+    x = rng.normal(size=(1, K)).astype(np.float32)
+    ys = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+          for f in ("nbits.onnx", "nbits.256.onnx")]
+    assert np.array_equal(ys[0], ys[1])
 
     feeds = {"input_ids": np.array([[3, 4, 5]]), "position_ids": np.array([[2, 3, 4]]),
              "seqlens_k": np.array([[4]], dtype=np.int32), "total_sequence_length": np.array([5], dtype=np.int32)}

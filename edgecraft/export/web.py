@@ -167,15 +167,25 @@ def _packed_cache(graph: onnx.GraphProto) -> None:
     graph.node.extend(nodes)
 
 
-def _refused_by_onnxruntime_web(path: Path) -> str:
-    """Why onnxruntime-web (1.31) cannot load graph `path`, or "": its MatMulNBits kernel takes
-    blocks of 16 to 256 only, where onnxruntime 1.32 takes larger ones (the int8 one-row graph uses
-    one block per row of K)."""
-    for node in onnx.load(str(path), load_external_data=False).graph.node:
-        block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
-        if node.op_type == "MatMulNBits" and block > MAX_NBITS_BLOCK:
-            return f"{node.name}: MatMulNBits block_size {block}; onnxruntime-web takes at most {MAX_NBITS_BLOCK}"
-    return ""
+def _fit_nbits_blocks(graph: onnx.GraphProto) -> None:
+    """MatMulNBits blocks above MAX_NBITS_BLOCK (the int8 one-row graph has one block per row of K)
+    split into blocks of MAX_NBITS_BLOCK, each with its parent's scale: onnxruntime-web's kernel
+    takes blocks of 16 to 256 only. The same numbers, and onnxruntime computes the same logits
+    (tests/test_web.py). Only 8-bit blocks with the default zero point are written that way."""
+    inits = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type != "MatMulNBits" or attrs["block_size"].i <= MAX_NBITS_BLOCK:
+            continue
+        if attrs["bits"].i != 8 or len(node.input) > 3 and node.input[3]:
+            raise UserError(f"--web: {node.name}: MatMulNBits blocks of {attrs['block_size'].i} that onnxruntime-web cannot load")
+        N, K, old = attrs["N"].i, attrs["K"].i, attrs["block_size"].i
+        q = numpy_helper.to_array(inits[node.input[1]]).reshape(N, -1)  # (N, blocks * old)
+        scales = numpy_helper.to_array(inits[node.input[2]]).reshape(N, -1)  # (N, blocks)
+        split = old // MAX_NBITS_BLOCK
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(q.reshape(N, -1, MAX_NBITS_BLOCK), node.input[1]))
+        inits[node.input[2]].CopyFrom(numpy_helper.from_array(np.repeat(scales, split, axis=1).reshape(-1), node.input[2]))
+        attrs["block_size"].i = MAX_NBITS_BLOCK
 
 
 def _op_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -195,8 +205,9 @@ def _rewrite(src: Path, dst: Path, *steps) -> dict[str, int]:
 
 
 def wasm_graph(src: Path, dst: Path) -> dict[str, int]:
-    """Write the WebAssembly form of graph `src` (one packed cache in and out) to `dst`; its operator counts."""
-    return _rewrite(src, dst, _packed_cache)
+    """Write the WebAssembly form of graph `src` (MatMulNBits blocks it takes, one packed cache in
+    and out) to `dst`; its operator counts."""
+    return _rewrite(src, dst, _fit_nbits_blocks, _packed_cache)
 
 
 def webgpu_graph(src: Path, dst: Path) -> dict[str, int]:
@@ -223,14 +234,10 @@ def add_web(bundle: Path) -> Path:
             shutil.copyfile(ASSETS / name, tmp / name)
         shutil.copytree(VENDOR, tmp / "vendor")
         graphs: dict[str, dict[str, str]] = {"wasm": {}, "webgpu": {}}
-        derived: dict[str, dict] = {}
+        derived = {}
         for name in [f for f in (FP32_MODEL, INT8_MODEL, INT8_SINGLE_ROW_MODEL) if f in manifest.files]:
             for backend, write in (("wasm", wasm_graph), ("webgpu", webgpu_graph)):
                 if name not in GRAPHS[backend]:
-                    continue
-                refused = _refused_by_onnxruntime_web(bundle / name)
-                if refused:  # the page then runs decode steps on the int8 graph too
-                    derived[GRAPHS[backend][name]] = {"from": name, "backend": backend, "skipped": refused}
                     continue
                 file = GRAPHS[backend][name]
                 graphs[backend][PRECISIONS[name]] = file
