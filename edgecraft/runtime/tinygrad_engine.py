@@ -22,9 +22,11 @@ Every call is one TinyJit replay over fixed shapes, so nothing compiles after wa
 int8 bundles run as int8 arithmetic emulated exactly in float32: activations are quantized per call
 as onnxruntime's DynamicQuantizeMatMul does (or with the static ranges of MatMulIntegerToFloat),
 products of integers summed in float32 (exact below 2^24), then scaled; quantized tables are
-dequantized once at load, as GatherBlockQuantized does per row. A dynamic range covers the call's
-real tokens; onnxruntime's also covers the padding of a ragged prefill (rows of different
-lengths in one call), so there the two differ by a rounding step of the activations.
+dequantized once at load, as GatherBlockQuantized does per row. Exact up to the float32 arithmetic
+around the products: an activation within 1e-7 of a rounding boundary can round the other way than
+in onnxruntime, and the KV cache keeps that difference (logits then differ by ~1e-3). A dynamic
+range covers the call's real tokens; onnxruntime's also covers the padding of a ragged prefill
+(rows of different lengths in one call).
 """
 
 from __future__ import annotations
@@ -261,8 +263,10 @@ class Weights:
 
         self.cfg, self.path = cfg, path
         self._inits = inits
-        self._T = lambda a: Tensor(np.ascontiguousarray(a, dtype=np.float32), device=device).realize()
-        self.count = Tensor(np.arange(cfg.block_size + 1, dtype=np.int32), device=device).realize()
+        made: list = []  # realized together at the end: one schedule rather than one per tensor
+        self._T = lambda a: made.append(Tensor(np.ascontiguousarray(a, dtype=np.float32), device=device)) or made[-1]
+        self.count = Tensor(np.arange(cfg.block_size + 1, dtype=np.int32), device=device)  # (block + 1,)
+        made.append(self.count)
         self.tok = self._T(self._table("tok_emb"))  # (V, D)
         self.pos = self._T(self._table("pos_emb")) if cfg.pos == "learned" else None  # (block, D)
         self.table0 = self._T(self._get("blocks.0.norm1.table")) if cfg.pos == "rope" else None  # (V, D)
@@ -286,6 +290,7 @@ class Weights:
             self.layers.append(layer)
         self.norm_f = self._norm("norm_f")
         self.head = self._linear("head")
+        Tensor.realize(*made)
         del self._inits
 
     def _get(self, name: str) -> np.ndarray:
@@ -440,7 +445,8 @@ class TinygradEngine:
         nkv, C, hp = self.cfg.n_kv_heads, self._columns, self.cfg.cache_head_size
         # per layer: keys (B, n_kv_heads, C, head_size), values (B, n_kv_heads, head_size, C)
         shapes = [(B, nkv, C, hp), (B, nkv, hp, C)] * self.cfg.n_layers
-        self._kv = [Tensor.zeros(*shape, device=self.device).contiguous().realize() for shape in shapes]
+        self._kv = [Tensor.zeros(*shape, device=self.device).contiguous() for shape in shapes]
+        Tensor.realize(*self._kv)
         self._jits.clear()
 
     def release(self, slot: int) -> None:
