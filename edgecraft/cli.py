@@ -319,6 +319,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on (loopback unless told otherwise).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="0 = any free port (the printed URL says which).")] = 8000,
     int8: Annotated[bool, typer.Option(help="Use the bundle's int8 model.")] = False,
+    int4: Annotated[bool, typer.Option(help="Use the bundle's int4 model.")] = False,
     threads: Annotated[int, typer.Option(min=0, help="onnxruntime threads (0 = the bundle's default).")] = 0,
     slots: Annotated[int, typer.Option(min=1, help="Sequences decoded together in one batch.")] = 16,
     max_queue: Annotated[int, typer.Option(min=0, help="Sequences waiting for a slot; past it, 503.")] = 64,
@@ -332,7 +333,11 @@ def serve(
     ] = None,
 ) -> None:
     """OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health,
-    /metrics) with continuous batching; needs the serve extra (FastAPI, uvicorn, prometheus-client)."""
+    /metrics) with continuous batching, and the bundle's files under /bundle/ (its web page, when
+    exported with --web, at /bundle/web/); needs the serve extra (FastAPI, uvicorn, prometheus-client)."""
+    if int8 and int4:
+        raise UserError("give --int8 or --int4, not both")
+    quant = "int8" if int8 else "int4" if int4 else None
     if not is_bundle(bundle):
         raise UserError(f"{bundle}: not a bundle (no edgecraft.json); export a run first")
     if api_key is not None and api_key_file is not None:
@@ -349,7 +354,7 @@ def serve(
 
     try:
         manifest = read_manifest(bundle)
-        model_file(bundle, manifest, int8)  # a missing int8 model is refused before the port is bound
+        model_file(bundle, manifest, quant=quant)  # a missing model is refused before the port is bound
     except BundleError as err:
         raise UserError(str(err)) from None
     try:
@@ -357,7 +362,7 @@ def serve(
     except ImportError as err:
         raise UserError(f"edgecraft serve needs the serve extra ({err.name} is missing): pip install 'edgecraft[serve]'") from None
     options = ServeOptions(
-        host=host, port=port, int8=int8, threads=threads, slots=slots, max_queue=max_queue,
+        host=host, port=port, quant=quant, threads=threads, slots=slots, max_queue=max_queue,
         max_tokens_limit=max_tokens_limit, api_key=api_key,
     )
     run_server(bundle, manifest.name, choose_template(bundle, chat_template), options)

@@ -213,6 +213,11 @@ def test_template_override_and_api_key(tiny_bundle, tmp_path):
     try:
         with httpx.Client(base_url=srv.root, timeout=30) as c:
             assert c.get("/health").status_code == 200  # needs no key
+            assert c.get("/bundle/edgecraft.json").status_code == 401  # the bundle's files need it too
+            served = c.get("/bundle/edgecraft.json", headers={"authorization": f"Bearer {KEY}"})
+            assert served.status_code == 200 and served.content == (tiny_bundle / "edgecraft.json").read_bytes()
+            for outside in ("/bundle/../tiny.toml", "/bundle/%2e%2e/x", "/bundle/nothing.onnx", "/bundle/"):
+                assert c.get(outside, headers={"authorization": f"Bearer {KEY}"}).status_code == 404
             for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/completions")):
                 for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": KEY}):
                     response = c.request(method, path, json={"prompt": "a"}, headers=headers)

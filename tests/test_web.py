@@ -318,3 +318,23 @@ def test_browser_graphs_compute_the_same(bundles, tmp_path):
     assert np.array_equal(bundle["logits"], webgpu["logits"]) and np.array_equal(bundle["logits"], wasm["logits"])
     new = [bundle[f"present.{i}.{kv}"][:, :, 2:5] for i in range(2) for kv in ("key", "value")]  # the 3 positions written
     assert np.array_equal(np.concatenate(new), wasm["new_key_values"])
+
+
+def test_edgecraft_serve_serves_the_page(bundles, browser):
+    """`edgecraft serve` hands out the bundle's files under /bundle/ (with the cross-origin
+    isolation headers), so the page runs from the same server as the API."""
+    from serve_helpers import Server as EdgecraftServer
+
+    from edgecraft.runtime import load
+
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    server = EdgecraftServer(bundles["char"])
+    try:
+        with urllib.request.urlopen(f"{server.root}/bundle/web/") as response:
+            assert response.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+        page = open_page(browser, f"{server.root}/bundle/web/index.html?model=fp32&backend=wasm")
+        expected = load(bundles["char"]).generate("The cat", max_new_tokens=40, temperature=0)
+        assert generate(page, "The cat", max_new_tokens="40", temperature="0") == expected
+        page.close()
+    finally:
+        assert server.stop() == 0

@@ -13,10 +13,11 @@ import hmac
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
@@ -29,6 +30,7 @@ from edgecraft.serve.schemas import APIError, ChatRequest, CompletionRequest, pa
 
 MAX_BODY = 1 << 20  # bytes; a prompt is at most the model's context, so 1 MiB is generous
 COMPLETION_MAX_TOKENS = 16  # the OpenAI default when a completion request names none
+ISOLATION_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Settings:
     api_key: str | None
     template: ChatTemplate
     load: Callable[[], Model]  # runs in a worker thread while /health says 503
+    bundle: Path | None = None  # served under /bundle/ (the page of `export --web` at /bundle/web/)
 
 
 @dataclass
@@ -93,17 +96,34 @@ def create_app(settings: Settings, on_ready: Callable[[State], None] = lambda s:
         message = f"{request.method} {request.url.path}: {err.detail}"
         return error_response(APIError(err.status_code, message, kind=kind))
 
-    def ready(request: Request) -> Scheduler:
-        """The key check, then the scheduler (503 while the model loads)."""
+    def check_key(request: Request) -> None:
         key = settings.api_key
         if key is not None:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
                 raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
                                code="invalid_api_key")
+
+    def ready(request: Request) -> Scheduler:
+        """The key check, then the scheduler (503 while the model loads)."""
+        check_key(request)
         if state.scheduler is None:
             raise APIError(503, "the model is loading", kind="server_error", headers={"Retry-After": "1"})
         return state.scheduler
+
+    @app.get("/bundle/{name:path}")
+    async def bundle_file(name: str, request: Request) -> Response:
+        """The bundle's files, for the page `export --web` wrote (web/index.html loads the bundle
+        from its parent folder). Behind the API key like every route but /health; the
+        cross-origin isolation headers let the page use WebAssembly threads."""
+        check_key(request)
+        root = settings.bundle.resolve() if settings.bundle is not None else None
+        path = (root / name).resolve() if root is not None else None
+        if path is not None and path.is_dir():
+            path = path / "index.html"
+        if path is None or root not in path.parents or not path.is_file():
+            raise APIError(404, f"GET /bundle/{name}: no such file in the bundle", kind="not_found_error")
+        return FileResponse(path, headers=ISOLATION_HEADERS)
 
     @app.get("/health")
     async def health() -> JSONResponse:

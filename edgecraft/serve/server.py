@@ -28,7 +28,7 @@ from edgecraft.serve.scheduler import DRAIN_SECONDS
 class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
-    int8: bool = False
+    quant: str | None = None  # "int8" | "int4" | None (fp32, or what the bundle holds)
     threads: int = 0
     slots: int = 16
     max_queue: int = 64
@@ -67,8 +67,8 @@ def serve(bundle: Path, name: str, template: ChatTemplate, options: ServeOptions
 
     settings = Settings(
         name=name, slots=options.slots, max_queue=options.max_queue, max_tokens_limit=options.max_tokens_limit,
-        api_key=options.api_key, template=template,
-        load=lambda: load(bundle, int8=options.int8, threads=options.threads),
+        api_key=options.api_key, template=template, bundle=bundle,
+        load=lambda: load(bundle, quant=options.quant, threads=options.threads),
     )
     app = create_app(settings, on_ready)
     config = uvicorn.Config(
