@@ -7,6 +7,8 @@
     log.py          metrics.jsonl, TensorBoard, samples.txt, the progress bar
     interrupt.py    Ctrl-C and SIGTERM: stop at a step boundary with a checkpoint
     distributed.py  torchrun and DDP: the process group, each rank's device and threads, collectives
+    lock.py         one process trains a run at a time
+    recover.py      resume from the newest whole checkpoint, extensions, divergence and out-of-memory lines
 """
 
 from edgecraft.train.distributed import is_main_process
