@@ -18,6 +18,9 @@ pytest.importorskip("tinygrad", reason="the tinygrad extra is not installed: pip
 if shutil.which("clang") is None:
     pytest.skip("tinygrad's CPU device needs clang: apt-get install clang", allow_module_level=True)
 
+from typer.testing import CliRunner  # noqa: E402
+
+from edgecraft.cli import app  # noqa: E402
 from edgecraft.export import ExportOptions, export_run  # noqa: E402
 from edgecraft.runtime import load  # noqa: E402
 from edgecraft.runtime.bundle import read_manifest  # noqa: E402
@@ -72,6 +75,11 @@ def test_greedy_text_and_batches_match_onnxruntime(bundle: Path) -> None:
         assert tg.generate_batch(prompts, max_new_tokens=n, temperature=0, stop=["."]) == expected
     sampled = {"max_new_tokens": 60, "temperature": 0.8, "top_k": 20, "seed": 3}
     assert list(tg.stream("The", **sampled)) == list(ort.stream("The", **sampled))
+    cli = ["generate", str(bundle), "The", "-n", "30", "--temperature", "0"]
+    result = CliRunner().invoke(app, [*cli, "--backend", "tinygrad", "--device", "cpu"])
+    assert result.exit_code == 0 and result.output == CliRunner().invoke(app, cli).output
+    result = CliRunner().invoke(app, [*cli, "--backend", "tinygrad", "--device", "metal"])
+    assert result.exit_code != 0 and "devices found: " in result.output and "Traceback" not in result.output
 
 
 def test_appending_to_a_slot_and_moving_slots(bundle: Path) -> None:
