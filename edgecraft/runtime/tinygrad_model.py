@@ -36,7 +36,7 @@ class Linear:
             else:
                 step, zp = self.act
             q = ((x / step).round() + zp).clip(0.0, 255.0) - zp  # (R, S, K) integers in float32
-            y = _product(q, self.w, _lanes(x)) * (self.scale * step)  # integer sums: exact in float32 below 2^24
+            y = _product(q, self.w.cast("float32"), _lanes(x)) * (self.scale * step)  # integer sums: exact in float32 below 2^24
         return y if self.bias is None else y + self.bias
 
 
@@ -87,7 +87,7 @@ class Weights:
         self.cfg, self.path = cfg, path
         self._inits = inits
         made: list = []  # realized together at the end: one schedule rather than one per tensor
-        self._T = lambda a: made.append(Tensor(np.ascontiguousarray(a, dtype=np.float32), device=device)) or made[-1]
+        self._T = lambda a, dtype=np.float32: made.append(Tensor(np.ascontiguousarray(a, dtype=dtype), device=device)) or made[-1]
         self.count = Tensor(np.arange(cfg.block_size + 1, dtype=np.int32), device=device)  # (block + 1,)
         made.append(self.count)
         self.tok = self._T(self._table("tok_emb"))  # (V, D)
@@ -147,7 +147,8 @@ class Weights:
         # stored (N, K), as torch's Linear: each output reads one contiguous row (the graph's (K, N)
         # made every output a strided walk, several times slower on CPU)
         scale = self._T(self._get(f"{name}.weight.scale")) if f"{name}.weight.int8" in self._inits else None
-        return Linear(self._T(w), scale, b, act)
+        # int8 weights stay int8 in memory (a quarter of the bytes to stream), widened in the kernel
+        return Linear(self._T(w, np.int8 if scale is not None else np.float32), scale, b, act)
 
 
 def forward(w: Weights, kv: list, meta, r0, c0, window, R: int, S: int, masked: bool):
