@@ -210,7 +210,8 @@ def _subgraph(model, op_type: str, block: int):
             sizes = {"batch_size": 1, "max_sequence_length": block}
             dims = [d.dim_value or sizes[d.dim_param] for d in info.type.tensor_type.shape.dim]
             values[name] = np.zeros(dims, np.float32)
-    return helper.make_model(graph, opset_imports=model.opset_import), values
+    # the source graph's IR version: older onnxruntime refuses the onnx package's newest
+    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version), values
 
 
 def _bound(session, values: dict):
