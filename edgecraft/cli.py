@@ -25,7 +25,9 @@ app.add_typer(recipe_app, name="recipe")
 
 
 def friendly(fn: Callable) -> Callable:
-    """Turn a UserError into one line on stderr and its exit code, never a traceback."""
+    """Turn a UserError (or a bundle the runtime refuses, wherever it surfaces) into one line on
+    stderr and its exit code, never a traceback."""
+    from edgecraft.runtime.bundle import BundleError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -35,6 +37,9 @@ def friendly(fn: Callable) -> Callable:
             if str(err):  # empty: a DDP rank whose failure rank 0 (or another rank) reports
                 typer.echo(f"error: {err}", err=True)
             raise typer.Exit(err.exit_code) from None
+        except BundleError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 

@@ -23,7 +23,7 @@ from edgecraft.export.parity import val_windows
 from edgecraft.model import GPT
 from edgecraft.quant import attach, quantized_layers
 from edgecraft.recipe import QuantConfig, Recipe
-from edgecraft.runtime.bundle import INT8_SINGLE_ROW_MODEL
+from edgecraft.runtime.bundle import INT8_SINGLE_ROW_MODEL, BundleError
 
 QUANT_STATE = "quant.safetensors"  # a QAT run's handle state, beside model.safetensors
 GATE_WINDOWS = 8  # validation windows (of block_size tokens) for the fp32/int8 loss comparison
@@ -102,7 +102,11 @@ def export_int8(
     if single is not None:  # one-row decode steps run it (runtime/onnx_engine.py); gated alike
         single_path = int8_path.with_name(INT8_SINGLE_ROW_MODEL)
         onnx.save(single, str(single_path))
-        report["single_row"] = single_row_report(model.cfg, single_path, report, windows, max_loss_increase)
+        try:
+            report["single_row"] = single_row_report(model.cfg, single_path, report, windows, max_loss_increase)
+        except BundleError as err:  # an onnxruntime without 8-bit MatMulNBits: the int8 graph does every step
+            single_path.unlink()
+            print(f"int8: no one-row decode graph ({err})")
     fp32_bytes, int8_bytes = fp32_path.stat().st_size, int8_path.stat().st_size
     return {
         "file": int8_path.name,
