@@ -7,6 +7,7 @@ fresh run of `--steps` steps:
 - "1 process x 2 threads": `python -m edgecraft train ... --set train.threads=2`
 - "2 processes x 1 thread": `torchrun --standalone --nproc_per_node=2 -m edgecraft train ...
   --set train.batch_size=16 --set train.threads=1` (the same global batch)
+- "1 process x 1 thread": the baseline each of those two processes would be alone
 With `--device cuda`: 1 process on one GPU, and torchrun over every GPU when there are several.
 
 Reported per row: training tokens/s as the trainer logs it (every rank's tokens over rank 0's
@@ -68,6 +69,7 @@ def main() -> None:
         if opts.device == "cpu":
             rows = {
                 "1 process x 2 threads": ([sys.executable], ["train.threads=2"]),
+                "1 process x 1 thread": ([sys.executable], ["train.threads=1"]),
                 "2 processes x 1 thread": ([*torchrun, "--nproc_per_node=2"], ["train.batch_size=16", "train.threads=1"]),
             }
         else:
