@@ -148,7 +148,7 @@ def build_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], opset: int = 17)
     """The decoder graph for `cfg` with `weights` (the model's state dict as numpy arrays)."""
     w = {k: _f32(v) for k, v in weights.items()}
     g = _Graph()
-    D, nh, nkv, hs, hp = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size, cfg.cache_head_size
+    nh, nkv, hs, hp = cfg.n_heads, cfg.n_kv_heads, cfg.head_size, cfg.cache_head_size
     padded = {"scale": float(hs) ** -0.5} if hp != hs else {}  # GroupQueryAttention's default is hp's
     for i in range(cfg.n_layers):  # heads padded to hp (module docstring); no-ops when hp == hs
         for name, axis in (("attn.qkv.weight", 0), ("attn.qkv.bias", 0), ("attn.proj.weight", 1)):

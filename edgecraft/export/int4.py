@@ -5,21 +5,17 @@ fp32/int4 validation-loss gate, as for int8 (export/int8_check.py, whose decode 
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 
 from edgecraft.errors import UserError
 from edgecraft.export.graph import state_arrays
 from edgecraft.export.int4_graph import ACCURACY_LEVEL, BITS, Int4Plan, build_int4_graph
 from edgecraft.export.int8 import GATE_WINDOWS, PTQ_EMBEDDINGS
-from edgecraft.export.int8_check import (
-    GATE_EXIT_CODE, PARITY_FLOOR, PARITY_RATIO, PARITY_TOKENS, decode_loss, teacher_forced_logits,
-)
+from edgecraft.export.int8_check import gate, quality_report
 from edgecraft.export.options import check_keep_float
 from edgecraft.export.parity import val_windows
 from edgecraft.model import GPT
@@ -89,37 +85,8 @@ def int4_report(
 ) -> dict:
     """Parity with the 4-bit fake-quant model (teacher-forced decode, bounded by a tenth of the
     quantization's own effect, as for int8) and the fp32/int4 validation losses."""
-    cfg = model.cfg
-    probe = torch.from_numpy(windows[0][:-1][:PARITY_TOKENS])[None]  # (1, T) within block_size
     fake = QuantConfig(qat=True, bits=BITS, block_size=plan.block_size,
                        embeddings=bool({"tok_emb", "pos_emb", "head"} & plan.layers))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: more threads only contend on a busy CPU
-    try:
-        with torch.no_grad():
-            float_logits = model.eval()(probe)[0][0].numpy()  # (T, V)
-            handle = attach(model, fake, set(plan.layers))
-            try:
-                logits, _, cache = model(probe)
-            finally:
-                handle.detach()
-    finally:
-        torch.set_num_threads(threads)
-    expected = logits[0].numpy()  # (T, V) the fake-quant model
-    got = teacher_forced_logits(int4_path, cfg, probe[0].numpy(), cache)  # (T, V)
-    parity = float(np.abs(got - expected).mean())
-    effect = float(np.abs(expected - float_logits).mean())
-    top1 = float((got.argmax(-1) == expected.argmax(-1)).mean())
-    bound = max(PARITY_FLOOR, PARITY_RATIO * effect)
-    if not parity <= bound:  # also catches NaN
-        raise UserError(
-            f"int4 graph does not match the fake-quant model (mean logit difference {parity:.3g}, "
-            f"bound {bound:.3g}); this is a bug in edgecraft's int4 export, please report it",
-            exit_code=1,
-        )
-    loss_fp32 = decode_loss(fp32_path, cfg, windows)
-    loss_int4 = decode_loss(int4_path, cfg, windows)
-    increase = float(100.0 * (loss_int4 - loss_fp32) / loss_fp32)
     report = {
         "kernel": f"MatMulNBits (bits {BITS}, accuracy level {ACCURACY_LEVEL})",
         "block_size": plan.block_size,
@@ -127,30 +94,8 @@ def int4_report(
         "activations": f"int8 symmetric per block of {plan.block_size}, range per call",
         "tables": "8-bit per row (GatherBlockQuantized); the head reads the table's round trip in float",
         "quantized_layers": sorted(plan.layers),
-        "parity": "int4 graph vs fake-quant PyTorch, decode steps given the same KV cache",
-        "parity_mean_abs_logit_diff": parity,
-        "parity_max_abs_logit_diff": float(np.abs(got - expected).max()),
-        "parity_bound": bound,
-        "parity_top1_agreement": top1,
-        "quantization_mean_abs_logit_effect": effect,
-        "val_loss_fp32": loss_fp32,
-        "val_loss_int4": loss_int4,
-        "val_ppl_fp32": math.exp(loss_fp32),
-        "val_ppl_int4": math.exp(loss_int4),
-        "val_loss_increase_pct": increase,
-        "val_tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
-        "eval": "decode, batch 1",
+        **quality_report(model, lambda: attach(model, fake, set(plan.layers)), int4_path, fp32_path, windows, "int4"),
     }
-    print(
-        f"int4 (blocks of {plan.block_size}): val loss {loss_fp32:.4f} fp32 -> {loss_int4:.4f} int4 "
-        f"({increase:+.2f}%), perplexity {math.exp(loss_fp32):.3f} -> {math.exp(loss_int4):.3f}; "
-        f"parity with the fake-quant model {parity:.2g} (bound {bound:.2g}, top-1 {top1:.3f})"
-    )
-    if max_loss_increase is not None and increase > max_loss_increase:
-        raise UserError(
-            f"int4 validation loss is {increase:.2f}% above fp32 ({loss_int4:.4f} vs {loss_fp32:.4f}), "
-            f"more than --max-loss-increase {max_loss_increase}%; nothing written. Try a 4-bit QAT run "
-            f"(quant.qat = true, quant.bits = 4), a smaller --block-size or --keep-float",
-            exit_code=GATE_EXIT_CODE,
-        )
+    gate(report, "int4", f"int4 (blocks of {plan.block_size})", max_loss_increase,
+         "Try a 4-bit QAT run (quant.qat = true, quant.bits = 4), a smaller --block-size or --keep-float")
     return report

@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 
 from edgecraft.config import GPTConfig
 from edgecraft.export.graph import MS, build_graph
-from edgecraft.export.int8_graph import quantized_table
+from edgecraft.export.int8_graph import rewrite_matmuls
 from edgecraft.quant import block_grid, fake_quant_weight
 
 BITS = 4
@@ -63,50 +63,18 @@ def _float_tables(weights: dict[str, np.ndarray], layers: frozenset[str]) -> dic
 def build_int4_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], plan: Int4Plan, opset: int = 17) -> onnx.ModelProto:
     """The fp32 graph of graph.build_graph with the plan's block matrices in 4 bits."""
     model = build_graph(cfg, _float_tables(weights, plan.layers), opset)
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    new_nodes, dropped, added = [], set(), []
-    skip: set[int] = set()  # ids of Add nodes folded into the matmul before them
-    for node in graph.node:
-        if id(node) in skip:
-            continue
-        init = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else ""
-        layer = init.removesuffix(".weight.T") if init.endswith(".weight.T") else None
-        if layer is not None and layer.startswith("blocks.") and layer in plan.layers and init in inits:
-            w = numpy_helper.to_array(inits[init]).T  # (N, K)
-            N, K = w.shape
-            packed, scales = pack_weight(w, BITS, plan.block_size)
-            base = init.removesuffix(".T")
-            added += [numpy_helper.from_array(packed, base + ".uint4"), numpy_helper.from_array(scales, base + ".scales")]
-            dropped.add(init)
-            out, bias = node.output[0], ""
-            users = consumers.get(out, [])
-            if len(users) == 1 and users[0].op_type == "Add" and users[0].input[1] in inits:
-                bias, out = users[0].input[1], users[0].output[0]
-                skip.add(id(users[0]))
-            new_nodes.append(helper.make_node(
-                "MatMulNBits", [node.input[0], base + ".uint4", base + ".scales", "", "", bias], [out],
-                name=node.name, domain=MS, K=K, N=N, bits=BITS, block_size=plan.block_size,
-                accuracy_level=ACCURACY_LEVEL,
-            ))
-            continue
-        if node.op_type == "Gather" and node.input[0].removesuffix(".weight") in plan.layers:
-            new_node, tables = quantized_table(node, inits)
-            new_nodes.append(new_node)
-            added += tables
-            dropped.add(node.input[0])
-            continue
-        new_nodes.append(node)
 
-    still_used = {name for node in new_nodes for name in node.input}
-    kept = [t for t in graph.initializer if t.name not in dropped or t.name in still_used]
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept + added)
-    onnx.checker.check_model(model)
-    return model
+    def block_layer(init: str) -> str | None:  # the head stays a float MatMul over the 8-bit table
+        return init.removesuffix(".weight.T") if init.startswith("blocks.") and init.endswith(".weight.T") else None
+
+    def quantize(node: onnx.NodeProto, layer: str, w: np.ndarray, bias: str, out: str) -> tuple[list, list]:
+        N, K = w.shape
+        packed, scales = pack_weight(w, BITS, plan.block_size)
+        base = node.input[1].removesuffix(".T")
+        return [helper.make_node(
+            "MatMulNBits", [node.input[0], base + ".uint4", base + ".scales", "", "", bias], [out],
+            name=node.name, domain=MS, K=K, N=N, bits=BITS, block_size=plan.block_size,
+            accuracy_level=ACCURACY_LEVEL,
+        )], [numpy_helper.from_array(packed, base + ".uint4"), numpy_helper.from_array(scales, base + ".scales")]
+
+    return rewrite_matmuls(model, plan.layers, block_layer, quantize)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -83,12 +84,12 @@ def decode_loss(path: Path, cfg: GPTConfig, windows: np.ndarray) -> float:
     return float(total / count)
 
 
-def int8_report(
-    model: GPT, plan: Int8Plan, int8_path: Path, fp32_path: Path, windows: np.ndarray,
-    max_loss_increase: float | None,
+def quality_report(
+    model: GPT, attach_fake: Callable[[], QATHandle], path: Path, fp32_path: Path, windows: np.ndarray, kind: str,
 ) -> dict:
-    """Parity with the fake-quant model and the fp32/int8 validation losses; raises UserError
-    (exit code 3) when int8 loses more than `max_loss_increase` percent."""
+    """What every quantized graph reports: its parity with the fake-quant model (`attach_fake()`
+    puts the hooks on `model`), bounded as the module docstring says, and the fp32 and `kind`
+    validation losses on `windows`. UserError (exit 1) when parity fails: a bug in the export."""
     cfg = model.cfg
     probe = torch.from_numpy(windows[0][:-1][:PARITY_TOKENS])[None]  # (1, T) within block_size
     threads = torch.get_num_threads()
@@ -96,7 +97,7 @@ def int8_report(
     try:
         with torch.no_grad():
             float_logits = model.eval()(probe)[0][0].numpy()  # (T, V)
-            handle = fake_quant_model(model, plan)
+            handle = attach_fake()
             try:
                 logits, _, cache = model(probe)
             finally:
@@ -104,57 +105,70 @@ def int8_report(
     finally:
         torch.set_num_threads(threads)
     expected = logits[0].numpy()  # (T, V) the fake-quant model
-    got = teacher_forced_logits(int8_path, cfg, probe[0].numpy(), cache)  # (T, V)
+    got = teacher_forced_logits(path, cfg, probe[0].numpy(), cache)  # (T, V)
     per_step = np.abs(got - expected).mean(-1)  # (T,)
     parity = float(per_step.mean())
     effect = float(np.abs(expected - float_logits).mean())  # what quantization itself changes
-    top1 = float((got.argmax(-1) == expected.argmax(-1)).mean())
     bound = max(PARITY_FLOOR, PARITY_RATIO * effect)
     if not parity <= bound:  # also catches NaN
         raise UserError(
-            f"int8 graph does not match the fake-quant model (mean logit difference {parity:.3g}, "
-            f"bound {bound:.3g}); this is a bug in edgecraft's int8 export, please report it",
+            f"{kind} graph does not match the fake-quant model (mean logit difference {parity:.3g}, "
+            f"bound {bound:.3g}); this is a bug in edgecraft's {kind} export, please report it",
             exit_code=1,
         )
     loss_fp32 = decode_loss(fp32_path, cfg, windows)
-    loss_int8 = decode_loss(int8_path, cfg, windows)
-    increase = float(100.0 * (loss_int8 - loss_fp32) / loss_fp32)
-    report = {
-        "scheme": plan.scheme,
-        "kernel": "DynamicQuantizeMatMul" if plan.scheme == "dynamic" else "MatMulIntegerToFloat",
-        "weights": "int8 symmetric per output channel",
-        "activations": "uint8 asymmetric, " + (
-            "range per call" if plan.scheme == "dynamic" else "static ranges"
-        ),
-        "quantized_layers": sorted(plan.layers),
-        "parity": "int8 graph vs fake-quant PyTorch, decode steps given the same KV cache",
+    loss = decode_loss(path, cfg, windows)
+    return {
+        "parity": f"{kind} graph vs fake-quant PyTorch, decode steps given the same KV cache",
         "parity_mean_abs_logit_diff": parity,
         "parity_max_abs_logit_diff": float(np.abs(got - expected).max()),
         "parity_bound": bound,
         "parity_steps_within_1e-4": float((per_step <= 1e-4).mean()),
-        "parity_top1_agreement": top1,
+        "parity_top1_agreement": float((got.argmax(-1) == expected.argmax(-1)).mean()),
         "quantization_mean_abs_logit_effect": effect,
         "val_loss_fp32": loss_fp32,
-        "val_loss_int8": loss_int8,
+        f"val_loss_{kind}": loss,
         "val_ppl_fp32": math.exp(loss_fp32),
-        "val_ppl_int8": math.exp(loss_int8),
-        "val_loss_increase_pct": increase,
+        f"val_ppl_{kind}": math.exp(loss),
+        "val_loss_increase_pct": float(100.0 * (loss - loss_fp32) / loss_fp32),
         "val_tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
         "eval": "decode, batch 1",
     }
+
+
+def gate(report: dict, kind: str, label: str, max_loss_increase: float | None, hint: str) -> None:
+    """Print the report's line; UserError (exit 3) when `kind` loses more than the gate allows."""
+    loss_fp32, loss, increase = report["val_loss_fp32"], report[f"val_loss_{kind}"], report["val_loss_increase_pct"]
     print(
-        f"int8 ({plan.scheme}): val loss {loss_fp32:.4f} fp32 -> {loss_int8:.4f} int8 "
-        f"({increase:+.2f}%), perplexity {math.exp(loss_fp32):.3f} -> {math.exp(loss_int8):.3f} on "
-        f"{report['val_tokens']:,} tokens of the checks' text (named below); "
-        f"parity with the fake-quant model {parity:.2g} (bound {bound:.2g}, top-1 {top1:.3f})"
+        f"{label}: val loss {loss_fp32:.4f} fp32 -> {loss:.4f} {kind} ({increase:+.2f}%), perplexity "
+        f"{math.exp(loss_fp32):.3f} -> {math.exp(loss):.3f} on {report['val_tokens']:,} tokens of the checks' "
+        f"text (named below); parity with the fake-quant model {report['parity_mean_abs_logit_diff']:.2g} "
+        f"(bound {report['parity_bound']:.2g}, top-1 {report['parity_top1_agreement']:.3f})"
     )
     if max_loss_increase is not None and increase > max_loss_increase:
         raise UserError(
-            f"int8 validation loss is {increase:.2f}% above fp32 ({loss_int8:.4f} vs {loss_fp32:.4f}), "
-            f"more than --max-loss-increase {max_loss_increase}%; nothing written. Try a QAT run "
-            f"(quant.qat = true) or --keep-float",
+            f"{kind} validation loss is {increase:.2f}% above fp32 ({loss:.4f} vs {loss_fp32:.4f}), "
+            f"more than --max-loss-increase {max_loss_increase}%; nothing written. {hint}",
             exit_code=GATE_EXIT_CODE,
         )
+
+
+def int8_report(
+    model: GPT, plan: Int8Plan, int8_path: Path, fp32_path: Path, windows: np.ndarray,
+    max_loss_increase: float | None,
+) -> dict:
+    """Parity with the fake-quant model and the fp32/int8 validation losses; raises UserError
+    (exit code 3) when int8 loses more than `max_loss_increase` percent."""
+    report = {
+        "scheme": plan.scheme,
+        "kernel": "DynamicQuantizeMatMul" if plan.scheme == "dynamic" else "MatMulIntegerToFloat",
+        "weights": "int8 symmetric per output channel",
+        "activations": "uint8 asymmetric, " + ("range per call" if plan.scheme == "dynamic" else "static ranges"),
+        "quantized_layers": sorted(plan.layers),
+        **quality_report(model, lambda: fake_quant_model(model, plan), int8_path, fp32_path, windows, "int8"),
+    }
+    gate(report, "int8", f"int8 ({plan.scheme})", max_loss_increase,
+         "Try a QAT run (quant.qat = true) or --keep-float")
     return report
 
 

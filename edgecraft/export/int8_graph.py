@@ -17,6 +17,7 @@ So:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -74,71 +75,94 @@ def quantized_table(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) ->
     return gather, [tq, ts]
 
 
-def build_int8_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], plan: Int8Plan, opset: int = 17) -> onnx.ModelProto:
-    """The fp32 graph of graph.build_graph with the plan's matrices and tables in int8."""
-    model = build_graph(cfg, _dequantized_tables(weights, plan.layers), opset)
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
+def consumers_of(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Each value's reading nodes (a bias Add that alone reads a MatMul's output folds into it)."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    new_nodes, dropped, added = [], set(), []
-    skip: set[int] = set()  # ids of Add nodes folded into the matmul before them
+    return consumers
 
-    for node in graph.node:
-        if id(node) in skip:
-            continue
-        layer = _graph_layer(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if layer is not None and layer in plan.layers and node.input[1] in inits:
-            w_t = numpy_helper.to_array(inits[node.input[1]])  # (K, N)
-            q, scale = quantize_weight(torch.from_numpy(np.ascontiguousarray(w_t.T)))  # (N, K), (N,)
-            base = node.input[1].removesuffix(".T")
-            wq = numpy_helper.from_array(np.ascontiguousarray(q.numpy().T), base + ".int8")  # (K, N)
-            ws = numpy_helper.from_array(scale.numpy(), base + ".scale")
-            added += [wq, ws]
-            dropped.add(node.input[1])
-            out, bias = node.output[0], ""
-            users = consumers.get(out, [])
-            if len(users) == 1 and users[0].op_type == "Add" and users[0].input[1] in inits:
-                bias, out = users[0].input[1], users[0].output[0]
-                skip.add(id(users[0]))
-            if plan.scheme == "dynamic":
-                new_nodes.append(helper.make_node(
-                    "DynamicQuantizeMatMul", [node.input[0], wq.name, ws.name, "", bias], [out],
-                    name=node.name, domain=MS,
-                ))
-            else:
-                lo, hi = plan.ranges[layer]
-                a_scale, a_zp = activation_qparams(torch.tensor(lo), torch.tensor(hi))
-                s = numpy_helper.from_array(np.array(a_scale.item(), dtype=np.float32), base + ".act_scale")
-                z = numpy_helper.from_array(np.array(int(a_zp.item()), dtype=np.uint8), base + ".act_zero_point")
-                added += [s, z]
-                xq = node.name + "/x_uint8"
-                new_nodes.append(helper.make_node(
-                    "QuantizeLinear", [node.input[0], s.name, z.name], [xq], name=node.name + "/quantize"
-                ))
-                new_nodes.append(helper.make_node(
-                    "MatMulIntegerToFloat", [xq, wq.name, s.name, ws.name, z.name, "", bias], [out],
-                    name=node.name, domain=MS,
-                ))
-            continue
-        if node.op_type == "Gather" and node.input[0].removesuffix(".weight") in plan.layers:
-            new_node, tables = quantized_table(node, inits)
-            new_nodes.append(new_node)
-            added += tables
-            dropped.add(node.input[0])
-            continue
-        new_nodes.append(node)
 
-    still_used = {name for node in new_nodes for name in node.input}
+def table_or_node(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], layers, added: list,
+                  dropped: set) -> onnx.NodeProto:
+    """`node`, or its quantized_table form when it gathers from a table in `layers` (the new
+    initializers join `added`, the float table `dropped`)."""
+    if node.op_type != "Gather" or node.input[0].removesuffix(".weight") not in layers:
+        return node
+    new_node, tables = quantized_table(node, inits)
+    added += tables
+    dropped.add(node.input[0])
+    return new_node
+
+
+def rewired(model: onnx.ModelProto, nodes: list, added: list, dropped: set) -> onnx.ModelProto:
+    """`model` with `nodes` as its graph, the `added` initializers, and the `dropped` ones gone
+    unless a node still reads them; checked."""
+    graph = model.graph
+    still_used = {name for node in nodes for name in node.input}
     kept = [t for t in graph.initializer if t.name not in dropped or t.name in still_used]
     del graph.node[:]
-    graph.node.extend(new_nodes)
+    graph.node.extend(nodes)
     del graph.initializer[:]
     graph.initializer.extend(kept + added)
     onnx.checker.check_model(model)
     return model
+
+
+def rewrite_matmuls(model: onnx.ModelProto, layers, layer_of: Callable[[str], str | None], quantize) -> onnx.ModelProto:
+    """The int8 and int4 builders' one walk over the fp32 graph: each MatMul whose weight
+    initializer belongs to a layer in `layers` (`layer_of(name)`) becomes the nodes and
+    initializers of `quantize(node, layer, w (N, K), bias, out)`, taking in the bias Add that alone
+    follows it; embedding tables in `layers` become table_or_node's GatherBlockQuantized."""
+    inits = {t.name: t for t in model.graph.initializer}
+    consumers = consumers_of(model.graph)
+    new_nodes, dropped, added, folded = [], set(), [], set()  # folded: ids of Add nodes taken in
+    for node in model.graph.node:
+        weight = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else ""
+        layer = layer_of(weight) if weight in inits else None
+        if id(node) in folded:
+            continue
+        if layer is None or layer not in layers:
+            new_nodes.append(table_or_node(node, inits, layers, added, dropped))
+            continue
+        out, bias = node.output[0], ""
+        users = consumers.get(out, [])
+        if len(users) == 1 and users[0].op_type == "Add" and users[0].input[1] in inits:
+            bias, out = users[0].input[1], users[0].output[0]
+            folded.add(id(users[0]))
+        nodes, tensors = quantize(node, layer, numpy_helper.to_array(inits[weight]).T, bias, out)
+        new_nodes += nodes
+        added += tensors
+        dropped.add(weight)
+    return rewired(model, new_nodes, added, dropped)
+
+
+def build_int8_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], plan: Int8Plan, opset: int = 17) -> onnx.ModelProto:
+    """The fp32 graph of graph.build_graph with the plan's matrices and tables in int8."""
+    model = build_graph(cfg, _dequantized_tables(weights, plan.layers), opset)
+
+    def quantize(node: onnx.NodeProto, layer: str, w: np.ndarray, bias: str, out: str) -> tuple[list, list]:
+        q, scale = quantize_weight(torch.from_numpy(np.ascontiguousarray(w)))  # (N, K), (N,)
+        base = node.input[1].removesuffix(".T")
+        wq = numpy_helper.from_array(np.ascontiguousarray(q.numpy().T), base + ".int8")  # (K, N)
+        ws = numpy_helper.from_array(scale.numpy(), base + ".scale")
+        if plan.scheme == "dynamic":
+            return [helper.make_node(
+                "DynamicQuantizeMatMul", [node.input[0], wq.name, ws.name, "", bias], [out], name=node.name, domain=MS,
+            )], [wq, ws]
+        lo, hi = plan.ranges[layer]
+        a_scale, a_zp = activation_qparams(torch.tensor(lo), torch.tensor(hi))
+        s = numpy_helper.from_array(np.array(a_scale.item(), dtype=np.float32), base + ".act_scale")
+        z = numpy_helper.from_array(np.array(int(a_zp.item()), dtype=np.uint8), base + ".act_zero_point")
+        xq = node.name + "/x_uint8"
+        return [
+            helper.make_node("QuantizeLinear", [node.input[0], s.name, z.name], [xq], name=node.name + "/quantize"),
+            helper.make_node("MatMulIntegerToFloat", [xq, wq.name, s.name, ws.name, z.name, "", bias], [out],
+                             name=node.name, domain=MS),
+        ], [wq, ws, s, z]
+
+    return rewrite_matmuls(model, plan.layers, _graph_layer, quantize)
 
 
 # MatMulNBits blocks: every onnxruntime that has the kernel takes 16 to 128 (1.30 up to 256, web too);
@@ -178,10 +202,4 @@ def single_row_graph(int8_model: onnx.ModelProto) -> onnx.ModelProto | None:
             "MatMulNBits", [node.input[0], base + ".uint8", base + ".scales", "", "", bias], list(node.output),
             name=node.name, domain=MS, K=K, N=N, bits=8, block_size=block, accuracy_level=4,
         ))
-    kept = [t for t in graph.initializer if t.name not in dropped]
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept + added)
-    onnx.checker.check_model(model)
-    return model
+    return rewired(model, new_nodes, added, dropped)

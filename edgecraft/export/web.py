@@ -179,7 +179,7 @@ def _fit_nbits_blocks(graph: onnx.GraphProto) -> None:
             continue
         if attrs["bits"].i != 8 or len(node.input) > 3 and node.input[3]:
             raise UserError(f"--web: {node.name}: MatMulNBits blocks of {attrs['block_size'].i} that onnxruntime-web cannot load")
-        N, K, old = attrs["N"].i, attrs["K"].i, attrs["block_size"].i
+        N, old = attrs["N"].i, attrs["block_size"].i
         q = numpy_helper.to_array(inits[node.input[1]]).reshape(N, -1)  # (N, blocks * old)
         scales = numpy_helper.to_array(inits[node.input[2]]).reshape(N, -1)  # (N, blocks)
         split = old // MAX_NBITS_BLOCK
