@@ -53,28 +53,43 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if platform.system() == "Darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-def load_onnx(spec: dict) -> tuple[object, object, dict]:
-    """(engine, tokenizer, facts) for a bundle row, through edgecraft.runtime."""
+def load_bundle(spec: dict) -> tuple[object, object, dict]:
+    """(engine, tokenizer, facts) for a bundle row through edgecraft.runtime, on onnxruntime or
+    (kind "tinygrad") tinygrad, whose steps compile in the warm-up runs, not in load_s."""
+    tinygrad = spec["kind"] == "tinygrad"
     start = time.perf_counter()
-    import onnxruntime as ort
-
     from edgecraft.runtime import load
 
+    if tinygrad:  # the row never imports onnxruntime
+        from importlib.metadata import version
+
+        from edgecraft.runtime.tinygrad_engine import check_available
+
+        try:
+            check_available(spec["device"])
+        except RuntimeError as err:  # no tinygrad, no clang, or no such device here
+            raise Skip(str(err)) from None
+        backend = f"tinygrad {version('tinygrad')}"
+    else:
+        import onnxruntime as ort
+
+        if spec["device"] == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise Skip(
+                f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider "
+                f"(providers: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu"
+            )
+        backend = f"onnxruntime {ort.__version__}"
     import_s, rss_baseline = time.perf_counter() - start, _rss_mb()
-    if spec["device"] == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise Skip(
-            f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider "
-            f"(providers: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu"
-        )
     path = Path(spec["path"])
     start = time.perf_counter()
-    model = load(path, quant=spec["precision"], threads=spec["threads"], device=spec["device"])
+    model = load(path, quant=spec["precision"], threads=spec["threads"], device=spec["device"],
+                 backend="tinygrad" if tinygrad else "onnxruntime")
     load_s = time.perf_counter() - start
     onnx = path / QUANT_MODELS[spec["precision"]]
     files = [onnx, *path.glob(onnx.name + ".data")]  # external weights, if the exporter wrote any
     manifest = model.manifest
     facts = {
-        "backend": f"onnxruntime {ort.__version__}",
+        "backend": f"{backend} {model.engine.device}" if tinygrad else backend,
         "import_s": import_s,
         "rss_after_import_mb": rss_baseline,
         "load_s": load_s,
@@ -83,42 +98,7 @@ def load_onnx(spec: dict) -> tuple[object, object, dict]:
         "params": manifest.parameters,
         "export_checks": manifest.checks,  # what the exporter measured (parity, its perplexity)
         "quantization": manifest.quantization.get(onnx.name),  # scheme, sizes, loss delta
-        "threads_used": model.engine.threads,
-    }
-    return model.engine, model.tokenizer, facts
-
-
-def load_tinygrad(spec: dict) -> tuple[object, object, dict]:
-    """(engine, tokenizer, facts) for a bundle row on tinygrad (--backend tinygrad); compile time
-    counts in load_s for nothing but the weights: the first runs (warm-up) compile the steps."""
-    start = time.perf_counter()
-    try:
-        from importlib.metadata import version
-
-        from edgecraft.runtime import load
-        from edgecraft.runtime.tinygrad_engine import check_available
-
-        import_s, rss_baseline = time.perf_counter() - start, _rss_mb()
-        check_available(spec["device"])
-    except RuntimeError as err:  # no tinygrad, no clang, or no such device here
-        raise Skip(str(err)) from None
-    path = Path(spec["path"])
-    start = time.perf_counter()
-    model = load(path, quant=spec["precision"], device=spec["device"], backend="tinygrad")
-    load_s = time.perf_counter() - start
-    onnx = path / QUANT_MODELS[spec["precision"]]
-    manifest = model.manifest
-    facts = {
-        "backend": f"tinygrad {version('tinygrad')} {model.engine.device}",
-        "import_s": import_s,
-        "rss_after_import_mb": rss_baseline,
-        "load_s": load_s,
-        "file": onnx.name,
-        "file_bytes": onnx.stat().st_size,
-        "params": manifest.parameters,
-        "export_checks": manifest.checks,
-        "quantization": manifest.quantization.get(onnx.name),
-        "threads_used": 1,
+        "threads_used": 1 if tinygrad else model.engine.threads,
     }
     return model.engine, model.tokenizer, facts
 
@@ -256,7 +236,7 @@ def prompt_ids(eval_ids: np.ndarray | None, batch: int, length: int, vocab: int,
 
 def run_row(spec: dict) -> dict:
     """Measure one row as described by `spec` (see edgecraft.bench.run.row_specs)."""
-    loader = {"torch": load_torch, "tinygrad": load_tinygrad}.get(spec["kind"], load_onnx)
+    loader = load_torch if spec["kind"] == "torch" else load_bundle
     engine, tokenizer, facts = loader(spec)
     block, vocab = engine.block_size, engine.vocab_size
     # defaults fit the model; values given on the command line are checked, never clamped

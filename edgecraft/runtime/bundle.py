@@ -171,6 +171,18 @@ def _typed(hint, value, where: str, path: str):
     return value
 
 
+def json_object(path: Path) -> dict:
+    """The JSON object in file `path`; ValueError saying why it is not one (unreadable, not UTF-8,
+    not JSON, another JSON type)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(str(err)) from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
 def read_manifest(path: str | Path) -> Manifest:
     """The typed edgecraft.json of bundle `path`, after checking its format version."""
     path = Path(path)
@@ -178,11 +190,9 @@ def read_manifest(path: str | Path) -> Manifest:
     if not manifest_path.is_file():
         raise BundleError(f"{path}: not a bundle ({MANIFEST} not found)")
     try:
-        data = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = json_object(manifest_path)
+    except ValueError as err:
         raise BundleError(f"{manifest_path}: damaged manifest ({err})") from None
-    if not isinstance(data, dict):
-        raise BundleError(f"{manifest_path}: damaged manifest (not a JSON object)")
     fmt = data.get("format")
     if fmt not in SUPPORTED_FORMATS:
         raise BundleError(

@@ -15,11 +15,11 @@ Every chat response names the template it used.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgecraft.errors import UserError
+from edgecraft.runtime.bundle import json_object
 
 BUNDLE_TEMPLATE = "chat_template.json"
 
@@ -53,11 +53,12 @@ def load_template(path: Path) -> ChatTemplate:
     """A template file (JSON with PLAIN's keys; "name" defaults to the file name); UserError names
     the key at fault."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: not a readable chat template ({err})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a chat template is a JSON object with keys system, user, assistant, generation")
+        data = json_object(path)
+    except ValueError as err:
+        raise UserError(
+            f"{path}: not a readable chat template ({err}); it is a JSON object with keys system, user, "
+            "assistant, generation"
+        ) from None
     data.setdefault("name", path.stem)
     data.setdefault("stop", [])
     for key in ("name", "system", "user", "assistant", "generation"):

@@ -36,6 +36,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _unsupported(why: str):
+    """A field validator for an OpenAI field whose feature edgecraft lacks: only its neutral value
+    (absent, 0, empty) passes, anything else is a 400 naming the field."""
+
+    def check(cls, value):
+        if value:
+            raise ValueError(f"not supported ({why})")
+        return value
+
+    return check
+
+
 class _Options(BaseModel):
     """What both endpoints share: sampling, stopping, streaming."""
 
@@ -57,19 +69,9 @@ class _Options(BaseModel):
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
 
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _neutral_penalty(cls, value: float | None) -> float | None:
-        if value not in (None, 0):
-            raise ValueError("not supported (only 0); use repetition_penalty instead")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, value: dict | None) -> dict | None:
-        if value:
-            raise ValueError("not supported (only empty)")
-        return value
+    _neutral_penalty = field_validator("frequency_penalty", "presence_penalty")(
+        _unsupported("only 0; use repetition_penalty instead"))
+    _no_bias = field_validator("logit_bias")(_unsupported("only empty"))
 
     @field_validator("stop")
     @classmethod
@@ -94,12 +96,7 @@ class CompletionRequest(_Options):
     best_of: Optional[int] = Field(None, ge=1)
     suffix: Optional[str] = None
 
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value: str | None) -> str | None:
-        if value:
-            raise ValueError("not supported (insertion needs a fill-in-the-middle model)")
-        return value
+    _no_suffix = field_validator("suffix")(_unsupported("insertion needs a fill-in-the-middle model"))
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text or token ids."""
