@@ -25,7 +25,7 @@ from edgecraft.export import ExportOptions, export_run  # noqa: E402
 from edgecraft.runtime import load  # noqa: E402
 from edgecraft.runtime.bundle import read_manifest  # noqa: E402
 from edgecraft.runtime.onnx_engine import OnnxEngine  # noqa: E402
-from edgecraft.runtime.tinygrad_engine import TinygradEngine, check_available  # noqa: E402
+from edgecraft.runtime.tinygrad.engine import TinygradEngine, check_available  # noqa: E402
 from test_export import LLAMA, make_run  # noqa: E402
 
 # GPT-2 style and llama style (rotary in GroupQueryAttention), char and BPE, and a llama with

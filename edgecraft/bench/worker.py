@@ -63,7 +63,7 @@ def load_bundle(spec: dict) -> tuple[object, object, dict]:
     if tinygrad:  # the row never imports onnxruntime
         from importlib.metadata import version
 
-        from edgecraft.runtime.tinygrad_engine import check_available
+        from edgecraft.runtime.tinygrad.engine import check_available
 
         try:
             check_available(spec["device"])

@@ -5,7 +5,7 @@ An engine owns a batch of slots, each holding one sequence's KV cache. Sequences
 active ones are kept packed at the front (`move`), so a step over n active sequences costs a
 batch-n call however many slots exist — what the server's continuous batching needs. onnxruntime
 (`runtime/onnx_engine.py`), PyTorch (`edgecraft/torch_engine.py`, the training side) and tinygrad
-(`runtime/tinygrad_engine.py`) implement it.
+(`runtime/tinygrad/`) implement it.
 """
 
 from __future__ import annotations

@@ -232,7 +232,7 @@ def load(
             f"{manifest.config.vocab_size}; re-export the run"
         )
     if backend == "tinygrad":
-        from edgecraft.runtime.tinygrad_engine import TinygradEngine
+        from edgecraft.runtime.tinygrad.engine import TinygradEngine
 
         engine: Engine = TinygradEngine(onnx_path, manifest.config, device=device)
     else:

@@ -2,8 +2,8 @@
 CUDA, Metal, OpenCL, WebGPU where present), behind the same engine interface as onnxruntime.
 
 tinygrad's ONNX frontend has no GroupQueryAttention nor GatherBlockQuantized, so the decoder is
-written with tinygrad Tensors (tinygrad_model.py) over the graph's own initializers, read from its
-protobuf bytes (tinygrad_graph.py, no onnx package): the graph fuses some weights (layer 0's norm
+written with tinygrad Tensors (model.py) over the graph's own initializers, read from its
+protobuf bytes (graph.py, no onnx package): the graph fuses some weights (layer 0's norm
 folded into an embedding table for rotary models, heads zero-padded to cache_head_size, rotary
 tables), and running exactly what the graph holds is what makes the logits match onnxruntime's.
 
@@ -39,9 +39,9 @@ import numpy as np
 
 from edgecraft.config import GPTConfig
 from edgecraft.runtime.engine import prefill_lengths
-from edgecraft.runtime.tinygrad_graph import check_config, read_graph
-from edgecraft.runtime.tinygrad_model import Weights, forward
-from edgecraft.runtime.tinygrad_replay import CpuReplay
+from edgecraft.runtime.tinygrad.graph import check_config, read_graph
+from edgecraft.runtime.tinygrad.model import Weights, forward
+from edgecraft.runtime.tinygrad.replay import CpuReplay
 
 INSTALL_HINT = "pip install 'edgecraft[tinygrad]'"
 CACHE_ENV = "EDGECRAFT_TINYGRAD_CACHE"  # a folder for tinygrad's compiled-kernel cache (cache.db)

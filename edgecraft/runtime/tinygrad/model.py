@@ -1,6 +1,6 @@
 """The decoder in tinygrad Tensors over a bundle graph's weights (edgecraft/export/graph.py's and
 int8_graph.py's initializer names): the tinygrad engine's arithmetic, one function for prefill and
-decode. int8 layers emulate onnxruntime's kernels exactly in float32 (tinygrad_engine.py's docstring)."""
+decode. int8 layers emulate onnxruntime's kernels exactly in float32 (engine.py's docstring)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,6 @@
+"""The tinygrad engine (the `tinygrad` extra): the same bundle on tinygrad's code generators.
+
+engine.py (devices, slots, jitted calls), graph.py (the graph's initializers, read without the onnx
+package), model.py (the decoder in tinygrad Tensors), replay.py (captured CPU steps as kernel calls).
+Imports tinygrad and numpy, never torch or onnxruntime.
+"""
