@@ -3,7 +3,7 @@
     python benchmarks/decode_speed.py [--run runs/NAME] [--runs 7] [--threads 1,2] [--out FILE.md]
     python benchmarks/decode_speed.py --save-graphs DIR [--run runs/NAME]   # build the graphs and stop (needs torch)
     python benchmarks/decode_speed.py --graphs DIR ...                      # measure them (another machine)
-    python benchmarks/decode_speed.py --tree /tmp/before ...                # before/after: another checkout's runtime
+    python benchmarks/decode_speed.py --tree ../before ...                   # before/after: another checkout's runtime
 
 The model is the run's (--run), else recipes/char-1m.toml's shape (d_model 128, 6 layers, 8 heads,
 d_ff 512, block 256, GPT-2 style, tiny-shakespeare's 65 characters) with random weights. Rows,
@@ -16,7 +16,7 @@ the other (the spinning pool threads of a multi-thread session disturb one-threa
   weights) on edgecraft's engine
 - plain: torch.onnx.export (dynamo) of the same model with an explicit cache, onnxruntime's
   default optimisation, a Python loop over InferenceSession.run feeding the previous step's
-  present.* back as past.* -- the 2,789 tok/s anchor in /work/shared/ANCHORS.md
+  present.* back as past.* -- the 2,789 tok/s anchor in the team's shared/ANCHORS.md
 - with --tree DIR (a checkout, e.g. `git archive 94b8ee4 | tar -x -C DIR`): the edgecraft row of
   that checkout's code (its own random-weights run and export) beside this checkout's, each in a
   fresh process per round so both are measured alike

@@ -29,7 +29,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-SHARED_CORPUS = Path("/work/shared/data/tinyshakespeare.txt")
+SHARED_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"  # the team's data folder, beside the checkout
 CHILD = "--child"
 
 

@@ -15,15 +15,15 @@ what it costs to use it. Figures: time to first token after a P-token prompt, an
 new tokens after a prompt (prefill included). Every row's greedy tokens are compared with
 edgecraft fp32's: same weights, same tokens, or the comparison is meaningless.
 
---corpus defaults to /work/shared/data/tinyshakespeare.txt where it exists, else the recipe's
+--corpus defaults to ../shared/data/tinyshakespeare.txt (beside the checkout) where it exists, else the recipe's
 built-in corpus. transformers and optimum-onnx live in the `peers` extra; optimum-onnx pins
 transformers 4.x (and an older tokenizers), so they may sit in a separate environment: point
 --peer-python at its interpreter. One way that reuses edgecraft's torch and onnxruntime:
 
-    python3 -m venv /tmp/peers-venv
+    python3 -m venv peers-venv
     echo "$(python -c 'import site; print(site.getsitepackages()[0])')" \
-        > /tmp/peers-venv/lib/python3.X/site-packages/zz_edgecraft.pth   # edgecraft venv's packages
-    /tmp/peers-venv/bin/pip install "optimum-onnx[onnxruntime]==0.1.0" "transformers<4.58" torch==2.13.0
+        > peers-venv/lib/python3.X/site-packages/zz_edgecraft.pth   # edgecraft venv's packages
+    peers-venv/bin/pip install "optimum-onnx[onnxruntime]==0.1.0" "transformers<4.58" torch==2.13.0
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 Both sides decode the SAME trained edgecraft llama-style run (recipes/char-1m-llama.toml: RMSNorm,
 rotary positions, SwiGLU, width 128, 6 layers, 8 heads, d_ff 512, context 256). Without --run the
 recipe is trained briefly (--steps 300 at --batch-size 8 by default) on --corpus (default:
-/work/shared/data/tinyshakespeare.txt where it exists, else the recipe's built-in corpus).
+../shared/data/tinyshakespeare.txt (beside the checkout) where it exists, else the recipe's built-in corpus).
 
 Steps:
 1. edgecraft side (this Python): the run is exported to a bundle (model.onnx, and model.int8.onnx).

@@ -1,6 +1,6 @@
 """llama2.c's hand-written C (run.c) against edgecraft's llama-style fp32 graph, same weights, same machine.
 
-    python benchmarks/peers_llama2c.py --runc /tmp/llama2c/run [--runc-omp /tmp/llama2c/run-omp] \
+    python benchmarks/peers_llama2c.py --runc llama2c/run [--runc-omp llama2c/run-omp] \
         [--run runs/char-1m-llama] [--rounds 11] [--prompt ROMEO:] [--out benchmarks/results/peers_llama2c]
 
 The repository does not ship llama2.c. Get run.c from https://github.com/karpathy/llama2.c (the
@@ -8,8 +8,8 @@ plain fp32 `run.c`, the version whose CLI has -t -p -s -n -i -z and prints "achi
 script's results used the version stored at commit bd182289c596fa6059eb7b3b7c8ccd04b5c90fc3) and
 build it as ANCHORS.md's figures were built, single-threaded and with OpenMP:
 
-    gcc -O3 -march=native -ffast-math -o /tmp/llama2c/run /tmp/llama2c/run.c -lm
-    gcc -O3 -march=native -ffast-math -fopenmp -o /tmp/llama2c/run-omp /tmp/llama2c/run.c -lm
+    gcc -O3 -march=native -ffast-math -o llama2c/run llama2c/run.c -lm
+    gcc -O3 -march=native -ffast-math -fopenmp -o llama2c/run-omp llama2c/run.c -lm
 
 The model is the llama-style char-1m shape (recipes/char-1m-llama.toml: RMSNorm, rotary, SwiGLU,
 no biases, width 128, 6 layers, 8 heads, d_ff 512, context 256) with random weights (--seed), or

@@ -3,7 +3,7 @@
     python benchmarks/train_shakespeare.py [--corpus PATH] [--threads 2] [--nanogpt] [--repeats 1] [--seeds 1337]
     python benchmarks/train_shakespeare.py --interleaved 400 [--threads 2]   # step timing only
 
---corpus is tiny-shakespeare's input.txt (default: /work/shared/data/tinyshakespeare.txt where it
+--corpus is tiny-shakespeare's input.txt (default: ../shared/data/tinyshakespeare.txt where it
 exists); nanoGPT's side reads it as a text file, so there is no built-in fallback.
 
 edgecraft trains recipes/shakespeare-baby.toml through the real `edgecraft train` command; with
@@ -400,7 +400,7 @@ def run_nanogpt(corpus: Path, threads: int, steps: int, seed: int = 1337) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", type=Path, default=harness.default_corpus(),
-                        help="tiny-shakespeare's input.txt (default: /work/shared/data/tinyshakespeare.txt if present)")
+                        help="tiny-shakespeare's input.txt (default: ../shared/data/tinyshakespeare.txt if present)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2000, help="iterations (2000 = the published run)")
     parser.add_argument("--nanogpt", action="store_true", help="also run nanoGPT's loop on the same machine")

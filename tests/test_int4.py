@@ -19,41 +19,18 @@ from edgecraft.errors import UserError
 from edgecraft.export.graph import MS, build_graph, state_arrays
 from edgecraft.export.int4 import int4_report
 from edgecraft.export.int4_graph import ACCURACY_LEVEL, Int4Plan, build_int4_graph, pack_weight
-from edgecraft.export.parity import val_windows
-from edgecraft.model import GPT, GPTConfig
 from edgecraft.quant import fake_quant_activation_blocks, fake_quant_weight_blocks, quantized_layers
+from quant_models import cli, trained_model, windows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # The fake-quant model and the graph round the same numbers the same way; what is left is float32
 # summation order (measured: mean 3e-7, max 2e-6 on these models), so the bound is 1e-4 / 1e-3.
 MEAN_BOUND, MAX_BOUND = 1e-4, 1e-3
-BASE = dict(vocab_size=19, d_model=32, n_layers=2, n_heads=4, d_ff=64, block_size=24)
 VARIANTS = {
     "gpt2": {},
     "llama-gqa": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, d_model=64, n_kv_heads=2),
 }
-
-
-def trained_model(seed: int = 0, **overrides) -> GPT:
-    """A tiny model after a few real optimizer steps (so weights and activations are not init noise)."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**BASE, **overrides}))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    pattern = torch.arange(BASE["block_size"] + 1) % 7
-    idx = torch.stack([torch.roll(pattern, s) for s in range(8)])  # (8, T + 1)
-    for _ in range(30):
-        _, loss, _ = model(idx[:, :-1], targets=idx[:, 1:].contiguous())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
-def windows() -> np.ndarray:
-    tokens = np.random.default_rng(0).integers(0, BASE["vocab_size"], 400)
-    tokens[::3] = 5
-    return val_windows(tokens, BASE["block_size"], 2)
 
 
 @pytest.mark.parametrize("block", [16, 32, 64])
@@ -117,14 +94,6 @@ def test_int4_gate_raises_exit_code_3(tmp_path):
 
 
 # --- end to end: a 4-bit QAT run through train, export --int4, load and generate -------------------
-
-
-def cli(*args: str):
-    from typer.testing import CliRunner
-
-    from edgecraft.cli import app
-
-    return CliRunner().invoke(app, [*map(str, args)])
 
 
 @pytest.fixture(scope="module")

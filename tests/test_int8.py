@@ -17,12 +17,11 @@ from edgecraft.export.graph import build_graph
 from edgecraft.export.int8 import calibrate_ranges, plan_layers, ranges_from_state
 from edgecraft.export.int8_check import int8_report
 from edgecraft.export.int8_graph import Int8Plan, build_int8_graph
-from edgecraft.export.parity import val_windows
 from edgecraft.model import GPT, GPTConfig
 from edgecraft.quant import attach
 from edgecraft.recipe import QuantConfig
+from quant_models import BASE, cli, trained_model, windows
 
-BASE = dict(vocab_size=19, d_model=32, n_layers=2, n_heads=4, d_ff=64, block_size=24)
 VARIANTS = {
     "gpt2": {},
     "llama": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, tie_embeddings=False),
@@ -32,33 +31,12 @@ VARIANTS = {
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def trained_model(seed: int = 0, **overrides) -> GPT:
-    """A tiny model after a few real optimizer steps (so weights and activations are not init noise)."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**BASE, **overrides}))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    pattern = torch.arange(BASE["block_size"] + 1) % 7  # a learnable sequence
-    idx = torch.stack([torch.roll(pattern, s) for s in range(8)])  # (8, T + 1)
-    for _ in range(30):
-        _, loss, _ = model(idx[:, :-1], targets=idx[:, 1:].contiguous())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
 def weights(model: GPT) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
 def ops(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
-
-
-def windows(n: int = 2) -> np.ndarray:
-    tokens = np.random.default_rng(0).integers(0, BASE["vocab_size"], 400)
-    tokens[::3] = 5  # some structure
-    return val_windows(tokens, BASE["block_size"], n)
 
 
 @pytest.mark.parametrize("scheme", ["dynamic", "static"])
@@ -142,12 +120,8 @@ def test_loss_gate_fails_with_exit_code_3(tmp_path):
 # --- end to end: `edgecraft export --int8` on trained runs ---------------------------------------
 
 
-def export_cli(*args: str):
-    from typer.testing import CliRunner
-
-    from edgecraft.cli import app
-
-    return CliRunner().invoke(app, ["export", *map(str, args)])
+def export_cli(*args):
+    return cli("export", *args)
 
 
 def manifest(bundle: Path) -> dict:
