@@ -91,16 +91,10 @@ class Batch:
         after each prompt (valid until the next engine call)."""
         if len(seqs) > self.free:
             raise ValueError(f"{len(seqs)} sequences for {self.free} free slots")
-        block = self.engine.block_size
         first = len(self.active)
-        rows = [s.context[-block:] for s in seqs]
-        lengths = np.zeros(self.slots, dtype=np.int64)  # (slots,) only the joining rows are non-zero
-        lengths[first : first + len(rows)] = [len(r) for r in rows]
-        ids = np.zeros((self.slots, int(lengths.max())), dtype=np.int64)  # (slots, S) right-padded
-        for b, row in enumerate(rows, start=first):
-            ids[b, : len(row)] = row
-        logits = self.engine.prefill(ids, lengths)  # (slots, S, V)
-        k = np.arange(first, first + len(rows))
+        rows = {first + i: s.context[-self.engine.block_size :] for i, s in enumerate(seqs)}
+        logits, lengths = self._prefill(rows)  # (slots, S, V), (slots,)
+        k = np.arange(first, first + len(seqs))
         last = logits[k, lengths[k] - 1]  # (k, V)
         self.active += seqs
         self._choose(seqs, last, first)
@@ -167,18 +161,23 @@ class Batch:
     def _slide(self) -> None:
         """Re-fill every full slot with its sequence's last block_size // 2 tokens but the newest
         (the next decode appends it); the other slots sit the call out with their caches untouched."""
-        block = self.engine.block_size
-        keep = max(1, block // 2)
+        keep = max(1, self.engine.block_size // 2)
         n = len(self.active)
-        full = np.flatnonzero(self.engine.lengths[:n] >= block)
-        lengths = np.zeros(self.slots, dtype=np.int64)  # (slots,)
-        ids = np.zeros((self.slots, max(1, keep - 1)), dtype=np.int64)  # (slots, S)
+        full = np.flatnonzero(self.engine.lengths[:n] >= self.engine.block_size)
         for b in full:
-            context = self.active[b].context[-keep:-1]
-            lengths[b] = len(context)
-            ids[b, : len(context)] = context
             self.engine.release(b)
-        if lengths.any():
-            self.engine.prefill(ids, lengths)
+        contexts = {int(b): self.active[b].context[-keep:-1] for b in full}
+        if any(contexts.values()):  # a context of 2 or 3 keeps nothing but the newest token
+            self._prefill(contexts)
         self._longest = int(self.engine.lengths[:n].max())
 
+    def _prefill(self, rows: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Prefill each slot's tokens of `rows` (slot -> tokens, right-padded into one call); the
+        other slots sit out. Returns the logits (slots, S, V) and the lengths (slots,)."""
+        lengths = np.zeros(self.slots, dtype=np.int64)  # (slots,)
+        for b, row in rows.items():
+            lengths[b] = len(row)
+        ids = np.zeros((self.slots, max(1, int(lengths.max()))), dtype=np.int64)  # (slots, S)
+        for b, row in rows.items():
+            ids[b, : len(row)] = row
+        return self.engine.prefill(ids, lengths), lengths

@@ -83,8 +83,12 @@ class OnnxEngine:
         else:
             raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda'")
         self.threads = threads or DEFAULT_THREADS
+
+        def open_session(path) -> ort.InferenceSession:
+            return ort.InferenceSession(str(path), session_options(self.threads), providers=providers)
+
         try:
-            self.session = ort.InferenceSession(str(model_path), session_options(self.threads), providers=providers)
+            self.session = open_session(model_path)
         except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise BundleError(f"{model_path}: onnxruntime cannot load it ({reason}); re-export the run") from None
@@ -93,9 +97,9 @@ class OnnxEngine:
         self._single = None  # the session one-row decode steps run on, when there is one
         if single_row_path is not None:
             try:
-                self._single = ort.InferenceSession(str(single_row_path), session_options(self.threads), providers=providers)
+                self._single = open_session(single_row_path)
             except Exception:  # a kernel form this onnxruntime lacks: every step runs on the main graph
-                self._single = None
+                pass
             if self._single is not None and {i.name: i.shape for i in self._single.get_inputs()} != shapes:
                 raise BundleError(f"{single_row_path}: its inputs differ from {model_path}'s; re-export the run")
         self._has_positions = "position_ids" in shapes
