@@ -34,6 +34,7 @@ of numpy arrays.
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 from typing import TYPE_CHECKING
 
@@ -264,3 +265,8 @@ def build_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], opset: int = 17)
     helper.set_model_props(model, {CONFIG_METADATA: json.dumps(cfg.to_dict(), sort_keys=True)})
     onnx.checker.check_model(model)
     return model
+
+
+def op_types(model: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes of each operator type the graph has (the manifest and quantization reports)."""
+    return dict(Counter(node.op_type for node in model.graph.node))

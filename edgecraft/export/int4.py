@@ -5,14 +5,13 @@ fp32/int4 validation-loss gate, as for int8 (export/int8_check.py, whose decode 
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from edgecraft.errors import UserError
-from edgecraft.export.graph import state_arrays
+from edgecraft.export.graph import op_types, state_arrays
 from edgecraft.export.int4_graph import ACCURACY_LEVEL, BITS, Int4Plan, build_int4_graph
 from edgecraft.export.int8 import GATE_WINDOWS, PTQ_EMBEDDINGS
 from edgecraft.export.int8_check import gate, quality_report
@@ -74,7 +73,7 @@ def export_int4(
         "fp32_bytes": fp32_bytes,
         "size_ratio": int4_bytes / fp32_bytes,
         "nodes": len(graph.graph.node),
-        "op_types": dict(Counter(n.op_type for n in graph.graph.node)),
+        "op_types": op_types(graph),
         **report,
     }
 

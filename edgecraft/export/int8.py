@@ -7,7 +7,6 @@ post-training quantization (dynamic, or static from calibration batches).
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import onnx
 import torch
 
 from edgecraft.errors import UserError
-from edgecraft.export.graph import state_arrays
+from edgecraft.export.graph import op_types, state_arrays
 from edgecraft.export.int8_check import int8_report, single_row_report
 from edgecraft.export.int8_graph import Int8Plan, build_int8_graph, single_row_graph
 from edgecraft.export.options import check_keep_float
@@ -117,6 +116,6 @@ def export_int8(
         "fp32_bytes": fp32_bytes,
         "size_ratio": int8_bytes / fp32_bytes,
         "nodes": len(graph.graph.node),
-        "op_types": dict(Counter(n.op_type for n in graph.graph.node)),
+        "op_types": op_types(graph),
         **report,
     }

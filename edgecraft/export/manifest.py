@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 from pathlib import Path
 
 import onnx
@@ -15,7 +14,7 @@ from tokenizers import Tokenizer
 
 import edgecraft
 from edgecraft.export.genai import GENAI_CONFIG, GENAI_TOKENIZER_CONFIG
-from edgecraft.export.graph import graph_io
+from edgecraft.export.graph import graph_io, op_types
 from edgecraft.model import GPT
 from edgecraft.recipe import Recipe
 from edgecraft.runtime.bundle import (
@@ -34,7 +33,7 @@ def onnx_section(model: GPT, graph: onnx.ModelProto, model_files: list[str]) -> 
         "files": model_files,
         "opset": {imp.domain or "ai.onnx": imp.version for imp in graph.opset_import},
         "nodes": len(graph.graph.node),
-        "op_types": dict(Counter(n.op_type for n in graph.graph.node)),
+        "op_types": op_types(graph),
         **io,
         "kv_cache": {
             "past": "past_key_values.{layer}.{key|value}",

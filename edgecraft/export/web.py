@@ -30,6 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgecraft.errors import UserError
+from edgecraft.export.graph import op_types
 from edgecraft.files import as_umask_allows
 from edgecraft.runtime.bundle import (
     FP32_MODEL, INT8_MODEL, INT8_SINGLE_ROW_MODEL, MANIFEST, BundleError, FileEntry, read_manifest, sha256_file,
@@ -188,20 +189,13 @@ def _fit_nbits_blocks(graph: onnx.GraphProto) -> None:
         attrs["block_size"].i = MAX_NBITS_BLOCK
 
 
-def _op_types(model: onnx.ModelProto) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
-
-
 def _rewrite(src: Path, dst: Path, *steps) -> dict[str, int]:
     model = onnx.load(str(src))
     for step in steps:
         step(model.graph)
     onnx.checker.check_model(model)
     onnx.save(model, str(dst))
-    return _op_types(model)
+    return op_types(model)
 
 
 def wasm_graph(src: Path, dst: Path) -> dict[str, int]:
