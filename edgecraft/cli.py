@@ -27,7 +27,6 @@ app.add_typer(recipe_app, name="recipe")
 def friendly(fn: Callable) -> Callable:
     """Turn a UserError (or a bundle the runtime refuses, wherever it surfaces) into one line on
     stderr and its exit code, never a traceback."""
-    from edgecraft.runtime.bundle import BundleError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -37,7 +36,12 @@ def friendly(fn: Callable) -> Callable:
             if str(err):  # empty: a DDP rank whose failure rank 0 (or another rank) reports
                 typer.echo(f"error: {err}", err=True)
             raise typer.Exit(err.exit_code) from None
-        except BundleError as err:
+        except ValueError as err:
+            # a BundleError exists only once the runtime is imported: no import here, so every
+            # command's start-up stays as light as the command itself
+            bundle = sys.modules.get("edgecraft.runtime.bundle")
+            if bundle is None or not isinstance(err, bundle.BundleError):
+                raise
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
 
