@@ -36,7 +36,7 @@ class Sequence:
     ) -> None:
         if not prompt:
             raise ValueError("a sequence needs at least one prompt token")
-        self.context = list(prompt)  # prompt + generated: what a window re-fill reads
+        self.prompt = list(prompt)
         self.prompt_length = len(prompt)
         self.generated: list[int] = []
         self.params = params
@@ -51,10 +51,21 @@ class Sequence:
         self.pieces: list[str] = []  # all of it
         self.finish_reason: str | None = None  # "stop" (a stop string) or "length" (max_new_tokens)
 
+    @property
+    def context(self) -> list[int]:
+        """Prompt and generated tokens."""
+        return self.prompt + self.generated
+
+    def tail(self, n: int) -> list[int]:
+        """The last n tokens of the context (what a prefill or a window re-fill reads)."""
+        generated = self.generated
+        if n <= len(generated):
+            return generated[len(generated) - n :]
+        return self.prompt[max(0, len(self.prompt) - n + len(generated)) :] + generated
+
     def accept(self, token: int) -> None:
         """Record the next token; update the text and whether the sequence is done."""
         self.generated.append(token)
-        self.context.append(token)
         if self.seen is not None:
             self.seen[token] = True
         if self.text is not None:
@@ -92,8 +103,8 @@ class Batch:
         if len(seqs) > self.free:
             raise ValueError(f"{len(seqs)} sequences for {self.free} free slots")
         first = len(self.active)
-        rows = {first + i: s.context[-self.engine.block_size :] for i, s in enumerate(seqs)}
-        logits, lengths = self._prefill(rows)  # (slots, S, V), (slots,)
+        rows = {first + i: s.tail(self.engine.block_size) for i, s in enumerate(seqs)}
+        logits, lengths = self.prefill_rows(rows)  # (slots, S, V), (slots,)
         k = np.arange(first, first + len(seqs))
         last = logits[k, lengths[k] - 1]  # (k, V)
         self.active += seqs
@@ -166,12 +177,12 @@ class Batch:
         full = np.flatnonzero(self.engine.lengths[:n] >= self.engine.block_size)
         for b in full:
             self.engine.release(b)
-        contexts = {int(b): self.active[b].context[-keep:-1] for b in full}
+        contexts = {int(b): self.active[b].tail(keep)[:-1] for b in full}
         if any(contexts.values()):  # a context of 2 or 3 keeps nothing but the newest token
-            self._prefill(contexts)
+            self.prefill_rows(contexts)
         self._longest = int(self.engine.lengths[:n].max())
 
-    def _prefill(self, rows: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    def prefill_rows(self, rows: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Prefill each slot's tokens of `rows` (slot -> tokens, right-padded into one call); the
         other slots sit out. Returns the logits (slots, S, V) and the lengths (slots,)."""
         lengths = np.zeros(self.slots, dtype=np.int64)  # (slots,)

@@ -266,15 +266,11 @@ class Scheduler:
     def _score_prompt(self, job: Job) -> list[tuple[str, float | None, Alternatives | None]]:
         """The log-probability of each prompt token given the ones before it (echo + logprobs): a
         prefill of the prompt alone into the next free slot, which is then emptied again."""
-        engine, seq = self.model.engine, job.seq
-        prompt = seq.context[: seq.prompt_length]
+        prompt = job.seq.prompt
         slot = len(self.batch.active)
-        ids = np.zeros((self.batch.slots, len(prompt)), dtype=np.int64)  # (slots, S) only `slot` real
-        ids[slot] = prompt
-        lengths = np.zeros(self.batch.slots, dtype=np.int64)
-        lengths[slot] = len(prompt)
-        rows = log_softmax(engine.prefill(ids, lengths)[slot, : len(prompt) - 1])  # (S-1, V)
-        engine.release(slot)
+        logits, _ = self.batch.prefill_rows({slot: prompt})  # (slots, S, V)
+        rows = log_softmax(logits[slot, : len(prompt) - 1])  # (S-1, V)
+        self.model.engine.release(slot)
         decode = self.model.decode
         scores = [(decode([prompt[0]]), None, None)]
         for t in range(1, len(prompt)):
