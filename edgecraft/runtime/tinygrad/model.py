@@ -15,7 +15,7 @@ NORM_EPS = 1e-5  # the graph's (edgecraft/export/graph.py)
 
 
 class Linear:
-    """One of the graph's matrix products: x @ w.T (+ bias), w (N, K) float32, or int8 with one scale
+    """One of the graph's matrix products: x @ w (+ bias), w (K, N) float32, or int8 with one scale
     per column and the activations quantized to uint8 per call (`act` None: dynamic, as
     DynamicQuantizeMatMul; else MatMulIntegerToFloat's static (scale, zero point))."""
 
@@ -25,19 +25,56 @@ class Linear:
     def __call__(self, x, valid):
         """x (R, S, K), valid (R, S, 1) bool: the rows that count for a dynamic range."""
         if self.scale is None:
-            y = _product(x, self.w, _lanes(x))
+            return _matmul(x, self.w, self.bias)
+        if self.act is None:  # onnxruntime's GetQuantizationParameter over the call's real rows
+            masked = valid.where(x, 0.0)
+            lo, hi = masked.min().minimum(0.0), masked.max().maximum(0.0)
+            step = (hi - lo) / 255.0
+            step = (hi == lo).where(1.0, step)
+            zp = (-lo / step).clip(0.0, 255.0).round()
         else:
-            if self.act is None:  # onnxruntime's GetQuantizationParameter over the call's real rows
-                masked = valid.where(x, 0.0)
-                lo, hi = masked.min().minimum(0.0), masked.max().maximum(0.0)
-                step = (hi - lo) / 255.0
-                step = (hi == lo).where(1.0, step)
-                zp = (-lo / step).clip(0.0, 255.0).round()
-            else:
-                step, zp = self.act
-            q = ((x / step).round() + zp).clip(0.0, 255.0) - zp  # (R, S, K) integers in float32
-            y = _product(q, self.w.cast("float32"), _lanes(x)) * (self.scale * step)  # integer sums: exact in float32 below 2^24
+            step, zp = self.act
+        q = ((x / step).round() + zp).clip(0.0, 255.0) - zp  # (R, S, K) integers in float32
+        y = _matmul(q, self.w) * (self.scale * step)  # integer sums: exact in float32 below 2^24
         return y if self.bias is None else y + self.bias
+
+
+def _matmul(x, w, bias=None):
+    """x (R, S, K) @ w (K, N) (+ bias (N,)) -> (R, S, N). On the CPU one kernel written out with
+    its loop shape chosen here: 16 outputs (contiguous in w) times up to 4 rows accumulate in
+    vector registers over K. tinygrad's own choice for a few rows keeps a handful of scalar
+    accumulators (chains of dependent adds), several times slower
+    (benchmarks/results/tinygrad_decode.md). Other devices keep tinygrad's matmul."""
+    from tinygrad import Tensor, UOp, dtypes
+    from tinygrad.codegen.opt import Opt, OptOps
+    from tinygrad.uop.ops import AxisType, KernelInfo, Ops
+
+    R, S, K = x.shape
+    N = w.shape[1]
+    if not str(x.device).startswith("CPU"):
+        y = x.matmul(w.cast(dtypes.float32) if w.dtype != dtypes.float32 else w)
+        return y if bias is None else y + bias
+    M = R * S
+    cols = next(n for n in (16, 8, 4, 2, 1) if N % n == 0)
+    rows = next(m for m in (4, 2, 1) if M % m == 0)
+    j = 0 if M == 1 else 1  # a range of size 1 is dropped before the options apply
+    opts = [Opt(OptOps.UPCAST, j, cols)] if cols > 1 else []
+    if M == 1 and (N // cols) % 4 == 0:  # one row: more outputs in flight instead
+        opts.append(Opt(OptOps.UPCAST, j, 4))
+    if rows > 1:
+        opts.append(Opt(OptOps.UPCAST, 0, rows))
+
+    def kernel(C, A, B, *b):
+        i, n, k = UOp.range(M, 0), UOp.range(N, 1), UOp.range(K, 2, axis_type=AxisType.REDUCE)
+        weight = B[k, n] if B.dtype == dtypes.float32 else B[k, n].cast(dtypes.float32)
+        acc = (A[i, k] * weight).reduce(k, arg=Ops.ADD)
+        if b:
+            acc = acc + b[0][n]
+        return C[i, n].store(acc).end(i, n).sink(arg=KernelInfo(name=f"matmul_{M}_{N}_{K}", opts_to_apply=tuple(opts)))
+
+    inputs = [x.reshape(M, K), w] + ([bias] if bias is not None else [])
+    out = Tensor.empty(M, N, device=x.device).custom_kernel(*inputs, fxn=kernel)[0]
+    return out.reshape(R, S, N)
 
 
 def _product(x, w, lanes: int):
@@ -51,13 +88,6 @@ def _product(x, w, lanes: int):
     xs = x.reshape(*x.shape[:-1], 1, K // lanes, lanes)  # (..., M, 1, K/l, l)
     ws = w.reshape(*w.shape[:-2], 1, w.shape[-2], K // lanes, lanes)  # (..., 1, N, K/l, l)
     return (xs * ws).sum(-2).sum(-1)  # (..., M, N)
-
-
-def _lanes(x) -> int:
-    """Partial sums for a product of x (R, S, K): 8 for one row, 4 for a decode batch, none for a
-    prefill (its kernel has rows enough to keep independent sums)."""
-    R, S = x.shape[0], x.shape[1]
-    return 8 if R * S == 1 else 4 if S == 1 else 0
 
 
 def _norm(x, gain, bias, rms: bool):
@@ -141,11 +171,10 @@ class Weights:
             act = None
             if f"{name}.weight.act_scale" in self._inits:
                 act = (float(self._get(f"{name}.weight.act_scale")), float(self._get(f"{name}.weight.act_zero_point")))
-            w = self._get(f"{name}.weight.int8").T
+            w = self._get(f"{name}.weight.int8")
         else:
-            w, act = self._get(f"{name}.weight.T").T, None
-        # stored (N, K), as torch's Linear: each output reads one contiguous row (the graph's (K, N)
-        # made every output a strided walk, several times slower on CPU)
+            w, act = self._get(f"{name}.weight.T"), None
+        # stored (K, N), as the graph holds them: _matmul's kernel reads 16 outputs' weights at once
         scale = self._T(self._get(f"{name}.weight.scale")) if f"{name}.weight.int8" in self._inits else None
         # int8 weights stay int8 in memory (a quarter of the bytes to stream), widened in the kernel
         return Linear(self._T(w, np.int8 if scale is not None else np.float32), scale, b, act)
