@@ -45,6 +45,7 @@ from edgecraft.runtime.tinygrad.replay import CpuReplay
 
 INSTALL_HINT = "pip install 'edgecraft[tinygrad]'"
 CACHE_ENV = "EDGECRAFT_TINYGRAD_CACHE"  # a folder for tinygrad's compiled-kernel cache (cache.db)
+BEAM_ENV = "EDGECRAFT_TINYGRAD_BEAM"  # n > 0: tinygrad's BEAM search of width n for decode-step kernels (cached)
 DEVICE_NAMES = {"cpu": "CPU", "cuda": "CUDA", "metal": "METAL", "gpu": "CL", "opencl": "CL", "cl": "CL", "webgpu": "WEBGPU",
                 "amd": "AMD", "nv": "NV"}
 
@@ -207,7 +208,8 @@ class TinygradEngine:
         if replay is not None:
             replay({"row": r0, "col": c0})
         else:
-            out = jit(*args)
+            with _beam(kind):
+                out = jit(*args)
             if out is not last:  # the first calls' results are fresh tensors; replays return the same one
                 entry[3], entry[4] = out, _host_view(out)
                 host_out = entry[4]
@@ -268,8 +270,9 @@ class TinygradEngine:
         if (self._end[:n] != self._t).any():
             self._align(range(n), self._t)
         R = min(len(lengths), 1 << (n - 1).bit_length())
-        # attention reads the columns of the longest slot, rounded up: a few compiled widths
-        window = _bucket(longest + 1, self.block_size, least=32)
+        # attention reads the columns of the longest slot rounded up to 32: at most 31 past it (powers of
+        # two read up to twice the columns; attention streams them from memory every step)
+        window = min(self.block_size, -(-(longest + 1) // 32) * 32)
         meta = np.zeros((R, 5), dtype=np.int32)  # (R, 5): forward's layout for S = 1
         meta[:n, 0], meta[:n, 1], meta[:n, 2] = ids, active, window - 1 - active
         meta[:, 3], meta[:n, 4] = window - 1, 1  # rows past n: not new, out of int8's ranges
@@ -278,6 +281,24 @@ class TinygradEngine:
         self._end[:n] = self._t
         active += 1
         return out.reshape(R, self.vocab_size)[:n]
+
+
+def _beam_width(kind: str) -> int:
+    """$EDGECRAFT_TINYGRAD_BEAM for decode steps, else 0: the search times candidate kernels
+    (minutes the first time, then kept in tinygrad's cache), worth it only where a step repeats."""
+    if kind != "decode":
+        return 0
+    try:
+        return max(0, int(os.environ.get(BEAM_ENV, "0")))
+    except ValueError:
+        raise ValueError(f"{BEAM_ENV} must be a whole number, got {os.environ[BEAM_ENV]!r}") from None
+
+
+def _beam(kind: str):
+    """tinygrad's BEAM setting for the kernels compiled while capturing a step of this kind."""
+    from tinygrad.helpers import Context
+
+    return Context(BEAM=_beam_width(kind))
 
 
 def _host_view(tensor) -> np.ndarray | None:
