@@ -137,3 +137,36 @@ def test_a_second_process_reuses_the_compile_cache(bundle: Path, tmp_path: Path)
     second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert second.stdout == first.stdout
     assert len(calls.read_text().split()) == compiled  # nothing compiled the second time
+
+
+# ---- decode speed: the products' hand-shaped kernels and the opt-in BEAM search ----
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_product_kernel_matches_numpy_for_any_shape(rows: int) -> None:
+    """model._matmul's kernel (16 outputs x 4 rows in registers) for rows that are not a multiple
+    of its row block, outputs that are not a multiple of 16, int8 weights widened in the kernel."""
+    from tinygrad import Tensor
+
+    from edgecraft.runtime.tinygrad.model import _matmul
+
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 1, 24)).astype(np.float32)
+    w = rng.standard_normal((24, 104)).astype(np.float32)
+    q = rng.integers(-127, 128, (24, 40)).astype(np.int8)
+    bias = rng.standard_normal(104).astype(np.float32)
+    got = _matmul(Tensor(x), Tensor(w), Tensor(bias)).numpy()
+    assert got.shape == (rows, 1, 104) and np.abs(got - (x @ w + bias)).max() <= 1e-4
+    assert np.abs(_matmul(Tensor(x), Tensor(q)).numpy() - x @ q.astype(np.float32)).max() <= 1e-3
+
+
+def test_beam_width_applies_to_decode_steps_only(monkeypatch) -> None:
+    """EDGECRAFT_TINYGRAD_BEAM searches decode-step kernels (repeated every token), never a prefill's;
+    a value that is not a whole number is refused naming the variable."""
+    from edgecraft.runtime.tinygrad.engine import BEAM_ENV, _beam_width
+
+    monkeypatch.setenv(BEAM_ENV, "2")
+    assert (_beam_width("decode"), _beam_width("prefill")) == (2, 0)
+    monkeypatch.setenv(BEAM_ENV, "wide")
+    with pytest.raises(ValueError, match=BEAM_ENV):
+        _beam_width("decode")
