@@ -5,6 +5,7 @@ batches; device choice, missing-clang and cache reuse by a second process."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -137,6 +138,107 @@ def test_a_second_process_reuses_the_compile_cache(bundle: Path, tmp_path: Path)
     second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert second.stdout == first.stdout
     assert len(calls.read_text().split()) == compiled  # nothing compiled the second time
+
+
+# ---------------------------------------------------------------- stored step plans (a fresh process's first token)
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory) -> tuple[Path, Path]:
+    """Two gpt2-char bundles of one shape with different weights."""
+    import torch
+
+    from edgecraft.checkpoint import load_model, save_model
+
+    root = tmp_path_factory.mktemp("twins")
+    runs = [make_run(root / name) for name in "ab"]
+    model = load_model(runs[1] / "model.safetensors")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    save_model(model, runs[1] / "model.safetensors")
+    return tuple(export_run(run, run.parent.parent / "bundle", ExportOptions()) for run in runs)
+
+
+def test_a_fresh_process_runs_every_step_from_stored_plans(twins, tmp_path: Path) -> None:
+    """The first process stores each step it captures; a second one with the same cache runs every
+    step from those plans (none captured, so nothing scheduled) and writes the same text as
+    onnxruntime, past the context (window re-fills, cache moves)."""
+    bundle = twins[0]
+    env = {**os.environ, "EDGECRAFT_TINYGRAD_CACHE": str(tmp_path / "cache")}
+    code = (
+        "from edgecraft.runtime import load; "
+        f"m = load({str(bundle)!r}, backend='tinygrad'); "
+        "print(repr(m.generate('The', max_new_tokens=70, temperature=0))); "
+        "print(m.engine.steps_planned, m.engine.steps_loaded)"
+    )
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+            for _ in range(2)]
+    expected = repr(load(bundle).generate("The", max_new_tokens=70, temperature=0))
+    assert runs[0][0] == runs[1][0] == expected
+    planned, loaded = (int(x) for x in runs[0][1].split())
+    assert planned > 2 and loaded == 0 and len(list((tmp_path / "cache" / "edgecraft-plans").glob("*.json"))) == planned
+    assert runs[1][1].split() == ["0", str(planned)]
+
+
+def test_damaged_stale_or_mismatched_plans_are_ignored_and_rebuilt(twins, tmp_path: Path) -> None:
+    """A plan whose JSON or kernel objects are damaged, one stored for another step under this
+    step's name, or one whose buffers are not this engine's is never run: the step is captured
+    again (logits still onnxruntime's) and its plan rewritten."""
+    bundle = twins[0]
+    cfg = read_manifest(bundle).config
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (1, 7))
+    ort = OnnxEngine(bundle / "model.onnx", cfg)
+    expected = [ort.prefill(ids), ort.decode(ids[0, :1])]
+
+    def run(planned: int, loaded: int) -> None:
+        tg = TinygradEngine(bundle / "model.onnx", cfg, cache_dir=tmp_path)
+        assert np.abs(tg.prefill(ids) - expected[0]).max() <= 1e-4
+        assert np.abs(tg.decode(ids[0, :1]) - expected[1]).max() <= 1e-4
+        assert (tg.steps_planned, tg.steps_loaded) == (planned, loaded)
+
+    run(2, 0)
+    docs = {json.loads(p.read_text())["key"]["step"]["call"][0]: p for p in (tmp_path / "edgecraft-plans").glob("*.json")}
+    doc, other = docs["prefill"], docs["decode"]
+    blob = doc.with_suffix(".bin")
+
+    def garble_binary() -> None:
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blob.write_bytes(bytes(data))
+
+    def resize_a_weight() -> None:
+        stored = json.loads(doc.read_text())
+        role = next(r for r in stored["plan"]["sizes"] if r.startswith("weights"))
+        stored["plan"]["sizes"][role] += 4
+        doc.write_text(json.dumps(stored))
+
+    damages = [
+        lambda: doc.write_text(doc.read_text()[:100]),  # cut short
+        garble_binary,
+        lambda: (shutil.copy(other, doc), shutil.copy(other.with_suffix(".bin"), blob)),  # another step's plan
+        resize_a_weight,
+        blob.unlink,
+    ]
+    for damage in damages:
+        damage()
+        run(1, 1)
+    run(0, 2)
+
+
+def test_plans_hold_no_weights_a_bundle_of_the_same_shape_runs_its_own(twins, tmp_path: Path) -> None:
+    """Plans name the weights, never hold them: a second bundle of the same shape runs from the
+    first one's plans with its own weights (its own onnxruntime logits, not the first's)."""
+    cfg = read_manifest(twins[0]).config
+    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (1, 5))
+    logits = []
+    for bundle, planned, loaded in ((twins[0], 1, 0), (twins[1], 0, 1)):
+        tg = TinygradEngine(bundle / "model.onnx", cfg, cache_dir=tmp_path)
+        logits.append(tg.prefill(ids))
+        assert np.abs(logits[-1] - OnnxEngine(bundle / "model.onnx", cfg).prefill(ids)).max() <= 1e-4
+        assert (tg.steps_planned, tg.steps_loaded) == (planned, loaded)
+    assert np.abs(logits[0] - logits[1]).max() > 0.1
 
 
 # ---- decode speed: the products' hand-shaped kernels and the opt-in BEAM search ----

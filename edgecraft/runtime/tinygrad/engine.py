@@ -7,7 +7,9 @@ protobuf bytes (graph.py, no onnx package): the graph fuses some weights (layer 
 folded into an embedding table for rotary models, heads zero-padded to cache_head_size, rotary
 tables), and running exactly what the graph holds is what makes the logits match onnxruntime's.
 
-Every call is one TinyJit replay over fixed shapes, so nothing compiles after warm-up:
+Every call is one TinyJit replay over fixed shapes, so nothing compiles after warm-up. On the CPU a
+step's jit captures at its first call and is replaced by its plan (plan.py, replay.py): plain
+kernel calls, stored in the cache folder, so a later process runs that step without scheduling.
 - The KV cache is one buffer per layer and kind, (B, n_kv_heads, C, head_size), C = 4 block_size
   columns (values transposed, (B, n_kv_heads, head_size, C), so both attention products read
   contiguous memory). Sequences are right-aligned: every active slot's newest token sits in column t - 1, so a
@@ -33,15 +35,17 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from edgecraft.config import GPTConfig
 from edgecraft.runtime.engine import prefill_lengths
+from edgecraft.runtime.tinygrad import plan
 from edgecraft.runtime.tinygrad.graph import check_config, read_graph
 from edgecraft.runtime.tinygrad.model import Weights, forward
-from edgecraft.runtime.tinygrad.replay import CpuReplay
+from edgecraft.runtime.tinygrad.replay import CpuReplay, capture, span, weight_roles
 
 INSTALL_HINT = "pip install 'edgecraft[tinygrad]'"
 CACHE_ENV = "EDGECRAFT_TINYGRAD_CACHE"  # a folder for tinygrad's compiled-kernel cache (cache.db)
@@ -107,7 +111,14 @@ class TinygradEngine:
         self.vocab_size = config.vocab_size
         self.weights = Weights(inits, config, self.device, path)
         self._columns = 4 * config.block_size  # C: cache columns (module docstring)
-        self._jits: dict[tuple, object] = {}
+        self._jits: dict[tuple, list] = {}
+        self.steps_planned = self.steps_loaded = 0  # steps captured into a stored plan / run from one
+        self._store = None  # stored plans: the CPU device only (replay.py)
+        if self.device == "CPU":
+            folder = plan.folder(cache_dir or os.environ.get(CACHE_ENV))
+            self._store = plan.Store(folder, {**plan.machine_key(self.device), "config": asdict(config),
+                                              "graph": plan.graph_key(inits)})
+            self._weights = weight_roles(self.weights)
         self.lengths = np.zeros(0, dtype=np.int64)  # (B,) tokens cached per slot
         self.reset(1)
 
@@ -133,8 +144,15 @@ class TinygradEngine:
         nkv, C, hp = self.cfg.n_kv_heads, self._columns, self.cfg.cache_head_size
         # per layer: keys (B, n_kv_heads, C, head_size), values (B, n_kv_heads, head_size, C)
         shapes = [(B, nkv, C, hp), (B, nkv, hp, C)] * self.cfg.n_layers
-        self._kv = [Tensor.zeros(*shape, device=self.device).contiguous() for shape in shapes]
-        Tensor.realize(*self._kv)
+        if self._store is not None:  # zeroed through the host's view: no kernel to schedule
+            self._kv = [Tensor.empty(*shape, device=self.device) for shape in shapes]
+            for t in self._kv:
+                t.uop.base.buffer.ensure_allocated()
+                _host_view(t)[...] = 0
+            self._owned = {**self._weights, **{f"kv.{j}": span(t) for j, t in enumerate(self._kv)}}
+        else:
+            self._kv = [Tensor.zeros(*shape, device=self.device).contiguous() for shape in shapes]
+            Tensor.realize(*self._kv)
         self._jits.clear()
 
     def release(self, slot: int) -> None:
@@ -163,12 +181,17 @@ class TinygradEngine:
                     window(j, d, dc).assign(part)
                 self._kv[0].realize(*self._kv[1:])
                 return parts[0]
-            self._jits[key] = self._jit(copy)
+            self._jits[key] = self._entry(key, copy)
+        entry = self._jits[key]
+        values = {"src": int(src), "dst": int(dst), "src_col": int(self._end[src]) - block, "dst_col": int(end) - block}
+        if entry[5] is not None:
+            entry[5](values)
+            return
         B, C = len(self.lengths), self._columns
-        v = self._var
-        self._jits[key](v("src", 0, B - 1).bind(int(src)), v("dst", 0, B - 1).bind(int(dst)),
-                        v("src_col", 0, C - block).bind(int(self._end[src]) - block),
-                        v("dst_col", 0, C - block).bind(int(end) - block))
+        top = {"src": B - 1, "dst": B - 1, "src_col": C - block, "dst_col": C - block}
+        args = tuple(self._var(name, 0, top[name]).bind(value) for name, value in values.items())
+        entry[0](*args)
+        self._plan_captured(key, entry, args, None)
 
     def _align(self, slots, end: int) -> None:
         """Move each of `slots` that holds tokens so that its newest ends at column `end`."""
@@ -194,31 +217,85 @@ class TinygradEngine:
         if key not in self._jits:
             def step(meta, r, c):
                 return forward(self.weights, self._kv, meta, r, c, window, R, S, masked=kind == "prefill").realize(*self._kv)
-            inputs = Tensor.zeros(*meta.shape, dtype="int32", device=self.device).contiguous().realize()
-            self._jits[key] = [self._jit(step), inputs, _host_view(inputs), None, None, None]
+            self._jits[key] = self._entry(key, step, meta.shape, (R, S, self.vocab_size))
         entry = self._jits[key]
         jit, inputs, host_in, last, host_out, replay = entry
         if host_in is None:  # a device without host-visible memory: a fresh input each call
             inputs = Tensor(meta, device=self.device)
         else:
             host_in[...] = meta
-        v = self._var
-        r = 0 if R == B else v("row", 0, B - 1).bind(r0)
-        args = (inputs, r, v("col", 0, C - S).bind(c0))
         if replay is not None:
             replay({"row": r0, "col": c0})
         else:
+            v = self._var
+            r = 0 if R == B else v("row", 0, B - 1).bind(r0)
+            args = (inputs, r, v("col", 0, C - S).bind(c0))
             with _beam(kind):
                 out = jit(*args)
             if out is not last:  # the first calls' results are fresh tensors; replays return the same one
                 entry[3], entry[4] = out, _host_view(out)
                 host_out = entry[4]
-            elif host_in is not None and jit.cnt >= 3:
-                entry[5] = CpuReplay.build(jit, args)
+            if self._plan_captured(key, entry, args, out):  # the jit and its buffers go: keep this call's logits
+                return np.array(host_out).reshape(R, S, self.vocab_size)
         if host_out is None:
             return entry[3].numpy().reshape(R, S, self.vocab_size)
         Device[self.device].synchronize()
         return host_out.reshape(R, S, self.vocab_size)
+
+    def _entry(self, key: tuple, fn, in_shape: tuple | None = None, out_shape: tuple | None = None) -> list:
+        """[jit, input tensor, its host view, last output, its host view, replay] of one jitted
+        function: a stored plan bound to this engine's buffers when there is one (no jit), else a
+        TinyJit, which on the CPU captures at its first call so that its plan is stored then."""
+        from tinygrad import Tensor
+
+        if self._store is not None:
+            replay = self._bind(self._store.load(self._step_key(key)), in_shape, out_shape)
+            if replay is not None:
+                self.steps_loaded += 1
+                return replay
+        jit = self._jit(fn)
+        if self._store is not None:
+            jit.cnt = 1  # everything it reads is realized already: no warm-up call needed
+        inputs = None
+        if in_shape is not None:
+            inputs = Tensor.zeros(*in_shape, dtype="int32", device=self.device).contiguous().realize()
+        return [jit, inputs, None if inputs is None else _host_view(inputs), None, None, None]
+
+    def _step_key(self, key: tuple) -> dict:
+        return {"call": list(key), "batch": len(self.lengths), "beam": _beam_width(key[0])}
+
+    def _bind(self, stored, in_shape: tuple | None, out_shape: tuple | None) -> list | None:
+        """A plan's entry (see _entry) bound to this engine's weights and cache; None if it does not fit."""
+        if stored is None:
+            return None
+        try:
+            replay = CpuReplay(stored, self.device, self._owned)
+            host_in = None if in_shape is None else replay.view("input", np.int32, in_shape)
+            host_out = None if out_shape is None else replay.view("output", np.float32, out_shape)
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
+            return None
+        return [None, None, host_in, None, host_out, replay]
+
+    def _plan_captured(self, key: tuple, entry: list, args: tuple, out) -> bool:
+        """After a CPU TinyJit's capturing call: its plan stored and bound in place of the jit. False
+        (the jit stays, replaying itself) where the step cannot be planned."""
+        jit = entry[0]
+        if self._store is None or jit.cnt != 2 or jit.captured is None:
+            return False
+        owned = dict(self._owned)
+        if entry[1] is not None:
+            owned["input"] = span(entry[1])
+        if out is not None:
+            owned["output"] = span(out)
+        captured = capture(jit, args, owned)
+        shapes = (None if entry[1] is None else entry[1].shape, None if out is None else out.shape)
+        bound = self._bind(captured, *shapes)
+        if bound is None:
+            return False
+        self._store.save(self._step_key(key), captured)
+        self.steps_planned += 1
+        self._jits[key] = bound
+        return True
 
     def prefill(self, ids: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
         """Append right-padded chunks ids (B, S) of `lengths` (B,) real tokens -> logits (B, S, V)."""

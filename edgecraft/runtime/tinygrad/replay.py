@@ -1,68 +1,168 @@
-"""Replaying a captured TinyJit on tinygrad's CPU device as plain calls of its compiled kernels.
+"""Captured CPU steps as plain calls of their compiled kernels.
 
 A decode step of the 1M-parameter model is about a hundred small kernels; TinyJit's replay spends
 tens of microseconds of Python on each (resolving buffers and variables per kernel), more than the
-kernels themselves (benchmarks/results/tinygrad_decode.md). The buffers and the kernels of a captured
-step never change, so their addresses are resolved once here and a step is one ctypes call per
-kernel, with the step's variables (the cache row and column) filled in.
+kernels themselves (benchmarks/results/tinygrad_decode.md). `capture` reads a TinyJit's captured
+step into a `Plan` (plan.py): each kernel's compiled object and its buffer arguments by role.
+`CpuReplay` binds a plan, captured here or loaded from disk, to this process's buffers: the
+programs go through tinygrad's own CPU loader, addresses are resolved once, and a step is one ctypes
+call per kernel and core, with the step's variables (the cache row and column) filled in.
 
 This reads TinyJit's captured program (tinygrad 0.14's internals, hence the pinned version); any
-call it does not know (a copy, a graph, a multi-device buffer) makes `CpuReplay.build` return None
-and the engine keeps TinyJit's own replay.
+call it does not know (a copy, a graph, a multi-device buffer), or a buffer the step reads before
+writing that is not one of the engine's, makes `capture` return None and the engine keeps
+TinyJit's own replay.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
+
+import numpy as np
+
+from edgecraft.runtime.tinygrad.model import Linear, Weights
+from edgecraft.runtime.tinygrad.plan import Kernel, Plan
+
+SCRATCH = "scratch."  # roles of the step's own intermediate buffers
+
+
+def capture(jit, args: tuple, roles: dict[str, tuple[int, int]]) -> Plan | None:
+    """The plan of a TinyJit that has captured, from the arguments of a call. `roles` names the
+    buffers the engine owns: role -> (address, bytes); any other buffer becomes scratch."""
+    from tinygrad.engine.jit import _prepare_jit_inputs
+    from tinygrad.engine.realize import resolve_params
+    from tinygrad.uop.ops import Ops
+
+    captured = getattr(jit, "captured", None)
+    if captured is None:
+        return None
+    input_uops, _, _, _ = _prepare_jit_inputs(args, {})
+    if any(u in captured._written_uops for u in input_uops):
+        return None
+    spans = sorted((addr, addr + size, role) for role, (addr, size) in roles.items())
+    sizes, scratch, written, kernels, target = {}, {}, set(), [], None
+    for call in captured.linear.src:
+        ast = call.src[0]
+        if call.op is not Ops.CALL or ast.op is not Ops.PROGRAM or not isinstance(call.src[1].device, str):
+            return None
+        if not call.src[1].device.startswith("CPU") or ast.arg.target.renderer == "LVP":
+            return None
+        global_size, _ = ast.arg.launch_dims({})
+        if not all(isinstance(g, int) for g in global_size) or global_size[1:] != (1, 1):
+            return None
+        target = target or repr(ast.arg.target)
+        resolved = resolve_params(call, tuple(input_uops))
+        kernel_args = []
+        for slot in ast.arg.globals:
+            buffer = resolved[slot].buffer.ensure_allocated()
+            addr = int(buffer.get_buf(call.src[1].device).va_addr)
+            role = next(((r, addr - lo) for lo, hi, r in spans if lo <= addr < hi), None)
+            if role is None:  # the step's own memory: a base buffer (the JIT's arena) and an offset in it
+                base = buffer.base
+                name = scratch.setdefault(id(base), f"{SCRATCH}{len(scratch)}")
+                role = (name, addr - int(base.ensure_allocated().get_buf(base.device).va_addr))
+                sizes[name] = base.nbytes
+                if slot in ast.arg.ins and role not in written:  # it would read what this process left there
+                    return None
+            else:
+                sizes[role[0]] = roles[role[0]][1]
+            if slot in ast.arg.outs:
+                written.add(role)
+            kernel_args.append(role)
+        elf = ast.to_elf()
+        signature = tuple((name, slot, dtype.name, tuple(int(d) for d in shape)) for name, slot, dtype, shape in elf.signature)
+        kernels.append(Kernel(elf.name, bytes(elf.lib), signature, tuple(kernel_args),
+                              tuple(v.expr for v in ast.arg.vars), global_size[0]))
+    return Plan(target, tuple(kernels), sizes) if kernels else None
 
 
 class CpuReplay:
-    """The kernels of one captured step: (function, arguments, variable slots, cores)."""
+    """A plan bound to buffers: the engine's (weights, KV cache) by address, the rest (the step's
+    input, output and scratch) allocated here."""
 
-    def __init__(self, kernels: list, captured) -> None:
-        self.kernels = kernels
-        self.captured = captured  # holds the buffers the addresses point into
+    _programs: dict[tuple, object] = {}  # (device, object digest) -> loaded program, shared by every step
 
-    @classmethod
-    def build(cls, jit, args: tuple) -> "CpuReplay | None":
-        """From a TinyJit that has captured (called at least twice) and the arguments of a call."""
-        from tinygrad.engine.jit import _prepare_jit_inputs
-        from tinygrad.engine.realize import get_runtime, resolve_params
-        from tinygrad.uop.ops import Ops
+    def __init__(self, plan: Plan, device: str, owned: dict[str, tuple[int, int]]) -> None:
+        """ValueError when the plan does not fit these buffers (sizes differ, a role is missing)."""
+        from tinygrad import Device, dtypes
+        from tinygrad.device import Buffer, TinyELF
+        from tinygrad.helpers import Target
 
-        captured = getattr(jit, "captured", None)
-        if captured is None:
-            return None
-        input_uops, var_vals, _, _ = _prepare_jit_inputs(args, {})
-        if any(u in captured._written_uops for u in input_uops):
-            return None
-        kernels = []
-        for call in captured.linear.src:
-            ast = call.src[0]
-            if call.op is not Ops.CALL or ast.op is not Ops.PROGRAM or not isinstance(call.src[1].device, str):
-                return None
-            device = call.src[1].device
-            if not device.startswith("CPU"):
-                return None
-            resolved = resolve_params(call, tuple(input_uops))
-            buffers = [resolved[i].buffer.ensure_allocated().get_buf(device) for i in ast.arg.globals]
-            runtime = get_runtime(device, ast)
-            if getattr(runtime, "lvp", True):
-                return None
-            global_size, _ = ast.arg.launch_dims(var_vals)
-            if not all(isinstance(g, int) for g in global_size):
-                return None
-            names = [v.expr for v in ast.arg.vars]
-            values = [int(b.va_addr) for b in buffers] + [0] * len(names)
-            slots = [(len(buffers) + j, name) for j, name in enumerate(names)]
-            function = ctypes.CFUNCTYPE(None, *[ctypes.c_uint64] * len(values))(runtime.addr)
-            kernels.append((function, values, slots, global_size[0], runtime))  # runtime: keeps its code mapped
-        return cls(kernels, captured)
+        if Target.parse(plan.target) != Device[device].renderer.target:
+            raise ValueError(f"the plan is for {plan.target}")
+        self.buffers: dict[str, Buffer] = {}  # the memory allocated here (held: the kernels point into it)
+        addresses = {}
+        for role, size in plan.sizes.items():
+            if role in owned:
+                if owned[role][1] != size:
+                    raise ValueError(f"{role} is {owned[role][1]} bytes, the plan's {size}")
+                addresses[role] = owned[role][0]
+            elif role.startswith(SCRATCH) or role in ("input", "output"):
+                self.buffers[role] = Buffer(device, size, dtypes.uint8).allocate()
+                addresses[role] = int(self.buffers[role]._buf.va_addr)
+            else:
+                raise ValueError(f"the plan reads {role}, which this engine does not hold")
+        self.kernels = []
+        for k in plan.kernels:
+            digest = (device, hashlib.sha256(k.lib).digest())
+            if (program := self._programs.get(digest)) is None:
+                signature = tuple((name, slot, _dtype(dtype), shape) for name, slot, dtype, shape in k.signature)
+                elf = TinyELF(k.lib, k.name, Target.parse(plan.target), signature)
+                program = self._programs[digest] = Device[device].runtime(elf)
+            values = [addresses[role] + offset for role, offset in k.args] + [0] * len(k.vars)
+            slots = [(len(k.args) + j, name) for j, name in enumerate(k.vars)]
+            function = ctypes.CFUNCTYPE(None, *[ctypes.c_uint64] * len(values))(program.addr)
+            self.kernels.append((function, values, slots, k.cores))
+
+    def view(self, role: str, dtype, shape: tuple) -> np.ndarray:
+        """A numpy array over one of the buffers allocated here (the step's input or output)."""
+        memory = self.buffers[role].as_memoryview(force_zero_copy=True)
+        count = int(np.prod(shape))
+        return np.frombuffer(memory, dtype=dtype, count=count).reshape(shape)
 
     def __call__(self, var_vals: dict[str, int]) -> None:
         """Run the step with these variable values ('core_id' is each core's index)."""
-        for function, values, slots, cores, _ in self.kernels:
+        for function, values, slots, cores in self.kernels:
             for core in range(cores):
                 for j, name in slots:
                     values[j] = core if name == "core_id" else var_vals[name]
                 function(*values)
+
+
+def _dtype(name: str):
+    """tinygrad's dtype of a stored signature's name."""
+    from tinygrad import dtypes
+    from tinygrad.dtype import DType
+
+    dtype = getattr(dtypes, name, None)
+    if not isinstance(dtype, DType) or dtype.name != name:
+        raise ValueError(f"no tinygrad dtype {name!r}")
+    return dtype
+
+
+def span(tensor) -> tuple[int, int]:
+    """(address, bytes) of a realized CPU tensor's buffer: a role a plan binds."""
+    buffer = tensor.uop.base.buffer.ensure_allocated()
+    return int(buffer._buf.va_addr), buffer.nbytes
+
+
+def weight_roles(weights: Weights) -> dict[str, tuple[int, int]]:
+    """The weights' buffers by where they sit ('weights.layers.0.qkv.w'): the names plans use."""
+    return {f"weights{name}": span(t) for name, t in _tensors(weights, "")}
+
+
+def _tensors(obj, name: str):
+    from tinygrad import Tensor
+
+    if isinstance(obj, Tensor):
+        yield name, obj
+    elif isinstance(obj, (list, tuple)):
+        for i, x in enumerate(obj):
+            yield from _tensors(x, f"{name}.{i}")
+    elif isinstance(obj, dict):
+        for k, x in obj.items():
+            yield from _tensors(x, f"{name}.{k}")
+    elif isinstance(obj, (Weights, Linear)):
+        for k, x in vars(obj).items():
+            yield from _tensors(x, f"{name}.{k}")
