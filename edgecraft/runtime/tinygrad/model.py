@@ -107,6 +107,19 @@ def _rotate(x, cos, sin):
     return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
 
 
+def _upload(a: np.ndarray, device: str):
+    """A tensor holding `a`. On the CPU it is written straight into the tensor's memory: no copy
+    kernel to schedule, which a fresh process's first token would otherwise wait for."""
+    from tinygrad import Tensor
+
+    if device != "CPU" or a.size == 0:
+        return Tensor(a, device=device)
+    t = Tensor.empty(*a.shape, dtype=a.dtype.name, device=device)
+    buffer = t.uop.base.buffer.ensure_allocated()
+    np.frombuffer(buffer.as_memoryview(force_zero_copy=True), dtype=a.dtype)[: a.size] = a.reshape(-1)
+    return t
+
+
 class Weights:
     """The graph's initializers mapped back to the decoder's parts, as tinygrad Tensors on `device`.
     Names are edgecraft/export/graph.py's and int8_graph.py's."""
@@ -117,9 +130,8 @@ class Weights:
         self.cfg, self.path = cfg, path
         self._inits = inits
         made: list = []  # realized together at the end: one schedule rather than one per tensor
-        self._T = lambda a, dtype=np.float32: made.append(Tensor(np.ascontiguousarray(a, dtype=dtype), device=device)) or made[-1]
-        self.count = Tensor(np.arange(cfg.block_size + 1, dtype=np.int32), device=device)  # (block + 1,)
-        made.append(self.count)
+        self._T = lambda a, dtype=np.float32: made.append(_upload(np.ascontiguousarray(a, dtype=dtype), device)) or made[-1]
+        self.count = self._T(np.arange(cfg.block_size + 1), np.int32)  # (block + 1,)
         self.tok = self._T(self._table("tok_emb"))  # (V, D)
         self.pos = self._T(self._table("pos_emb")) if cfg.pos == "learned" else None  # (block, D)
         self.table0 = self._T(self._get("blocks.0.norm1.table")) if cfg.pos == "rope" else None  # (V, D)
