@@ -94,7 +94,9 @@ def main() -> None:
     same = all(r["text"] == expected for r in [filling, *results["tinygrad, warm cache"]])
     body = "\n".join(lines) + (
         f"\n\nPrompt {PROMPT!r}, greedy; tinygrad on its CPU device (clang), onnxruntime fp32 with 1 thread. "
-        f"{CHECK} greedy tokens of every warm tinygrad process identical to onnxruntime's: {same}.\n"
+        f"{CHECK} greedy tokens of every warm tinygrad process identical to onnxruntime's: {same}. "
+        "CPU s is the process's own (user + system, all its threads); in the cold rows tinygrad's lowering "
+        "worker processes and clang are not in it: wall is the cold figure.\n"
     )
     info.write(harness.RESULTS / "tinygrad_first_token", body)
     print(body)

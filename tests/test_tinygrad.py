@@ -61,6 +61,7 @@ def test_teacher_forced_logits_match_onnxruntime(bundle: Path, model_file: str) 
         expected = ort.decode(ids[0, position : position + 1])
         assert np.abs(tg.decode(ids[0, position : position + 1]) - expected).max() <= 1e-4, position
     assert tg.lengths.tolist() == [cfg.block_size]
+    assert tg.steps_planned + tg.steps_loaded == len(tg._jits)  # every step ran as a stored plan's kernel calls
 
 
 def test_greedy_text_and_batches_match_onnxruntime(bundle: Path) -> None:

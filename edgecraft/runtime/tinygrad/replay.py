@@ -71,7 +71,11 @@ def capture(jit, args: tuple, roles: dict[str, tuple[int, int]]) -> Plan | None:
                 written.add(role)
             kernel_args.append(role)
         elf = ast.to_elf()
-        signature = tuple((name, slot, dtype.name, tuple(int(d) for d in shape)) for name, slot, dtype, shape in elf.signature)
+        names = [_dtype_name(dtype) for _, _, dtype, _ in elf.signature]
+        if None in names:
+            return None
+        signature = tuple((name, slot, dtype, tuple(int(d) for d in shape))
+                          for (name, slot, _, shape), dtype in zip(elf.signature, names))
         kernels.append(Kernel(elf.name, bytes(elf.lib), signature, tuple(kernel_args),
                               tuple(v.expr for v in ast.arg.vars), global_size[0]))
     return Plan(target, tuple(kernels), sizes) if kernels else None
@@ -130,15 +134,20 @@ class CpuReplay:
                 function(*values)
 
 
+def _dtype_name(dtype) -> str | None:
+    """A dtype's name in tinygrad's table ('int8'; its own name is C's, 'signed char')."""
+    from tinygrad.dtype import DTYPES_DICT
+
+    return next((name for name, d in DTYPES_DICT.items() if d == dtype), None)
+
+
 def _dtype(name: str):
     """tinygrad's dtype of a stored signature's name."""
-    from tinygrad import dtypes
-    from tinygrad.dtype import DType
+    from tinygrad.dtype import DTYPES_DICT
 
-    dtype = getattr(dtypes, name, None)
-    if not isinstance(dtype, DType) or dtype.name != name:
+    if name not in DTYPES_DICT:
         raise ValueError(f"no tinygrad dtype {name!r}")
-    return dtype
+    return DTYPES_DICT[name]
 
 
 def span(tensor) -> tuple[int, int]:
