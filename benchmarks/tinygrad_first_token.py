@@ -43,18 +43,30 @@ def first_token(payload: dict) -> dict:
     """Child: import, load, the first token; then (warm rows) the check's greedy tokens."""
     from edgecraft.runtime import load
 
+    quant = payload.get("quant", "fp32")
     if payload["backend"] == "tinygrad":
-        model = load(payload["bundle"], backend="tinygrad")
+        model = load(payload["bundle"], quant=quant, backend="tinygrad")
     else:
-        model = load(payload["bundle"], threads=1)
+        model = load(payload["bundle"], quant=quant, threads=1)
     model.generate(PROMPT, max_new_tokens=1, temperature=0)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     out = {"wall": _since_start(), "cpu": usage.ru_utime + usage.ru_stime}
     if payload.get("check"):
         out["text"] = model.generate(PROMPT, max_new_tokens=CHECK, temperature=0)
+        out["logits"] = _teacher_forced(model.engine).tolist()
     if payload["backend"] == "tinygrad":
         out["planned"], out["loaded"] = model.engine.steps_planned, model.engine.steps_loaded
     return out
+
+
+def _teacher_forced(engine) -> np.ndarray:
+    """Logits (CHECK, V) of decode steps fed random ids after a 4-token prefill: every step of a
+    warm process compared with onnxruntime's, not only the argmax (random weights' greedy text is
+    mostly one character)."""
+    ids = np.random.default_rng(0).integers(0, engine.vocab_size, CHECK + 4)
+    engine.reset(1)
+    engine.prefill(ids[None, :4])
+    return np.stack([engine.decode(ids[i : i + 1])[0].copy() for i in range(4, CHECK + 4)])  # a view the next step overwrites
 
 
 def main() -> None:
@@ -71,14 +83,17 @@ def main() -> None:
         base = {"bundle": str(bundle), "backend": "tinygrad"}
         caches = iter(range(10**6))
 
-        def tinygrad(cache: str, check: bool = False) -> dict:
+        def tinygrad(cache: str, check: bool = False, quant: str = "fp32") -> dict:
             os.environ["EDGECRAFT_TINYGRAD_CACHE"] = cache
-            return harness.child(__file__, "first", {**base, "check": check})
+            return harness.child(__file__, "first", {**base, "check": check, "quant": quant})
 
         warm_cache = str(Path(tmp) / "warm")
         filling = tinygrad(warm_cache, check=True)  # the earlier process that fills the warm cache
+        tinygrad(warm_cache, check=True, quant="int8")
+        ort_int8 = harness.child(__file__, "first", {**base, "backend": "onnxruntime", "check": True, "quant": "int8"})
         rows = {
             "tinygrad, warm cache": lambda: tinygrad(warm_cache, check=True),
+            "tinygrad int8, warm cache": lambda: tinygrad(warm_cache, check=True, quant="int8"),
             "tinygrad, cold cache": lambda: tinygrad(str(Path(tmp) / f"cold{next(caches)}")),
             "onnxruntime": lambda: harness.child(__file__, "first", {**base, "backend": "onnxruntime", "check": True}),
         }
@@ -92,9 +107,15 @@ def main() -> None:
                      f"{np.median(cpu):.2f} [{min(cpu):.2f}-{max(cpu):.2f}] | {steps} |")
     expected = results["onnxruntime"][0]["text"]
     same = all(r["text"] == expected for r in [filling, *results["tinygrad, warm cache"]])
+    same_int8 = all(r["text"] == ort_int8["text"] for r in results["tinygrad int8, warm cache"])
+    gap = max(np.abs(np.array(r["logits"]) - np.array(results["onnxruntime"][0]["logits"])).max()
+              for r in results["tinygrad, warm cache"])
+    gap_int8 = max(np.abs(np.array(r["logits"]) - np.array(ort_int8["logits"])).max() for r in results["tinygrad int8, warm cache"])
     body = "\n".join(lines) + (
         f"\n\nPrompt {PROMPT!r}, greedy; tinygrad on its CPU device (clang), onnxruntime fp32 with 1 thread. "
-        f"{CHECK} greedy tokens of every warm tinygrad process identical to onnxruntime's: {same}. "
+        f"{CHECK} greedy tokens of every warm tinygrad process identical to onnxruntime's: {same} (fp32), "
+        f"{same_int8} (int8, beside onnxruntime's int8 graph); their logits over {CHECK} teacher-forced decode steps "
+        f"within {gap:.1e} (fp32) and {gap_int8:.1e} (int8) of onnxruntime's. "
         "CPU s is the process's own (user + system, all its threads); in the cold rows tinygrad's lowering "
         "worker processes and clang are not in it: wall is the cold figure.\n"
     )
