@@ -108,6 +108,7 @@ def test_appending_to_a_slot_and_moving_slots(bundle: Path) -> None:
         engine.move(2, 0)
     assert tg.lengths.tolist() == ort.lengths.tolist() == [8, 4, 0]
     assert np.abs(tg.decode(ids[:2, 17]) - ort.decode(ids[:2, 17])).max() <= 1e-4
+    assert ("copy",) in tg._jits and tg.steps_planned + tg.steps_loaded == len(tg._jits)  # cache moves planned too
     with pytest.raises(ValueError, match="exceed block_size"):
         tg.prefill(np.zeros((3, cfg.block_size), dtype=np.int64))
 
