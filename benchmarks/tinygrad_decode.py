@@ -55,6 +55,8 @@ def decode_row(payload: dict) -> dict:
     if payload["backend"] == "tinygrad":  # the largest captured decode step of this batch
         replays = [e[5] for k, e in engine._jits.items() if k[0] == "decode" and k[1] == B and e[5] is not None]
         kernels = max((len(r.kernels) for r in replays), default=None)
+        if engine._store is not None and any(e[5] is None for e in engine._jits.values()):  # CPU: a step on TinyJit's replay
+            kernels = f"{kernels or 0} (a step not planned)"
     return {"tok_s": B * steps / wall, "tok_cpu_s": B * steps / cpu, "kernels": kernels, "warmup_s": warmup,
             "warmup_cpu_s": warmup_cpu,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens": tokens[:, :64].tolist()}
