@@ -226,6 +226,7 @@ def build_graph(cfg: GPTConfig, weights: dict[str, np.ndarray], opset: int = 17)
         if cfg.mlp == "swiglu":
             # two MatMuls rather than one over concatenated weights + Split (onnxruntime-genai's
             # layout): the same bytes streamed, one node kind fewer, the same speed within noise
+            # (benchmarks/results/int4-peers/fp32_parts.md, with the other one-row forms measured)
             gate = linear(h, f"{p}.mlp.gate", w[f"{p}.mlp.gate.weight"], bias(f"{p}.mlp.gate.bias"))  # (B, S, F)
             up = linear(h, f"{p}.mlp.up", w[f"{p}.mlp.up.weight"], bias(f"{p}.mlp.up.bias"))  # (B, S, F)
             silu = g.op("QuickGelu", [gate], [f"{p}/silu"], f"{p}.mlp.silu", MS, alpha=1.0)[0]
