@@ -11,10 +11,10 @@ Every call is one TinyJit replay over fixed shapes, so nothing compiles after wa
 step's jit captures at its first call and is replaced by its plan (plan.py, replay.py): plain
 kernel calls, stored in the cache folder, so a later process runs that step without scheduling.
 - The KV cache is one buffer per layer and kind, (B, n_kv_heads, C, head_size), C = 4 block_size
-  columns (values transposed, (B, n_kv_heads, head_size, C), so both attention products read
-  contiguous memory). Sequences are right-aligned: every active slot's newest token sits in column t - 1, so a
-  decode step writes one column, t, for all slots (a symbolic slice, no scatter), and attention
-  reads the window of the longest slot, each slot masking the columns before its own start.
+  columns (and WINDOW_STEP more, which decode windows may read past the last). Sequences are
+  right-aligned: every active slot's newest token sits in column t - 1, so a decode step writes
+  one column, t, for all slots (a symbolic slice, no scatter), and attention reads the window of
+  the longest slot, each slot masking the columns before its own start.
   When t reaches C, every slot is moved back to end at 2 block_size (one copy every 2 block_size steps).
 - Prefill pads its chunk on the left to a power of two (S) and writes columns t - S .. t - 1, masked
   per row, so a chunk of any length reuses a few compiled shapes.
@@ -44,12 +44,15 @@ from edgecraft.config import GPTConfig
 from edgecraft.runtime.engine import prefill_lengths
 from edgecraft.runtime.tinygrad import plan
 from edgecraft.runtime.tinygrad.graph import check_config, read_graph
-from edgecraft.runtime.tinygrad.model import Weights, forward
+from edgecraft.runtime.tinygrad.model import WINDOW_ALIGN, Weights, forward
 from edgecraft.runtime.tinygrad.replay import CpuReplay, capture, span, weight_roles
 
 INSTALL_HINT = "pip install 'edgecraft[tinygrad]'"
 CACHE_ENV = "EDGECRAFT_TINYGRAD_CACHE"  # a folder for tinygrad's compiled-kernel cache (cache.db)
 BEAM_ENV = "EDGECRAFT_TINYGRAD_BEAM"  # n > 0: tinygrad's BEAM search of width n for decode-step kernels (cached)
+# a decode window spans a multiple of this many columns (a few compiled widths) from a multiple of
+# model.WINDOW_ALIGN; the buffers hold this many columns past C, for windows that reach past column t
+WINDOW_STEP = 32
 DEVICE_NAMES = {"cpu": "CPU", "cuda": "CUDA", "metal": "METAL", "gpu": "CL", "opencl": "CL", "cl": "CL", "webgpu": "WEBGPU",
                 "amd": "AMD", "nv": "NV"}
 
@@ -141,9 +144,8 @@ class TinygradEngine:
             return
         self.lengths = np.zeros(B, dtype=np.int64)
         self._end = np.full(B, self._t, dtype=np.int64)  # (B,) the column after each slot's newest token
-        nkv, C, hp = self.cfg.n_kv_heads, self._columns, self.cfg.cache_head_size
-        # per layer: keys (B, n_kv_heads, C, head_size), values (B, n_kv_heads, head_size, C)
-        shapes = [(B, nkv, C, hp), (B, nkv, hp, C)] * self.cfg.n_layers
+        nkv, C, hp = self.cfg.n_kv_heads, self._columns + WINDOW_STEP, self.cfg.cache_head_size
+        shapes = [(B, nkv, C, hp)] * 2 * self.cfg.n_layers  # per layer: keys, values (B, n_kv_heads, C, head_size)
         if self._store is not None:  # zeroed through the host's view: no kernel to schedule
             self._kv = [Tensor.empty(*shape, device=self.device) for shape in shapes]
             for t in self._kv:
@@ -169,10 +171,8 @@ class TinygradEngine:
         block = self.block_size
         key = ("copy",)
         if key not in self._jits:
-            def window(j, row, col):  # keys (1, nkv, block, hp), values (1, nkv, hp, block)
-                span = [(row, row + 1), None, None, None]
-                span[2 + j % 2] = (col, col + block)
-                return self._kv[j].shrink(tuple(span))
+            def window(j, row, col):  # (1, nkv, block, hp)
+                return self._kv[j].shrink(((row, row + 1), None, (col, col + block), None))
 
             def copy(s, d, sc, dc):
                 parts = [window(j, s, sc).contiguous() for j in range(len(self._kv))]
@@ -207,16 +207,19 @@ class TinygradEngine:
 
     # ------------------------------------------------------------------------------ steps
 
-    def _call(self, kind: str, R: int, S: int, window: int, meta: np.ndarray, r0: int, c0: int) -> np.ndarray:
+    def _call(self, kind: str, R: int, S: int, window: int, meta: np.ndarray, r0: int, c0: int,
+              first: int | None = None) -> np.ndarray:
         """One jitted call of `forward` -> logits (R, S, V), a view the next call of the same shape
-        overwrites. The jit, its input buffer and the view of its output are made once per shape."""
+        overwrites. The jit, its input buffer and the view of its output are made once per shape.
+        `first`: the window's first column, a multiple of WINDOW_ALIGN (decode), else the window ends at c0 + S."""
         from tinygrad import Device, Tensor
 
         B, C = len(self.lengths), self._columns
         key = (kind, R, S, window)
         if key not in self._jits:
-            def step(meta, r, c):
-                return forward(self.weights, self._kv, meta, r, c, window, R, S, masked=kind == "prefill").realize(*self._kv)
+            def step(meta, r, c, first=None):
+                return forward(self.weights, self._kv, meta, r, c, window, R, S, masked=kind == "prefill",
+                               base=first).realize(*self._kv)
             self._jits[key] = self._entry(key, step, meta.shape, (R, S, self.vocab_size))
         entry = self._jits[key]
         jit, inputs, host_in, last, host_out, replay = entry
@@ -225,11 +228,13 @@ class TinygradEngine:
         else:
             host_in[...] = meta
         if replay is not None:
-            replay({"row": r0, "col": c0})
+            replay({"row": r0, "col": c0, "first": 0 if first is None else first // WINDOW_ALIGN})
         else:
             v = self._var
-            r = 0 if R == B else v("row", 0, B - 1).bind(r0)
+            r = 0 if R == B or kind == "decode" else v("row", 0, B - 1).bind(r0)  # decode: rows from 0
             args = (inputs, r, v("col", 0, C - S).bind(c0))
+            if first is not None:  # in units of WINDOW_ALIGN columns, so the kernels know it aligned
+                args += (v("first", 0, (C + WINDOW_STEP - window) // WINDOW_ALIGN).bind(first // WINDOW_ALIGN),)
             with _beam(kind):
                 out = jit(*args)
             if out is not last:  # the first calls' results are fresh tensors; replays return the same one
@@ -347,13 +352,16 @@ class TinygradEngine:
         if (self._end[:n] != self._t).any():
             self._align(range(n), self._t)
         R = min(len(lengths), 1 << (n - 1).bit_length())
-        # attention reads the columns of the longest slot rounded up to 32: at most 31 past it (powers of
-        # two read up to twice the columns; attention streams them from memory every step)
-        window = min(self.block_size, -(-(longest + 1) // 32) * 32)
+        # attention reads the columns of the longest slot, from the WINDOW_ALIGN-aligned column at or
+        # before its first (vector loads of the cache), rounded up to WINDOW_STEP: at most
+        # WINDOW_ALIGN - 1 before it and WINDOW_STEP - 1 past column t (masked; the buffer has room)
+        t = self._t
+        first = (t - longest) // WINDOW_ALIGN * WINDOW_ALIGN
+        window = -(-(t + 1 - first) // WINDOW_STEP) * WINDOW_STEP
         meta = np.zeros((R, 5), dtype=np.int32)  # (R, 5): forward's layout for S = 1
-        meta[:n, 0], meta[:n, 1], meta[:n, 2] = ids, active, window - 1 - active
-        meta[:, 3], meta[:n, 4] = window - 1, 1  # rows past n: not new, out of int8's ranges
-        out = self._call("decode", R, 1, window, meta, 0, self._t)
+        meta[:n, 0], meta[:n, 1], meta[:n, 2] = ids, active, t - active - first
+        meta[:, 3], meta[:n, 4] = t - first, 1  # rows past n: not new, out of int8's ranges
+        out = self._call("decode", R, 1, window, meta, 0, t, first)
         self._t += 1
         self._end[:n] = self._t
         active += 1

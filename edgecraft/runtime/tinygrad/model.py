@@ -4,6 +4,7 @@ decode. int8 layers emulate onnxruntime's kernels exactly in float32 (engine.py'
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from edgecraft.config import GPTConfig
 from edgecraft.runtime.bundle import BundleError
 
 NORM_EPS = 1e-5  # the graph's (edgecraft/export/graph.py)
+WINDOW_ALIGN = 16  # a decode window's first column is a multiple of this: the kernels load aligned vectors
 
 
 class Linear:
@@ -77,17 +79,33 @@ def _matmul(x, w, bias=None):
     return out.reshape(R, S, N)
 
 
-def _product(x, w, lanes: int):
-    """x (..., M, K) @ w.T, w (..., N, K) (leading axes broadcast), summed over `lanes`
-    interleaved partial sums (0: a plain matmul). tinygrad's CPU kernel for a few rows keeps one
-    scalar accumulator per output, a chain of dependent adds; lanes make it vectors of
-    independent ones, several times faster for decode steps (benchmarks/results/tinygrad_decode.md)."""
-    K = x.shape[-1]
-    if lanes == 0 or K % lanes:
-        return x.matmul(w.transpose(-1, -2))
-    xs = x.reshape(*x.shape[:-1], 1, K // lanes, lanes)  # (..., M, 1, K/l, l)
-    ws = w.reshape(*w.shape[:-2], 1, w.shape[-2], K // lanes, lanes)  # (..., 1, N, K/l, l)
-    return (xs * ws).sum(-2).sum(-1)  # (..., M, N)
+def _attend(e, total, values, r0: int, base):
+    """A decode step's attention output on the CPU: e (R, nkv, g, W) @ the values cache's window of
+    W columns from base * WINDOW_ALIGN (`base` a bound variable) / total (R, nkv, g) ->
+    (R, nkv, g, hp). One custom kernel over the whole cache buffer (B, nkv, C, hp): a window of a
+    cache is a view, which custom_kernel would first copy; each head's hp outputs accumulate in
+    vector registers over the window's columns, one contiguous row of hp values each."""
+    from tinygrad import Tensor, UOp
+    from tinygrad.codegen.opt import Opt, OptOps
+    from tinygrad.uop.ops import AxisType, KernelInfo, Ops
+
+    R, nkv, g, W = e.shape
+    hp = values.shape[-1]
+    heads = R * nkv * g
+
+    def kernel(out, E, T, V, base):
+        i, d, w = UOp.range(heads, 0), UOp.range(hp, 1), UOp.range(W, 2, axis_type=AxisType.REDUCE)
+        acc = (E[i, w] * V[r0 + i // (nkv * g), i // g % nkv, base * WINDOW_ALIGN + w, d]).reduce(w, arg=Ops.ADD)
+        opts = (Opt(OptOps.UPCAST, 1, hp), Opt(OptOps.UNROLL, 0, 4)) if hp % 4 == 0 and W % 4 == 0 else ()
+        return out[i, d].store(acc / T[i]).end(i, d).sink(arg=KernelInfo(name=f"attend_{heads}_{W}_{hp}", opts_to_apply=opts))
+
+    srcs = (Tensor.empty(heads, hp, device=e.device).uop, e.reshape(heads, W).uop, total.reshape(heads).uop,
+            values.uop, base)
+    var = base.src[0]  # the variable itself: the kernel's parameter keeps its name, which the calls bind
+    slots = [UOp.placeholder_like(s, slot=j) for j, s in enumerate(srcs[:-1])]
+    slots.append(UOp(Ops.PARAM, src=var.src, arg=replace(var.arg, slot=len(slots))))
+    call = kernel(*slots).call(*srcs)
+    return Tensor(srcs[0].after(call)).reshape(R, nkv, g, hp)
 
 
 def _norm(x, gain, bias, rms: bool):
@@ -131,7 +149,9 @@ class Weights:
         self._inits = inits
         made: list = []  # realized together at the end: one schedule rather than one per tensor
         self._T = lambda a, dtype=np.float32: made.append(_upload(np.ascontiguousarray(a, dtype=dtype), device)) or made[-1]
-        self.count = self._T(np.arange(cfg.block_size + 1), np.int32)  # (block + 1,)
+        # (block + 64,) 0, 1, 2...: enough for a decode window (engine.py: up to WINDOW_ALIGN - 1 columns
+        # before the longest slot's first and WINDOW_STEP - 1 past its last)
+        self.count = self._T(np.arange(cfg.block_size + 64), np.int32)
         self.tok = self._T(self._table("tok_emb"))  # (V, D)
         self.pos = self._T(self._table("pos_emb")) if cfg.pos == "learned" else None  # (block, D)
         self.table0 = self._T(self._get("blocks.0.norm1.table")) if cfg.pos == "rope" else None  # (V, D)
@@ -192,19 +212,20 @@ class Weights:
         return Linear(self._T(w, np.int8 if scale is not None else np.float32), scale, b, act)
 
 
-def forward(w: Weights, kv: list, meta, r0, c0, window, R: int, S: int, masked: bool):
+def forward(w: Weights, kv: list, meta, r0, c0, window, R: int, S: int, masked: bool, base=None):
     """One call's logits (R, S, V): rows r0..r0+R-1 of the cache take S new columns c0..c0+S-1
     (written only where a row's chunk is, when `masked`), then attend over the `window` columns
-    ending at c0 + S. meta (R, 2S + 3) int32: ids (R, S) left-padded, positions (R, S), then per
-    row the window's first column that row attends to, window - S (the causal limit) and the count
-    of its new tokens (host arithmetic: the window may be a symbolic size)."""
+    from column base * WINDOW_ALIGN (base a bound variable, decode), else ending at c0 + S.
+    meta (R, 2S + 3) int32: ids (R, S) left-padded, positions (R, S), then per row the window's
+    first column that row attends to, the causal limit (the window column of the chunk's first
+    token) and the count of its new tokens (host arithmetic: the window may be a symbolic size)."""
     cfg = w.cfg
     nh, nkv, hp = cfg.n_heads, cfg.n_kv_heads, cfg.cache_head_size
     g = nh // nkv
     ids, pos = meta[:, :S], meta[:, S : 2 * S]  # (R, S) each
     first, limit = meta[:, 2 * S].reshape(R, 1, 1), meta[:, 2 * S + 1].reshape(R, 1, 1)
     new = meta[:, 2 * S + 2].reshape(R, 1)
-    count = w.count  # (block + 1,) 0, 1, 2...: aranges on the weights' device
+    count = w.count  # 0, 1, 2...: aranges on the weights' device
     col = count.shrink(((0, S),)).reshape(1, S)
     valid = (col >= S - new).reshape(R, S, 1)  # (R, S, 1) the real tokens of each row
     # attention mask (R, 1, 1, S, W): a row's own columns, causal within the chunk
@@ -227,22 +248,25 @@ def forward(w: Weights, kv: list, meta, r0, c0, window, R: int, S: int, masked: 
         v = qkv[:, :, (nh + nkv) * hp :].reshape(R, S, nkv, hp)
         if w.rope is not None:
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        # keys (B, nkv, C, hp) and values transposed (B, nkv, hp, C): both products then read
-        # contiguous memory
-        writes = ((kv[2 * i].shrink((rows, None, cols, None)), k.permute(0, 2, 1, 3), (R, 1, S, 1)),
-                  (kv[2 * i + 1].shrink((rows, None, None, cols)), v.permute(0, 2, 3, 1), (R, 1, 1, S)))
-        for target, value, shape in writes:
-            target.assign(valid.reshape(shape).where(value, target) if masked else value)
-        span = (c0 + S - window, c0 + S)
+        # keys and values (B, nkv, C, hp)
+        for target, value in ((kv[2 * i], k), (kv[2 * i + 1], v)):
+            target = target.shrink((rows, None, cols, None))
+            value = value.permute(0, 2, 1, 3)  # (R, nkv, S, hp)
+            target.assign(valid.reshape(R, 1, S, 1).where(value, target) if masked else value)
+        start = c0 + S - window if base is None else base * WINDOW_ALIGN
+        span = (start, start + window)
         keys = kv[2 * i].shrink((rows, None, span, None))  # (R, nkv, W, hp)
-        values = kv[2 * i + 1].shrink((rows, None, None, span))  # (R, nkv, hp, W)
         q = q.reshape(R, S, nkv, g, hp).permute(0, 2, 3, 1, 4).reshape(R, nkv, g * S, hp)
         scores = (q.matmul(keys.transpose(-1, -2)) * cfg.head_size**-0.5).reshape(R, nkv, g, S, window)
         scores = mask.where(scores, float("-inf")).contiguous()  # (R, nkv, g, S, W)
         # softmax with each exp computed once (materialized, or every consumer recomputes it) and
         # the division after the product, on hp values rather than W
         e = (scores - scores.max(-1, keepdim=True)).exp().reshape(R, nkv, g * S, window).contiguous()
-        attn = _product(e, values, 8 if R * S == 1 else 0) / e.sum(-1, keepdim=True)  # (R, nkv, g S, hp)
+        if base is not None and S == 1 and isinstance(r0, int) and str(e.device).startswith("CPU"):
+            attn = _attend(e, e.sum(-1), kv[2 * i + 1], r0, base)  # (R, nkv, g, hp)
+        else:
+            values = kv[2 * i + 1].shrink((rows, None, span, None))  # (R, nkv, W, hp)
+            attn = e.matmul(values) / e.sum(-1, keepdim=True)  # (R, nkv, g S, hp)
         attn = attn.reshape(R, nkv, g, S, hp).permute(0, 3, 1, 2, 4).reshape(R, S, nh * hp)
         x = x + layer["proj"](attn, valid)
         if layer["proj_bias"] is not None:

@@ -5,8 +5,11 @@ tens of microseconds of Python on each (resolving buffers and variables per kern
 kernels themselves (benchmarks/results/tinygrad_decode.md). `capture` reads a TinyJit's captured
 step into a `Plan` (plan.py): each kernel's compiled object and its buffer arguments by role.
 `CpuReplay` binds a plan, captured here or loaded from disk, to this process's buffers: the
-programs go through tinygrad's own CPU loader, addresses are resolved once, and a step is one ctypes
-call per kernel and core, with the step's variables (the cache row and column) filled in.
+programs go through tinygrad's own CPU loader, addresses are resolved once into a table of calls,
+and a step is one ctypes call of a small C function (`_DRIVER`, compiled by tinygrad's CPU compiler
+and cached like its kernels) that calls every kernel of the table in turn: Python's ~2 us a kernel
+call (a step is ~130 of them) was a tenth of a batch-16 step. The step's variables (the cache row
+and columns) are written into the table before the call.
 
 This reads TinyJit's captured program (tinygrad 0.14's internals, hence the pinned version); any
 call it does not know (a copy, a graph, a multi-device buffer), or a buffer the step reads before
@@ -25,6 +28,12 @@ from edgecraft.runtime.tinygrad.model import Linear, Weights
 from edgecraft.runtime.tinygrad.plan import Kernel, Plan
 
 SCRATCH = "scratch."  # roles of the step's own intermediate buffers
+MAX_ARGS = 16  # arguments of one kernel call that _DRIVER passes
+# the table: per call, its argument count n, the function's address, then its n arguments; n = ~0 ends it
+_DRIVER = "typedef unsigned long long u64;\nvoid edgecraft_run_table(const u64 *p) {\n  for (;;) {\n" \
+    "    u64 n = p[0]; void *f = (void *)p[1]; const u64 *a = p + 2;\n    switch (n) {\n" + "".join(
+        f"    case {n}: ((void (*)({', '.join(['u64'] * n) or 'void'}))f)({', '.join(f'a[{j}]' for j in range(n))}); break;\n"
+        for n in range(MAX_ARGS + 1)) + "    default: return;\n    }\n    p = a + n;\n  }\n}\n"
 
 
 def capture(jit, args: tuple, roles: dict[str, tuple[int, int]]) -> Plan | None:
@@ -107,17 +116,27 @@ class CpuReplay:
                 addresses[role] = int(self.buffers[role]._buf.va_addr)
             else:
                 raise ValueError(f"the plan reads {role}, which this engine does not hold")
-        self.kernels = []
+        self.kernels = plan.kernels
+        table, slots = [], {}  # the calls (_DRIVER's layout); variable name -> its places in the table
         for k in plan.kernels:
             digest = (device, hashlib.sha256(k.lib).digest())
             if (program := self._programs.get(digest)) is None:
                 signature = tuple((name, slot, _dtype(dtype), shape) for name, slot, dtype, shape in k.signature)
                 elf = TinyELF(k.lib, k.name, Target.parse(plan.target), signature)
                 program = self._programs[digest] = Device[device].runtime(elf)
-            values = [addresses[role] + offset for role, offset in k.args] + [0] * len(k.vars)
-            slots = [(len(k.args) + j, name) for j, name in enumerate(k.vars)]
-            function = ctypes.CFUNCTYPE(None, *[ctypes.c_uint64] * len(values))(program.addr)
-            self.kernels.append((function, values, slots, k.cores))
+            n = len(k.args) + len(k.vars)
+            if n > MAX_ARGS:
+                raise ValueError(f"a kernel of {n} arguments")
+            for core in range(k.cores):
+                table += [n, program.addr] + [addresses[role] + offset for role, offset in k.args]
+                for name in k.vars:
+                    table.append(core if name == "core_id" else 0)
+                    if name != "core_id":
+                        slots.setdefault(name, []).append(len(table) - 1)
+        self._table = np.array(table + [~0 & (2**64 - 1)], dtype=np.uint64)
+        self._slots = [(name, np.array(places)) for name, places in slots.items()]
+        self._run = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(_driver(device).addr)
+        self._address = self._table.ctypes.data
 
     def view(self, role: str, dtype, shape: tuple) -> np.ndarray:
         """A numpy array over one of the buffers allocated here (the step's input or output)."""
@@ -127,11 +146,22 @@ class CpuReplay:
 
     def __call__(self, var_vals: dict[str, int]) -> None:
         """Run the step with these variable values ('core_id' is each core's index)."""
-        for function, values, slots, cores in self.kernels:
-            for core in range(cores):
-                for j, name in slots:
-                    values[j] = core if name == "core_id" else var_vals[name]
-                function(*values)
+        for name, places in self._slots:
+            self._table[places] = var_vals[name]
+        self._run(self._address)
+
+
+def _driver(device: str):
+    """_DRIVER loaded on `device` (compiled once; tinygrad's compile cache keeps the object)."""
+    from tinygrad import Device
+    from tinygrad.device import TinyELF
+
+    if (program := CpuReplay._programs.get((device, "driver"))) is None:
+        renderer = Device[device].renderer
+        lib = renderer.compiler.compile_cached(_DRIVER)
+        program = CpuReplay._programs[(device, "driver")] = Device[device].runtime(
+            TinyELF(lib, "edgecraft_run_table", renderer.target, ()))
+    return program
 
 
 def _dtype_name(dtype) -> str | None:
