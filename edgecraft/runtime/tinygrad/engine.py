@@ -11,7 +11,8 @@ Every call is one TinyJit replay over fixed shapes, so nothing compiles after wa
 step's jit captures at its first call and is replaced by its plan (plan.py, replay.py): plain
 kernel calls, stored in the cache folder, so a later process runs that step without scheduling.
 - The KV cache is one buffer per layer and kind, (B, n_kv_heads, C, head_size), C = 4 block_size
-  columns (and WINDOW_STEP more, which decode windows may read past the last). Sequences are
+  columns (and WINDOW_STEP more, which decode windows may read past the last), keys transposed
+  (B, n_kv_heads, head_size, C) (model.forward says why). Sequences are
   right-aligned: every active slot's newest token sits in column t - 1, so a decode step writes
   one column, t, for all slots (a symbolic slice, no scatter), and attention reads the window of
   the longest slot, each slot masking the columns before its own start.
@@ -145,7 +146,8 @@ class TinygradEngine:
         self.lengths = np.zeros(B, dtype=np.int64)
         self._end = np.full(B, self._t, dtype=np.int64)  # (B,) the column after each slot's newest token
         nkv, C, hp = self.cfg.n_kv_heads, self._columns + WINDOW_STEP, self.cfg.cache_head_size
-        shapes = [(B, nkv, C, hp)] * 2 * self.cfg.n_layers  # per layer: keys, values (B, n_kv_heads, C, head_size)
+        # per layer: keys (B, n_kv_heads, head_size, C), values (B, n_kv_heads, C, head_size)
+        shapes = [(B, nkv, hp, C), (B, nkv, C, hp)] * self.cfg.n_layers
         if self._store is not None:  # zeroed through the host's view: no kernel to schedule
             self._kv = [Tensor.empty(*shape, device=self.device) for shape in shapes]
             for t in self._kv:
@@ -171,8 +173,10 @@ class TinygradEngine:
         block = self.block_size
         key = ("copy",)
         if key not in self._jits:
-            def window(j, row, col):  # (1, nkv, block, hp)
-                return self._kv[j].shrink(((row, row + 1), None, (col, col + block), None))
+            def window(j, row, col):  # keys (1, nkv, hp, block), values (1, nkv, block, hp)
+                span = [(row, row + 1), None, None, None]
+                span[3 - j % 2] = (col, col + block)
+                return self._kv[j].shrink(tuple(span))
 
             def copy(s, d, sc, dc):
                 parts = [window(j, s, sc).contiguous() for j in range(len(self._kv))]

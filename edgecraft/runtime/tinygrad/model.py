@@ -99,13 +99,47 @@ def _attend(e, total, values, r0: int, base):
         opts = (Opt(OptOps.UPCAST, 1, hp), Opt(OptOps.UNROLL, 0, 4)) if hp % 4 == 0 and W % 4 == 0 else ()
         return out[i, d].store(acc / T[i]).end(i, d).sink(arg=KernelInfo(name=f"attend_{heads}_{W}_{hp}", opts_to_apply=opts))
 
-    srcs = (Tensor.empty(heads, hp, device=e.device).uop, e.reshape(heads, W).uop, total.reshape(heads).uop,
-            values.uop, base)
-    var = base.src[0]  # the variable itself: the kernel's parameter keeps its name, which the calls bind
+    return _windowed(kernel, Tensor.empty(heads, hp, device=e.device), (e.reshape(heads, W), total.reshape(heads), values),
+                     base).reshape(R, nkv, g, hp)
+
+
+def _scores(q, keys, meta, r0: int, base, W: int, scale: float):
+    """A decode step's attention scores on the CPU: q (R, nkv, g, hp) . the keys cache's window of W
+    columns from base * WINDOW_ALIGN, times `scale`, -inf outside each row's columns (meta's first
+    and last, as in forward) -> (R, nkv, g, W). One custom kernel over the whole cache buffer
+    (B, nkv, hp, C) (see _attend): 16 columns' scores accumulate in vector registers over hp."""
+    from tinygrad import Tensor, UOp, dtypes
+    from tinygrad.codegen.opt import Opt, OptOps
+    from tinygrad.uop.ops import AxisType, KernelInfo, Ops
+
+    R, nkv, g, hp = q.shape
+    heads = R * nkv * g
+
+    def kernel(out, Q, K, M, base):
+        i, w, d = UOp.range(heads, 0), UOp.range(W, 1), UOp.range(hp, 2, axis_type=AxisType.REDUCE)
+        r = i // (nkv * g)
+        dot = (Q[i, d] * K[r0 + r, i // g % nkv, d, base * WINDOW_ALIGN + w]).reduce(d, arg=Ops.ADD)
+        col = w.cast(dtypes.int32)
+        inside = (col >= M[r, 2]) & (col <= M[r, 3])
+        score = inside.where(dot * scale, float("-inf"))
+        opts = (Opt(OptOps.UPCAST, 1, 16),) if W % 16 == 0 else ()
+        return out[i, w].store(score).end(i, w).sink(arg=KernelInfo(name=f"scores_{heads}_{W}_{hp}", opts_to_apply=opts))
+
+    return _windowed(kernel, Tensor.empty(heads, W, device=q.device), (q.reshape(heads, hp), keys, meta), base).reshape(R, nkv, g, W)
+
+
+def _windowed(kernel, out, inputs: tuple, base):
+    """out after `kernel`(out, *inputs, base): a custom kernel whose last parameter is the bound
+    variable `base` itself (tinygrad's custom_kernel takes buffers only); the kernel's parameter
+    keeps the variable's name, which a step's calls bind."""
+    from tinygrad import Tensor, UOp
+    from tinygrad.uop.ops import Ops
+
+    srcs = (out.uop, *(t.uop for t in inputs), base)
+    var = base.src[0]
     slots = [UOp.placeholder_like(s, slot=j) for j, s in enumerate(srcs[:-1])]
     slots.append(UOp(Ops.PARAM, src=var.src, arg=replace(var.arg, slot=len(slots))))
-    call = kernel(*slots).call(*srcs)
-    return Tensor(srcs[0].after(call)).reshape(R, nkv, g, hp)
+    return Tensor(srcs[0].after(kernel(*slots).call(*srcs)))
 
 
 def _norm(x, gain, bias, rms: bool):
@@ -248,21 +282,27 @@ def forward(w: Weights, kv: list, meta, r0, c0, window, R: int, S: int, masked: 
         v = qkv[:, :, (nh + nkv) * hp :].reshape(R, S, nkv, hp)
         if w.rope is not None:
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        # keys and values (B, nkv, C, hp)
-        for target, value in ((kv[2 * i], k), (kv[2 * i + 1], v)):
-            target = target.shrink((rows, None, cols, None))
-            value = value.permute(0, 2, 1, 3)  # (R, nkv, S, hp)
-            target.assign(valid.reshape(R, 1, S, 1).where(value, target) if masked else value)
+        # keys (B, nkv, hp, C) and values (B, nkv, C, hp): the columns of a window are the vector
+        # axis of the scores' product, and one column is one vector of the values' product
+        writes = ((kv[2 * i].shrink((rows, None, None, cols)), k.permute(0, 2, 3, 1), (R, 1, 1, S)),
+                  (kv[2 * i + 1].shrink((rows, None, cols, None)), v.permute(0, 2, 1, 3), (R, 1, S, 1)))
+        for target, value, shape in writes:
+            target.assign(valid.reshape(shape).where(value, target) if masked else value)
         start = c0 + S - window if base is None else base * WINDOW_ALIGN
         span = (start, start + window)
-        keys = kv[2 * i].shrink((rows, None, span, None))  # (R, nkv, W, hp)
         q = q.reshape(R, S, nkv, g, hp).permute(0, 2, 3, 1, 4).reshape(R, nkv, g * S, hp)
-        scores = (q.matmul(keys.transpose(-1, -2)) * cfg.head_size**-0.5).reshape(R, nkv, g, S, window)
-        scores = mask.where(scores, float("-inf")).contiguous()  # (R, nkv, g, S, W)
+        # decode on the CPU: custom kernels over the whole cache buffers, the window aligned
+        windowed = base is not None and S == 1 and isinstance(r0, int) and str(q.device).startswith("CPU")
+        if windowed:
+            scores = _scores(q, kv[2 * i], meta, r0, base, window, cfg.head_size**-0.5).reshape(R, nkv, g, S, window)
+        else:
+            keys = kv[2 * i].shrink((rows, None, None, span))  # (R, nkv, hp, W)
+            scores = (q.matmul(keys) * cfg.head_size**-0.5).reshape(R, nkv, g, S, window)
+            scores = mask.where(scores, float("-inf")).contiguous()  # (R, nkv, g, S, W)
         # softmax with each exp computed once (materialized, or every consumer recomputes it) and
         # the division after the product, on hp values rather than W
         e = (scores - scores.max(-1, keepdim=True)).exp().reshape(R, nkv, g * S, window).contiguous()
-        if base is not None and S == 1 and isinstance(r0, int) and str(e.device).startswith("CPU"):
+        if windowed:
             attn = _attend(e, e.sum(-1), kv[2 * i + 1], r0, base)  # (R, nkv, g, hp)
         else:
             values = kv[2 * i + 1].shrink((rows, None, span, None))  # (R, nkv, W, hp)
