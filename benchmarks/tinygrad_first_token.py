@@ -3,7 +3,7 @@ kernels and stored step plans from an earlier process) and a cold one, beside on
 
     python benchmarks/tinygrad_first_token.py [--bundle export/char-1m] [--rounds 5]
 
-Without --bundle the char-1m recipe's model is exported with random weights. Each measurement is a
+Without --bundle the char-1m recipe's model is exported (with --int8) with random weights. Each measurement is a
 fresh Python (`harness.child`): wall seconds from the process's start (interpreter start-up, imports,
 load, a 4-character prompt's prefill, the first greedy token) and the CPU seconds the process used
 by then. Cold rows start from an empty cache folder; warm rows share one that a first process
@@ -79,7 +79,7 @@ def main() -> None:
         bundle = args.bundle
         if bundle is None:
             bundle = Path(tmp) / "bundle"
-            harness.edgecraft_cli("export", str(harness.random_run(Path(tmp))), "--out", str(bundle))
+            harness.edgecraft_cli("export", str(harness.random_run(Path(tmp))), "--int8", "--out", str(bundle))
         base = {"bundle": str(bundle), "backend": "tinygrad"}
         caches = iter(range(10**6))
 
