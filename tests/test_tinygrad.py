@@ -37,12 +37,13 @@ VARIANTS = {
     "gpt2-bpe": {"tokenizer": "bpe", "block_size": 24},
     "llama-gqa-head12": {**LLAMA, "d_model": 24, "n_heads": 2, "n_kv_heads": 1},
 }
+WIDE_HEADS = {"gpt2-head32": {"d_model": 64, "n_heads": 2}}  # wider than one 16-lane upcast
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def bundle(request, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp(request.param)
-    run = make_run(root, **VARIANTS[request.param])
+    run = make_run(root, **{**VARIANTS, **WIDE_HEADS}[request.param])
     return export_run(run, root / "bundle", ExportOptions(int8=True))
 
 
@@ -62,6 +63,13 @@ def test_teacher_forced_logits_match_onnxruntime(bundle: Path, model_file: str) 
         assert np.abs(tg.decode(ids[0, position : position + 1]) - expected).max() <= 1e-4, position
     assert tg.lengths.tolist() == [cfg.block_size]
     assert tg.steps_planned + tg.steps_loaded == len(tg._jits)  # every step ran as a stored plan's kernel calls
+
+
+@pytest.mark.parametrize("bundle", list(WIDE_HEADS), indirect=True)
+def test_heads_wider_than_one_vector_decode_like_onnxruntime(bundle: Path) -> None:
+    """Heads of 32: the decode kernels' per-head outputs take two vector groups (a 32-wide upcast
+    once stopped the quickstart model's first decode step)."""
+    test_teacher_forced_logits_match_onnxruntime(bundle, "model.onnx")
 
 
 def test_greedy_text_and_batches_match_onnxruntime(bundle: Path) -> None:

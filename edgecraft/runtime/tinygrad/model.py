@@ -96,7 +96,9 @@ def _attend(e, total, values, r0: int, base):
     def kernel(out, E, T, V, base):
         i, d, w = UOp.range(heads, 0), UOp.range(hp, 1), UOp.range(W, 2, axis_type=AxisType.REDUCE)
         acc = (E[i, w] * V[r0 + i // (nkv * g), i // g % nkv, base * WINDOW_ALIGN + w, d]).reduce(w, arg=Ops.ADD)
-        opts = (Opt(OptOps.UPCAST, 1, hp), Opt(OptOps.UNROLL, 0, 4)) if hp % 4 == 0 and W % 4 == 0 else ()
+        # tinygrad upcasts at most 16 at once: heads wider than that loop over groups of 16 outputs
+        up = next((n for n in (16, 8, 4) if hp % n == 0), 0)
+        opts = (Opt(OptOps.UPCAST, 1, up), Opt(OptOps.UNROLL, 0, 4)) if up and W % 4 == 0 else ()
         return out[i, d].store(acc / T[i]).end(i, d).sink(arg=KernelInfo(name=f"attend_{heads}_{W}_{hp}", opts_to_apply=opts))
 
     return _windowed(kernel, Tensor.empty(heads, hp, device=e.device), (e.reshape(heads, W), total.reshape(heads), values),
