@@ -79,9 +79,9 @@ def _matmul(x, w, bias=None):
     return out.reshape(R, S, N)
 
 
-def _attend(e, total, values, r0: int, base):
+def _attend(e, values, r0: int, base):
     """A decode step's attention output on the CPU: e (R, nkv, g, W) @ the values cache's window of
-    W columns from base * WINDOW_ALIGN (`base` a bound variable) / total (R, nkv, g) ->
+    W columns from base * WINDOW_ALIGN (`base` a bound variable) / e's sum over W ->
     (R, nkv, g, hp). One custom kernel over the whole cache buffer (B, nkv, C, hp): a window of a
     cache is a view, which custom_kernel would first copy; each head's hp outputs accumulate in
     vector registers over the window's columns, one contiguous row of hp values each."""
@@ -93,15 +93,16 @@ def _attend(e, total, values, r0: int, base):
     hp = values.shape[-1]
     heads = R * nkv * g
 
-    def kernel(out, E, T, V, base):
+    def kernel(out, E, V, base):
         i, d, w = UOp.range(heads, 0), UOp.range(hp, 1), UOp.range(W, 2, axis_type=AxisType.REDUCE)
         acc = (E[i, w] * V[r0 + i // (nkv * g), i // g % nkv, base * WINDOW_ALIGN + w, d]).reduce(w, arg=Ops.ADD)
+        total = E[i, w].reduce(w, arg=Ops.ADD)  # the softmax's denominator, in the same loop
         # tinygrad upcasts at most 16 at once: heads wider than that loop over groups of 16 outputs
         up = next((n for n in (16, 8, 4) if hp % n == 0), 0)
         opts = (Opt(OptOps.UPCAST, 1, up), Opt(OptOps.UNROLL, 0, 4)) if up and W % 4 == 0 else ()
-        return out[i, d].store(acc / T[i]).end(i, d).sink(arg=KernelInfo(name=f"attend_{heads}_{W}_{hp}", opts_to_apply=opts))
+        return out[i, d].store(acc / total).end(i, d).sink(arg=KernelInfo(name=f"attend_{heads}_{W}_{hp}", opts_to_apply=opts))
 
-    return _windowed(kernel, Tensor.empty(heads, hp, device=e.device), (e.reshape(heads, W), total.reshape(heads), values),
+    return _windowed(kernel, Tensor.empty(heads, hp, device=e.device), (e.reshape(heads, W), values),
                      base).reshape(R, nkv, g, hp)
 
 
@@ -128,6 +129,44 @@ def _scores(q, keys, meta, r0: int, base, W: int, scale: float):
         return out[i, w].store(score).end(i, w).sink(arg=KernelInfo(name=f"scores_{heads}_{W}_{hp}", opts_to_apply=opts))
 
     return _windowed(kernel, Tensor.empty(heads, W, device=q.device), (q.reshape(heads, hp), keys, meta), base).reshape(R, nkv, g, W)
+
+
+def _pointwise(fn, *xs):
+    """fn(*xs) elementwise (xs of one shape, contiguous) on the CPU as one custom kernel over a plain
+    loop, no upcast: clang's loop vectorizer then runs its exp polynomial 16 lanes wide, where
+    tinygrad's own kernel (4 outputs written out per iteration) stays scalar, ~4x slower
+    (benchmarks/results/int4-peers/peers_llama2c_tinygrad.md). Other devices keep tinygrad's kernel."""
+    from tinygrad import Tensor, UOp
+    from tinygrad.uop.ops import KernelInfo
+
+    if not str(xs[0].device).startswith("CPU"):
+        return fn(*xs).contiguous()
+    shape, n = xs[0].shape, xs[0].numel()
+
+    def kernel(out, *ins):
+        i = UOp.range(n, 0)
+        return out[i].store(fn(*(x[i] for x in ins))).end(i).sink(arg=KernelInfo(name=f"pointwise_{n}", opts_to_apply=()))
+
+    return Tensor.empty(n, device=xs[0].device).custom_kernel(*(x.reshape(n) for x in xs), fxn=kernel)[0].reshape(shape)
+
+
+def _softmax_numerators(scores):
+    """exp(scores - their row max), scores (..., W): tinygrad's max, then the exp as one custom kernel
+    with no upcast on the CPU (see _pointwise)."""
+    from tinygrad import Tensor, UOp
+    from tinygrad.uop.ops import KernelInfo
+
+    if not str(scores.device).startswith("CPU"):
+        return (scores - scores.max(-1, keepdim=True)).exp().contiguous()
+    shape, W = scores.shape, scores.shape[-1]
+    rows = scores.numel() // W
+
+    def kernel(out, S, M):
+        i, w = UOp.range(rows, 0), UOp.range(W, 1)
+        return out[i, w].store((S[i, w] - M[i]).exp()).end(i, w).sink(arg=KernelInfo(name=f"softmax_exp_{rows}_{W}", opts_to_apply=()))
+
+    flat = scores.reshape(rows, W)
+    return Tensor.empty(rows, W, device=scores.device).custom_kernel(flat, flat.max(-1), fxn=kernel)[0].reshape(shape)
 
 
 def _windowed(kernel, out, inputs: tuple, base):
@@ -303,9 +342,9 @@ def forward(w: Weights, kv: list, meta, r0, c0, window, R: int, S: int, masked: 
             scores = mask.where(scores, float("-inf")).contiguous()  # (R, nkv, g, S, W)
         # softmax with each exp computed once (materialized, or every consumer recomputes it) and
         # the division after the product, on hp values rather than W
-        e = (scores - scores.max(-1, keepdim=True)).exp().reshape(R, nkv, g * S, window).contiguous()
+        e = _softmax_numerators(scores).reshape(R, nkv, g * S, window)
         if windowed:
-            attn = _attend(e, e.sum(-1), kv[2 * i + 1], r0, base)  # (R, nkv, g, hp)
+            attn = _attend(e, kv[2 * i + 1], r0, base)  # (R, nkv, g, hp)
         else:
             values = kv[2 * i + 1].shrink((rows, None, span, None))  # (R, nkv, W, hp)
             attn = e.matmul(values) / e.sum(-1, keepdim=True)  # (R, nkv, g S, hp)
@@ -315,9 +354,9 @@ def forward(w: Weights, kv: list, meta, r0, c0, window, R: int, S: int, masked: 
             x = x + layer["proj_bias"]
         h = _norm(x, *layer["norm2"], rms=rms)
         if cfg.mlp == "swiglu":
-            f = (layer["gate"](h, valid).silu() * layer["up"](h, valid)).contiguous()  # (R, S, F)
-        else:
-            f = layer["fc"](h, valid).gelu(approximate="none").contiguous()  # (R, S, F), exact (erf)
+            f = _pointwise(lambda a, b: a.silu() * b, layer["gate"](h, valid), layer["up"](h, valid))  # (R, S, F)
+        else:  # exact (erf)
+            f = _pointwise(lambda a: a.gelu(approximate="none"), layer["fc"](h, valid))  # (R, S, F)
         x = x + layer["mlp_proj"](f, valid)
         if layer["mlp_proj_bias"] is not None:
             x = x + layer["mlp_proj_bias"]
