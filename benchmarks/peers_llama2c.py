@@ -1,7 +1,8 @@
 """llama2.c's hand-written C (run.c) against edgecraft's llama-style fp32 graph, same weights, same machine.
 
     python benchmarks/peers_llama2c.py --runc llama2c/run [--runc-omp llama2c/run-omp] \
-        [--run runs/char-1m-llama] [--rounds 11] [--prompt ROMEO:] [--out benchmarks/results/peers_llama2c]
+        [--run runs/char-1m-llama] [--rounds 11] [--prompt ROMEO:] [--out benchmarks/results/peers_llama2c] \
+        [--backend onnxruntime,tinygrad] [--beam 0,2]
 
 The repository does not ship llama2.c. Get run.c from https://github.com/karpathy/llama2.c (the
 plain fp32 `run.c`, the version whose CLI has -t -p -s -n -i -z and prints "achieved tok/s"; this
@@ -27,7 +28,11 @@ twice:
   tokenizer.bin (int32 max_token_length, then per token: float32 score, int32 length, bytes) holds
   the character vocabulary.
 - for edgecraft, as the direct-built graph (edgecraft.export.graph.build_graph), driven by
-  edgecraft.runtime.onnx_engine.OnnxEngine (IO binding, shared KV buffers, denormals flushed).
+  edgecraft.runtime.onnx_engine.OnnxEngine (IO binding, shared KV buffers, denormals flushed),
+  and with `--backend ...,tinygrad` also by the tinygrad engine on the CPU (the same graph's
+  weights, its stored step plans; one row per `--beam` width, EDGECRAFT_TINYGRAD_BEAM set around
+  that row's calls; tinygrad's caches in their default folder, so a first run compiles and a BEAM
+  width searches in the warm-up round). Its greedy tokens must equal onnxruntime's.
 
 What run.c does with `RUN model.bin -z tokenizer.bin -t 0 -n 256 -i PROMPT`: it feeds token 1
 (Llama's BOS) at position 0, then the prompt encoded with a dummy-prefix space (" " + PROMPT, one
@@ -48,6 +53,7 @@ in the report's own text (render() below).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import resource
@@ -142,14 +148,43 @@ def write_tokenizer(path: Path, pieces: list[str]) -> None:
 
 
 class EdgecraftLoop:
-    """run.c's loop on edgecraft's Engine: one position per call, forced tokens then greedy."""
+    """run.c's loop on edgecraft's Engine: one position per call, forced tokens then greedy.
+    `beam` None: onnxruntime; else the tinygrad engine (CPU, 1 thread) with that BEAM width."""
 
-    def __init__(self, path: Path, cfg: GPTConfig, threads: int) -> None:
-        self.engine = OnnxEngine(path, cfg, threads=threads)
+    def __init__(self, path: Path, cfg: GPTConfig, threads: int, beam: int | None = None) -> None:
+        self.beam = beam
+        if beam is None:
+            self.engine = OnnxEngine(path, cfg, threads=threads)
+        else:
+            from edgecraft.runtime.tinygrad.engine import BEAM_ENV, TinygradEngine
+
+            self._beam_env = BEAM_ENV
+            with self._beam():
+                self.engine = TinygradEngine(path, cfg, device="cpu")
+
+    @contextlib.contextmanager
+    def _beam(self):
+        """EDGECRAFT_TINYGRAD_BEAM as this loop's width while it runs (the engine reads it per step shape)."""
+        if self.beam is None:
+            yield
+            return
+        before = os.environ.get(self._beam_env)
+        os.environ[self._beam_env] = str(self.beam)
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ[self._beam_env]
+            else:
+                os.environ[self._beam_env] = before
 
     def generate(self, first: int, forced: list[int], steps: int) -> tuple[float, float, list[int]]:
         """(tok/s over positions 1..steps-1, the CPU seconds of this process over them, the greedy
         tokens after the forced ones)."""
+        with self._beam():
+            return self._generate(first, forced, steps)
+
+    def _generate(self, first: int, forced: list[int], steps: int) -> tuple[float, float, list[int]]:
         e = self.engine
         e.reset(1)
         tok = np.array([first], dtype=np.int64)
@@ -224,7 +259,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=256, help="run.c's -n: positions, prompt included")
     parser.add_argument("--rounds", type=int, default=11, help="measured rounds (after one warm-up)")
     parser.add_argument("--out", type=Path, help="write OUT.md and OUT.json")
+    parser.add_argument("--backend", default="onnxruntime",
+                        help="edgecraft rows: onnxruntime, tinygrad or both, comma-separated (tinygrad: 1 thread only)")
+    parser.add_argument("--beam", default="0", help="tinygrad rows' EDGECRAFT_TINYGRAD_BEAM widths, comma-separated (0: none)")
     args = parser.parse_args()
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    if not backends or set(backends) - {"onnxruntime", "tinygrad"}:
+        raise SystemExit(f"--backend takes onnxruntime and/or tinygrad, got {args.backend!r}")
+    try:
+        beams = [int(b) for b in args.beam.split(",")]
+    except ValueError:
+        raise SystemExit(f"--beam takes whole numbers, comma-separated, got {args.beam!r}") from None
+    if any(b < 0 for b in beams):
+        raise SystemExit(f"--beam widths must be >= 0, got {args.beam!r}")
     gcc = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.splitlines()
     info = harness.RunInfo("llama2.c run.c vs edgecraft's llama-style fp32 graph, same weights, same machine",
                            f"; {gcc[0] if gcc else 'gcc: not found'}")
@@ -246,6 +293,8 @@ def main() -> None:
         onnx.save(build_graph(cfg, weights), str(tmp / "llama.onnx"))
         loops = {t: EdgecraftLoop(tmp / "llama.onnx", cfg, t) for t in ((1, 2) if args.runc_omp else (1,))}
         bos, ours = choose_bos(loops[1], vocab, prompt_ids, args.steps)
+        tinygrad = {f"edgecraft tinygrad fp32{f' BEAM={b}' if b else ''} (1t)": EdgecraftLoop(tmp / "llama.onnx", cfg, 1, b)
+                    for b in (beams if "tinygrad" in backends else [])}
         order = np.arange(cfg.vocab_size)  # run.c id -> edgecraft id: swap `bos` into run.c's 1
         order[[1, bos]] = order[[bos, 1]]
         write_llama2c(tmp / "model.bin", cfg, weights, order)
@@ -260,7 +309,11 @@ def main() -> None:
         rows = {}
         for (name, threads), binary in binaries.items():
             rows[f"{name} ({threads}t)"] = lambda b=binary, t=threads: run_runc(b, *files, args.steps, t)
-            rows[f"edgecraft llama-style fp32 ({threads}t)"] = lambda t=threads: loops[t].generate(bos, forced, args.steps)
+            if "onnxruntime" in backends:
+                rows[f"edgecraft llama-style fp32 ({threads}t)"] = lambda t=threads: loops[t].generate(bos, forced, args.steps)
+            if threads == 1:
+                for name, loop in tinygrad.items():
+                    rows[name] = lambda lp=loop: lp.generate(bos, forced, args.steps)
         loads: list[float] = []  # 1-minute load average after each measured round
         rounds = harness.interleave(rows, args.rounds, after_round=lambda _: loads.append(os.getloadavg()[0]))
         model_bytes = (tmp / "model.bin").stat().st_size
@@ -285,6 +338,7 @@ def main() -> None:
         "tok_s_median": {k: statistics.median(v) for k, v in raw.items()}, "tok_s_rounds": raw,
         "tok_per_cpu_s_median": {k: statistics.median(v) for k, v in cpu.items()}, "tok_per_cpu_s_rounds": cpu,
         "runc_startup_cpu_s": startup, "load_1min_rounds": loads, "greedy_agreement": agree,
+        "tinygrad_greedy_equal_onnxruntime": {k: all(r[2] == ours for r in rounds[k]) for k in tinygrad},
     }
     body = render(result, args)
     print(info.markdown(body))
@@ -333,6 +387,8 @@ def render(res: dict, args: argparse.Namespace) -> str:
     for name, a in res["greedy_agreement"].items():
         lines.append(f"- {name}: the first {a['matching_tokens']} of {a['of']} tokens identical "
                      f"(run.c printed {a['runc_chars']} characters)")
+    for name, same in res.get("tinygrad_greedy_equal_onnxruntime", {}).items():
+        lines.append(f"- {name}: greedy tokens {'identical to' if same else 'DIFFERENT from'} onnxruntime's in every round")
     first = next(iter(res["greedy_agreement"].values()))
     lines += ["", f"edgecraft's continuation (first 120 characters): `{first['edgecraft_text'][:120]!r}`", ""]
     return "\n".join(lines) + "\n"

@@ -117,6 +117,7 @@ class TinygradEngine:
         self._columns = 4 * config.block_size  # C: cache columns (module docstring)
         self._jits: dict[tuple, list] = {}
         self.steps_planned = self.steps_loaded = 0  # steps captured into a stored plan / run from one
+        self._queued = True  # work may be on the device's queue (a jit's call), which a replay waits for
         self._store = None  # stored plans: the CPU device only (replay.py)
         if self.device == "CPU":
             folder = plan.folder(cache_dir or os.environ.get(CACHE_ENV))
@@ -189,12 +190,14 @@ class TinygradEngine:
         entry = self._jits[key]
         values = {"src": int(src), "dst": int(dst), "src_col": int(self._end[src]) - block, "dst_col": int(end) - block}
         if entry[5] is not None:
+            self._drain()
             entry[5](values)
             return
         B, C = len(self.lengths), self._columns
         top = {"src": B - 1, "dst": B - 1, "src_col": C - block, "dst_col": C - block}
         args = tuple(self._var(name, 0, top[name]).bind(value) for name, value in values.items())
         entry[0](*args)
+        self._queued = True
         self._plan_captured(key, entry, args, None)
 
     def _align(self, slots, end: int) -> None:
@@ -216,7 +219,7 @@ class TinygradEngine:
         """One jitted call of `forward` -> logits (R, S, V), a view the next call of the same shape
         overwrites. The jit, its input buffer and the view of its output are made once per shape.
         `first`: the window's first column, a multiple of WINDOW_ALIGN (decode), else the window ends at c0 + S."""
-        from tinygrad import Device, Tensor
+        from tinygrad import Tensor
 
         B, C = len(self.lengths), self._columns
         key = (kind, R, S, window)
@@ -231,8 +234,10 @@ class TinygradEngine:
             inputs = Tensor(meta, device=self.device)
         else:
             host_in[...] = meta
-        if replay is not None:
+        if replay is not None:  # its kernels run in this thread: the logits are there when it returns
+            self._drain()
             replay({"row": r0, "col": c0, "first": 0 if first is None else first // WINDOW_ALIGN})
+            return host_out.reshape(R, S, self.vocab_size)
         else:
             v = self._var
             r = 0 if R == B or kind == "decode" else v("row", 0, B - 1).bind(r0)  # decode: rows from 0
@@ -241,6 +246,7 @@ class TinygradEngine:
                 args += (v("first", 0, (C + WINDOW_STEP - window) // WINDOW_ALIGN).bind(first // WINDOW_ALIGN),)
             with _beam(kind):
                 out = jit(*args)
+            self._queued = True
             if out is not last:  # the first calls' results are fresh tensors; replays return the same one
                 entry[3], entry[4] = out, _host_view(out)
                 host_out = entry[4]
@@ -248,8 +254,16 @@ class TinygradEngine:
                 return np.array(host_out).reshape(R, S, self.vocab_size)
         if host_out is None:
             return entry[3].numpy().reshape(R, S, self.vocab_size)
-        Device[self.device].synchronize()
+        self._drain()
         return host_out.reshape(R, S, self.vocab_size)
+
+    def _drain(self) -> None:
+        """Wait for the device's queue where a jit's call may have left work on it (~12 us otherwise)."""
+        from tinygrad import Device
+
+        if self._queued:
+            Device[self.device].synchronize()
+            self._queued = False
 
     def _entry(self, key: tuple, fn, in_shape: tuple | None = None, out_shape: tuple | None = None) -> list:
         """[jit, input tensor, its host view, last output, its host view, replay] of one jitted
@@ -348,12 +362,12 @@ class TinygradEngine:
         if not 1 <= n <= len(lengths):
             raise ValueError(f"decode got {n} token ids for {len(lengths)} slots")
         active = lengths[:n]
-        longest = int(active.max())
+        longest = max(active.tolist())  # Python's: numpy's reductions cost microseconds on a few values
         if longest >= self.block_size:
             raise ValueError(f"a slot already holds block_size {self.block_size} positions")
         if self._t >= self._columns:
             self._make_room()
-        if (self._end[:n] != self._t).any():
+        if any(end != self._t for end in self._end[:n].tolist()):
             self._align(range(n), self._t)
         R = min(len(lengths), 1 << (n - 1).bit_length())
         # attention reads the columns of the longest slot, from the WINDOW_ALIGN-aligned column at or
