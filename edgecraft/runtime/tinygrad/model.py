@@ -24,8 +24,18 @@ class Linear:
     def __init__(self, w, scale=None, bias=None, act: tuple[float, float] | None = None) -> None:
         self.w, self.scale, self.bias, self.act = w, scale, bias, act
 
-    def __call__(self, x, valid):
-        """x (R, S, K), valid (R, S, 1) bool: the rows that count for a dynamic range."""
+    def __call__(self, x, valid, norm=None, residual=None):
+        """x (R, S, K), valid (R, S, 1) bool: the rows that count for a dynamic range. `norm`: an
+        RMSNorm's gain (K,) applied to x first; `residual` (R, S, N): added to the result. On the
+        CPU at fp32 both go inside the product's kernel (two kernels fewer a norm, one a residual)."""
+        if self.scale is None and str(x.device).startswith("CPU"):
+            return _matmul(x, self.w, self.bias, norm, residual)
+        if norm is not None:
+            x = _norm(x, norm, None, rms=True)
+        y = self._product(x, valid)
+        return y if residual is None else residual + y
+
+    def _product(self, x, valid):
         if self.scale is None:
             return _matmul(x, self.w, self.bias)
         if self.act is None:  # onnxruntime's GetQuantizationParameter over the call's real rows
@@ -41,12 +51,14 @@ class Linear:
         return y if self.bias is None else y + self.bias
 
 
-def _matmul(x, w, bias=None):
+def _matmul(x, w, bias=None, norm=None, residual=None):
     """x (R, S, K) @ w (K, N) (+ bias (N,)) -> (R, S, N). On the CPU one kernel written out with
     its loop shape chosen here: 16 outputs (contiguous in w) times up to 4 rows accumulate in
     vector registers over K. tinygrad's own choice for a few rows keeps a handful of scalar
     accumulators (chains of dependent adds), several times slower
-    (benchmarks/results/tinygrad_decode.md). Other devices keep tinygrad's matmul."""
+    (benchmarks/results/tinygrad_decode.md). Other devices keep tinygrad's matmul.
+    CPU only: `norm` (K,) an RMSNorm's gain on x (its sum of squares taken in the same loop over K,
+    the scale applied to the sums), `residual` (R, S, N) added to the result."""
     from tinygrad import Tensor, UOp, dtypes
     from tinygrad.codegen.opt import Opt, OptOps
     from tinygrad.uop.ops import AxisType, KernelInfo, Ops
@@ -66,15 +78,25 @@ def _matmul(x, w, bias=None):
     if rows > 1:
         opts.append(Opt(OptOps.UPCAST, 0, rows))
 
-    def kernel(C, A, B, *b):
+    def kernel(C, A, B, *extra):
         i, n, k = UOp.range(M, 0), UOp.range(N, 1), UOp.range(K, 2, axis_type=AxisType.REDUCE)
+        extra = list(extra)
         weight = B[k, n] if B.dtype == dtypes.float32 else B[k, n].cast(dtypes.float32)
-        acc = (A[i, k] * weight).reduce(k, arg=Ops.ADD)
-        if b:
-            acc = acc + b[0][n]
+        a = A[i, k]
+        if norm is not None:
+            gain = extra.pop(0)
+            acc = (a * gain[k] * weight).reduce(k, arg=Ops.ADD)
+            acc = acc * ((a * a).reduce(k, arg=Ops.ADD) / K + NORM_EPS).sqrt().reciprocal()
+        else:
+            acc = (a * weight).reduce(k, arg=Ops.ADD)
+        if bias is not None:
+            acc = acc + extra.pop(0)[n]
+        if residual is not None:
+            acc = acc + extra.pop(0)[i, n]
         return C[i, n].store(acc).end(i, n).sink(arg=KernelInfo(name=f"matmul_{M}_{N}_{K}", opts_to_apply=tuple(opts)))
 
-    inputs = [x.reshape(M, K), w] + ([bias] if bias is not None else [])
+    inputs = [x.reshape(M, K), w] + [t for t in (norm, bias) if t is not None]
+    inputs += [residual.reshape(M, N)] if residual is not None else []
     out = Tensor.empty(M, N, device=x.device).custom_kernel(*inputs, fxn=kernel)[0]
     return out.reshape(R, S, N)
 
@@ -312,12 +334,12 @@ def forward(w: Weights, kv: list, meta, r0, c0, window, R: int, S: int, masked: 
     x = w.tok[ids]  # (R, S, D) the residual stream
     if w.pos is not None:
         x = x + w.pos[pos]
-        h = _norm(x, *w.layers[0]["norm1"], rms=rms)
+        h, gain = _normed(x, w.layers[0]["norm1"], rms)
     else:  # layer 0's norm folded into a table (the graph's)
-        h = w.table0[ids]
+        h, gain = w.table0[ids], None
         cos, sin = (t[pos].reshape(R, S, 1, hp // 2) for t in w.rope)
     for i, layer in enumerate(w.layers):
-        qkv = layer["qkv"](h, valid)  # (R, S, (nh + 2 nkv) hp)
+        qkv = layer["qkv"](h, valid, norm=gain)  # (R, S, (nh + 2 nkv) hp)
         q = qkv[:, :, : nh * hp].reshape(R, S, nh, hp)
         k = qkv[:, :, nh * hp : (nh + nkv) * hp].reshape(R, S, nkv, hp)
         v = qkv[:, :, (nh + nkv) * hp :].reshape(R, S, nkv, hp)
@@ -348,18 +370,28 @@ def forward(w: Weights, kv: list, meta, r0, c0, window, R: int, S: int, masked: 
         else:
             values = kv[2 * i + 1].shrink((rows, None, span, None))  # (R, nkv, W, hp)
             attn = e.matmul(values) / e.sum(-1, keepdim=True)  # (R, nkv, g S, hp)
-        attn = attn.reshape(R, nkv, g, S, hp).permute(0, 3, 1, 2, 4).reshape(R, S, nh * hp)
-        x = x + layer["proj"](attn, valid)
+        if S > 1:  # (one column: the same order already, and a permute would be copied)
+            attn = attn.reshape(R, nkv, g, S, hp).permute(0, 3, 1, 2, 4)
+        attn = attn.reshape(R, S, nh * hp)
+        x = layer["proj"](attn, valid, residual=x)
         if layer["proj_bias"] is not None:
             x = x + layer["proj_bias"]
-        h = _norm(x, *layer["norm2"], rms=rms)
+        h, gain = _normed(x, layer["norm2"], rms)
         if cfg.mlp == "swiglu":
-            f = _pointwise(lambda a, b: a.silu() * b, layer["gate"](h, valid), layer["up"](h, valid))  # (R, S, F)
+            f = _pointwise(lambda a, b: a.silu() * b, layer["gate"](h, valid, norm=gain), layer["up"](h, valid, norm=gain))  # (R, S, F)
         else:  # exact (erf)
-            f = _pointwise(lambda a: a.gelu(approximate="none"), layer["fc"](h, valid))  # (R, S, F)
-        x = x + layer["mlp_proj"](f, valid)
+            f = _pointwise(lambda a: a.gelu(approximate="none"), layer["fc"](h, valid, norm=gain))  # (R, S, F)
+        x = layer["mlp_proj"](f, valid, residual=x)
         if layer["mlp_proj_bias"] is not None:
             x = x + layer["mlp_proj_bias"]
         if i + 1 < len(w.layers):
-            h = _norm(x, *w.layers[i + 1]["norm1"], rms=rms)
-    return w.head(_norm(x, *w.norm_f, rms=rms), valid)  # (R, S, V)
+            h, gain = _normed(x, w.layers[i + 1]["norm1"], rms)
+    h, gain = _normed(x, w.norm_f, rms)
+    return w.head(h, valid, norm=gain)  # (R, S, V)
+
+
+def _normed(x, params: tuple, rms: bool):
+    """(the next products' input, the RMSNorm gain they apply themselves or None): an RMSNorm
+    without bias is left to the products (Linear), any other norm is applied here."""
+    gain, bias = params
+    return (x, gain) if rms and bias is None else (_norm(x, gain, bias, rms=rms), None)
