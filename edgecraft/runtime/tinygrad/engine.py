@@ -361,8 +361,8 @@ class TinygradEngine:
         lengths = self.lengths
         if not 1 <= n <= len(lengths):
             raise ValueError(f"decode got {n} token ids for {len(lengths)} slots")
-        active = lengths[:n]
-        longest = max(active.tolist())  # Python's: numpy's reductions cost microseconds on a few values
+        counts = lengths[:n].tolist()  # Python ints: numpy's calls cost a microsecond or more each on a few values
+        longest = max(counts)
         if longest >= self.block_size:
             raise ValueError(f"a slot already holds block_size {self.block_size} positions")
         if self._t >= self._columns:
@@ -376,13 +376,13 @@ class TinygradEngine:
         t = self._t
         first = (t - longest) // WINDOW_ALIGN * WINDOW_ALIGN
         window = -(-(t + 1 - first) // WINDOW_STEP) * WINDOW_STEP
-        meta = np.zeros((R, 5), dtype=np.int32)  # (R, 5): forward's layout for S = 1
-        meta[:n, 0], meta[:n, 1], meta[:n, 2] = ids, active, t - active - first
-        meta[:, 3], meta[:n, 4] = t - first, 1  # rows past n: not new, out of int8's ranges
+        rows = [(i, a, t - a - first, t - first, 1) for i, a in zip(np.asarray(ids).tolist(), counts)]
+        rows += [(0, 0, 0, t - first, 0)] * (R - n)  # rows past n: not new, out of int8's ranges
+        meta = np.array(rows, dtype=np.int32)  # (R, 5): forward's layout for S = 1
         out = self._call("decode", R, 1, window, meta, 0, t, first)
         self._t += 1
         self._end[:n] = self._t
-        active += 1
+        lengths[:n] = [a + 1 for a in counts]
         return out.reshape(R, self.vocab_size)[:n]
 
 
