@@ -261,20 +261,31 @@ def test_plans_hold_no_weights_a_bundle_of_the_same_shape_runs_its_own(twins, tm
 
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_product_kernel_matches_numpy_for_any_shape(rows: int) -> None:
-    """model._matmul's kernel (16 outputs x 4 rows in registers) for rows that are not a multiple
-    of its row block, outputs that are not a multiple of 16, int8 weights widened in the kernel."""
+    """model._matmul's kernel (up to 64 outputs x 4 rows in registers, weights in tiles) for rows
+    that are not a multiple of its row block, outputs that are not a multiple of 16, int8 weights
+    widened in the kernel, an RMSNorm and a residual taken inside it."""
     from tinygrad import Tensor
 
-    from edgecraft.runtime.tinygrad.model import _matmul
+    from edgecraft.runtime.tinygrad.model import _matmul, tile_width
+
+    def tiled(m: np.ndarray) -> Tensor:  # (K, N) -> (N / T, K, T), as Weights stores them on the CPU
+        K, N = m.shape
+        T = tile_width(N)
+        return Tensor(np.ascontiguousarray(m.reshape(K, N // T, T).transpose(1, 0, 2)))
 
     rng = np.random.default_rng(rows)
     x = rng.standard_normal((rows, 1, 24)).astype(np.float32)
     w = rng.standard_normal((24, 104)).astype(np.float32)
     q = rng.integers(-127, 128, (24, 40)).astype(np.int8)
     bias = rng.standard_normal(104).astype(np.float32)
-    got = _matmul(Tensor(x), Tensor(w), Tensor(bias)).numpy()
+    gain = rng.standard_normal(24).astype(np.float32)
+    res = rng.standard_normal((rows, 1, 104)).astype(np.float32)
+    got = _matmul(Tensor(x), tiled(w), Tensor(bias)).numpy()
     assert got.shape == (rows, 1, 104) and np.abs(got - (x @ w + bias)).max() <= 1e-4
-    assert np.abs(_matmul(Tensor(x), Tensor(q)).numpy() - x @ q.astype(np.float32)).max() <= 1e-3
+    assert np.abs(_matmul(Tensor(x), tiled(q)).numpy() - x @ q.astype(np.float32)).max() <= 1e-3
+    normed = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-5) * gain
+    got = _matmul(Tensor(x), tiled(w), None, Tensor(gain), Tensor(res)).numpy()
+    assert np.abs(got - (normed @ w + res)).max() <= 1e-4
 
 
 def test_beam_width_applies_to_decode_steps_only(monkeypatch) -> None:
