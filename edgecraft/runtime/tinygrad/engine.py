@@ -258,7 +258,8 @@ class TinygradEngine:
         return host_out.reshape(R, S, self.vocab_size)
 
     def _drain(self) -> None:
-        """Wait for the device's queue where a jit's call may have left work on it (~12 us otherwise)."""
+        """Wait for the device's queue only where a jit's call may have left work on it (a synchronize
+        costs more than a few numpy calls)."""
         from tinygrad import Device
 
         if self._queued:

@@ -52,9 +52,10 @@ class Linear:
 
 
 def _matmul(x, w, bias=None, norm=None, residual=None):
-    """x (R, S, K) @ w (K, N; on the CPU tiles (N / T, K, T), tile_width) (+ bias (N,)) -> (R, S, N). On the CPU one kernel written out with
-    its loop shape chosen here: 16 outputs (contiguous in w) times up to 4 rows accumulate in
-    vector registers over K. tinygrad's own choice for a few rows keeps a handful of scalar
+    """x (R, S, K) @ w (+ bias (N,)) -> (R, S, N), w (K, N), on the CPU in tiles (N / T, K, T)
+    (tile_width). On the CPU one kernel written out with its loop shape chosen here: 16 outputs
+    (contiguous in a tile) times up to 4 rows, or up to 64 outputs of one row (_upcasts), accumulate
+    in vector registers over K. tinygrad's own choice for a few rows keeps a handful of scalar
     accumulators (chains of dependent adds), several times slower
     (benchmarks/results/tinygrad_decode.md). Other devices keep tinygrad's matmul.
     CPU only: `norm` (K,) an RMSNorm's gain on x (its sum of squares taken in the same loop over K,
@@ -106,8 +107,8 @@ def _matmul(x, w, bias=None, norm=None, residual=None):
 def _upcasts(N: int) -> tuple[int, int]:
     """(cols, more): a one-row product's kernel keeps cols x more outputs in vector registers, cols
     the largest divisor of N up to 16 (16, or 11 of a 66-token vocabulary), more 4 where at least 4
-    such groups of 4 x cols remain, else 2 (128 outputs: 1.13 against 1.42 us at K 128, 3.2 against
-    4.5 us at K 512, kernel alone), else what divides."""
+    such groups of 4 x cols remain, else 2 (faster for 128 outputs), else what divides
+    (benchmarks/results/int4-peers/peers_llama2c_tinygrad_profile.md)."""
     cols = max(n for n in range(1, 17) if N % n == 0)
     groups = N // cols
     more = 4 if groups % 4 == 0 and groups >= 16 else 2 if groups % 2 == 0 and groups >= 8 else \
@@ -118,8 +119,8 @@ def _upcasts(N: int) -> tuple[int, int]:
 def tile_width(N: int) -> int:
     """The columns of one tile of a CPU product's weights, stored (N / T, K, T): a one-row kernel's
     outputs in flight, so that it streams one contiguous block of weights per group of outputs
-    rather than T columns out of every row (24 products of 128 x 512, 6.3 MB from beyond the L2:
-    81.5 against 114 us)."""
+    rather than T columns out of every row, the weights coming from beyond the L2
+    (benchmarks/results/int4-peers/peers_llama2c_tinygrad_profile.md)."""
     cols, more = _upcasts(N)
     return cols * more
 
@@ -179,8 +180,8 @@ def _scores(q, keys, meta, r0: int, base, W: int, scale: float):
 def _pointwise(fn, *xs):
     """fn(*xs) elementwise (xs of one shape, contiguous) on the CPU as one custom kernel over a plain
     loop, no upcast: clang's loop vectorizer then runs its exp polynomial 16 lanes wide, where
-    tinygrad's own kernel (4 outputs written out per iteration) stays scalar, ~4x slower
-    (benchmarks/results/int4-peers/peers_llama2c_tinygrad.md). Other devices keep tinygrad's kernel."""
+    tinygrad's own kernel (4 outputs written out per iteration) stays scalar, several times slower
+    (benchmarks/results/int4-peers/peers_llama2c_tinygrad_profile.md). Other devices keep tinygrad's kernel."""
     from tinygrad import Tensor, UOp
     from tinygrad.uop.ops import KernelInfo
 
