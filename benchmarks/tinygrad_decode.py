@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import harness
+from edgecraft.bench.worker import peak_rss_mb
 
 ROWS = [("onnxruntime", "fp32"), ("tinygrad", "fp32"), ("onnxruntime", "int8"), ("tinygrad", "int8")]
 PROMPT, NEW = 16, 200
@@ -59,7 +59,7 @@ def decode_row(payload: dict) -> dict:
             kernels = f"{kernels or 0} (a step not planned)"
     return {"tok_s": B * steps / wall, "tok_cpu_s": B * steps / cpu, "kernels": kernels, "warmup_s": warmup,
             "warmup_cpu_s": warmup_cpu,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens": tokens[:, :64].tolist()}
+            "peak_rss_mb": peak_rss_mb(), "tokens": tokens[:, :64].tolist()}
 
 
 def first_token(payload: dict) -> dict:

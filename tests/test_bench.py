@@ -3,6 +3,8 @@ row per kind of path measured in its own process, and bad input. No timing thres
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -162,3 +164,14 @@ def test_bench_on_bundles_never_imports_torch():
 
     code = "import sys, edgecraft.bench, edgecraft.bench.worker; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_rows_peak_memory_is_its_own_not_its_parents() -> None:
+    """A worker started by a large process reports its own peak: getrusage's ru_maxrss would carry
+    the parent's 400 MB across fork + exec."""
+    ballast = bytearray(400 * 2**20)
+    ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])  # touch every page: resident
+    code = "from edgecraft.bench.worker import peak_rss_mb; print(peak_rss_mb())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 0 < float(child.stdout) < 300
+    del ballast

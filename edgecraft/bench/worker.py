@@ -2,7 +2,7 @@
 
 Reads a row spec (JSON) on stdin, writes one JSON result on stdout. A fresh process per row means
 one row's memory, thread pools and caches never disturb the next, and the peak resident memory
-(getrusage's ru_maxrss) is this row's alone.
+(peak_rss_mb) is this row's alone.
 
 Every row loads a `runtime.Model` (a bundle's onnxruntime engine, or a run's PyTorch engine from
 edgecraft/torch_engine.py) and drives its engine through the interface of runtime/engine.py —
@@ -48,7 +48,16 @@ def _rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. On Linux /proc's VmHWM, which starts afresh at exec:
+    getrusage's ru_maxrss keeps the parent's peak across fork + exec (a worker started by a 500 MB
+    process reports at least 500 MB), so it is only the fallback."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, IndexError, ValueError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if platform.system() == "Darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
@@ -252,7 +261,7 @@ def run_row(spec: dict) -> dict:
         eval_ids = np.asarray(tokenizer.encode(text).ids, dtype=np.int64)
     prompt = prompt_ids(eval_ids, spec["batch"], prompt_len, vocab, spec["seed"])
     result = measure(engine, prompt, new_tokens, spec["warmup"], spec["runs"])
-    result["peak_rss_mb"] = _peak_rss_mb()  # load + the timed runs, before the quality pass
+    result["peak_rss_mb"] = peak_rss_mb()  # load + the timed runs, before the quality pass
     if eval_ids is not None and len(eval_ids) > 1:
         result["quality"] = perplexity(engine, eval_ids, spec["ppl_tokens"])
     return {**facts, **result, "prompt_len": prompt_len, "new_tokens": new_tokens, "status": "ok"}
