@@ -132,7 +132,8 @@ def test_device_choice_and_missing_compiler(monkeypatch) -> None:
 
 def test_a_second_process_reuses_the_compile_cache(bundle: Path, tmp_path: Path) -> None:
     """EDGECRAFT_TINYGRAD_CACHE holds the compiled kernels: a second process generating the same
-    text never runs the compiler (CC is a script that counts its calls)."""
+    text never runs the compiler (CC is a script that counts its calls). Neither process imports
+    torch, onnxruntime or onnx."""
     calls = tmp_path / "calls"
     cc = tmp_path / "cc"
     cc.write_text(f'#!/bin/sh\necho x >> "{calls}"\nexec clang "$@"\n')
@@ -140,11 +141,13 @@ def test_a_second_process_reuses_the_compile_cache(bundle: Path, tmp_path: Path)
     env = {**os.environ, "CC": str(cc), "EDGECRAFT_TINYGRAD_CACHE": str(tmp_path / "cache")}
     code = (
         "import sys; from edgecraft.runtime import load; "
-        f"print(load({str(bundle)!r}, backend='tinygrad').generate('The', max_new_tokens=20, temperature=0))"
+        f"print(load({str(bundle)!r}, backend='tinygrad').generate('The', max_new_tokens=20, temperature=0)); "
+        "print('imported:', [m for m in ('torch', 'onnxruntime', 'onnx') if m in sys.modules])"
     )
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     compiled = len(calls.read_text().split())
     assert compiled > 0 and (tmp_path / "cache" / "cache.db").is_file()
+    assert first.stdout.endswith("imported: []\n")
     second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert second.stdout == first.stdout
     assert len(calls.read_text().split()) == compiled  # nothing compiled the second time
