@@ -64,6 +64,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -162,21 +163,11 @@ class EdgecraftLoop:
             with self._beam():
                 self.engine = TinygradEngine(path, cfg, device="cpu")
 
-    @contextlib.contextmanager
     def _beam(self):
         """EDGECRAFT_TINYGRAD_BEAM as this loop's width while it runs (the engine reads it per step shape)."""
         if self.beam is None:
-            yield
-            return
-        before = os.environ.get(self._beam_env)
-        os.environ[self._beam_env] = str(self.beam)
-        try:
-            yield
-        finally:
-            if before is None:
-                del os.environ[self._beam_env]
-            else:
-                os.environ[self._beam_env] = before
+            return contextlib.nullcontext()
+        return mock.patch.dict(os.environ, {self._beam_env: str(self.beam)})
 
     def generate(self, first: int, forced: list[int], steps: int) -> tuple[float, float, list[int]]:
         """(tok/s over positions 1..steps-1, the CPU seconds of this process over them, the greedy

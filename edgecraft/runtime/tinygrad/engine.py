@@ -45,15 +45,12 @@ from edgecraft.config import GPTConfig
 from edgecraft.runtime.engine import prefill_lengths
 from edgecraft.runtime.tinygrad import plan
 from edgecraft.runtime.tinygrad.graph import check_config, read_graph
-from edgecraft.runtime.tinygrad.model import WINDOW_ALIGN, Weights, forward
+from edgecraft.runtime.tinygrad.model import WINDOW_ALIGN, WINDOW_STEP, Weights, forward
 from edgecraft.runtime.tinygrad.replay import CpuReplay, capture, span, weight_roles
 
 INSTALL_HINT = "pip install 'edgecraft[tinygrad]'"
 CACHE_ENV = "EDGECRAFT_TINYGRAD_CACHE"  # a folder for tinygrad's compiled-kernel cache (cache.db)
 BEAM_ENV = "EDGECRAFT_TINYGRAD_BEAM"  # n > 0: tinygrad's BEAM search of width n for decode-step kernels (cached)
-# a decode window spans a multiple of this many columns (a few compiled widths) from a multiple of
-# model.WINDOW_ALIGN; the buffers hold this many columns past C, for windows that reach past column t
-WINDOW_STEP = 32
 DEVICE_NAMES = {"cpu": "CPU", "cuda": "CUDA", "metal": "METAL", "gpu": "CL", "opencl": "CL", "cl": "CL", "webgpu": "WEBGPU",
                 "amd": "AMD", "nv": "NV"}
 
@@ -238,20 +235,19 @@ class TinygradEngine:
             self._drain()
             replay({"row": r0, "col": c0, "first": 0 if first is None else first // WINDOW_ALIGN})
             return host_out.reshape(R, S, self.vocab_size)
-        else:
-            v = self._var
-            r = 0 if R == B or kind == "decode" else v("row", 0, B - 1).bind(r0)  # decode: rows from 0
-            args = (inputs, r, v("col", 0, C - S).bind(c0))
-            if first is not None:  # in units of WINDOW_ALIGN columns, so the kernels know it aligned
-                args += (v("first", 0, (C + WINDOW_STEP - window) // WINDOW_ALIGN).bind(first // WINDOW_ALIGN),)
-            with _beam(kind):
-                out = jit(*args)
-            self._queued = True
-            if out is not last:  # the first calls' results are fresh tensors; replays return the same one
-                entry[3], entry[4] = out, _host_view(out)
-                host_out = entry[4]
-            if self._plan_captured(key, entry, args, out):  # the jit and its buffers go: keep this call's logits
-                return np.array(host_out).reshape(R, S, self.vocab_size)
+        v = self._var
+        r = 0 if R == B or kind == "decode" else v("row", 0, B - 1).bind(r0)  # decode: rows from 0
+        args = (inputs, r, v("col", 0, C - S).bind(c0))
+        if first is not None:  # in units of WINDOW_ALIGN columns, so the kernels know it aligned
+            args += (v("first", 0, (C + WINDOW_STEP - window) // WINDOW_ALIGN).bind(first // WINDOW_ALIGN),)
+        with _beam(kind):
+            out = jit(*args)
+        self._queued = True
+        if out is not last:  # the first calls' results are fresh tensors; replays return the same one
+            entry[3], entry[4] = out, _host_view(out)
+            host_out = entry[4]
+        if self._plan_captured(key, entry, args, out):  # the jit and its buffers go: keep this call's logits
+            return np.array(host_out).reshape(R, S, self.vocab_size)
         if host_out is None:
             return entry[3].numpy().reshape(R, S, self.vocab_size)
         self._drain()

@@ -14,6 +14,9 @@ from edgecraft.runtime.bundle import BundleError
 
 NORM_EPS = 1e-5  # the graph's (edgecraft/export/graph.py)
 WINDOW_ALIGN = 16  # a decode window's first column is a multiple of this: the kernels load aligned vectors
+# a decode window spans a multiple of this many columns (a few compiled widths); the engine's cache
+# buffers hold this many columns past their last, for windows that reach past column t
+WINDOW_STEP = 32
 
 
 class Linear:
@@ -270,9 +273,9 @@ class Weights:
         self._inits = inits
         made: list = []  # realized together at the end: one schedule rather than one per tensor
         self._T = lambda a, dtype=np.float32: made.append(_upload(np.ascontiguousarray(a, dtype=dtype), device)) or made[-1]
-        # (block + 64,) 0, 1, 2...: enough for a decode window (engine.py: up to WINDOW_ALIGN - 1 columns
-        # before the longest slot's first and WINDOW_STEP - 1 past its last)
-        self.count = self._T(np.arange(cfg.block_size + 64), np.int32)
+        # 0, 1, 2...: enough for a decode window (engine.py: up to WINDOW_ALIGN - 1 columns before the
+        # longest slot's first and WINDOW_STEP - 1 past its last)
+        self.count = self._T(np.arange(cfg.block_size + WINDOW_ALIGN + WINDOW_STEP), np.int32)
         self.tok = self._T(self._table("tok_emb"))  # (V, D)
         self.pos = self._T(self._table("pos_emb")) if cfg.pos == "learned" else None  # (block, D)
         self.table0 = self._T(self._get("blocks.0.norm1.table")) if cfg.pos == "rope" else None  # (V, D)
