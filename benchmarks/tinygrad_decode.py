@@ -1,6 +1,7 @@
-"""The tinygrad backend beside onnxruntime on one bundle: decode tokens/s at batch 1 and 16, kernels
-per step, compile time cold and warm (first token of a fresh process; the decode warm-up, with and
-without tinygrad's BEAM search), peak memory.
+"""The tinygrad backend beside onnxruntime on one bundle, fp32, int8 and int4: decode tokens/s at
+batch 1 and 16, int4 against int8 (paired per round), kernels per step, compile time cold and warm
+(first token of a fresh process; the decode warm-up, with and without tinygrad's BEAM search),
+peak memory.
 
     python benchmarks/tinygrad_decode.py [--bundle export/char-1m] [--rounds 3] [--device CPU] [--beam 2]
 
@@ -27,7 +28,9 @@ import numpy as np
 import harness
 from edgecraft.bench.worker import peak_rss_mb
 
-ROWS = [("onnxruntime", "fp32"), ("tinygrad", "fp32"), ("onnxruntime", "int8"), ("tinygrad", "int8")]
+ROWS = [(backend, quant) for quant in ("fp32", "int8", "int4") for backend in ("onnxruntime", "tinygrad")]
+# int4 against int8 (issue 16's target: >= 1.2x at batch 1): each backend's own, and across them
+RATIOS = [("tinygrad int4", "tinygrad int8"), ("onnxruntime int4", "onnxruntime int8"), ("tinygrad int4", "onnxruntime int8")]
 PROMPT, NEW = 16, 200
 
 
@@ -72,7 +75,7 @@ def first_token(payload: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, help="a bundle with model.onnx and model.int8.onnx (default: random weights)")
+    parser.add_argument("--bundle", type=Path, help="a bundle with model.onnx, model.int8.onnx and model.int4.onnx (default: random weights)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="CPU", help="the tinygrad device (onnxruntime rows stay on the CPU)")
     parser.add_argument("--beam", type=int, default=2, help="BEAM width of the tinygrad+beam rows (0: no such rows)")
@@ -82,7 +85,7 @@ def main() -> None:
         bundle = args.bundle
         if bundle is None:
             bundle = Path(tmp) / "bundle"
-            harness.edgecraft_cli("export", str(harness.random_run(Path(tmp))), "--int8", "--out", str(bundle))
+            harness.edgecraft_cli("export", str(harness.random_run(Path(tmp))), "--int8", "--int4", "--out", str(bundle))
         cache = Path(tmp) / "cache"  # a fresh compile cache: the first process compiles (cold)
         os.environ["EDGECRAFT_TINYGRAD_CACHE"] = str(cache)
         base = {"bundle": str(bundle), "device": args.device}
@@ -111,6 +114,13 @@ def main() -> None:
         )
     same = {f"{b} {q} b{B}": results[f"{b} {q} b{B}"][0]["tokens"] == results[f"onnxruntime {q} b{B}"][0]["tokens"]
             for B in (1, 16) for b, q in ROWS + [("tinygrad+beam", "fp32")] if f"{b} {q} b{B}" in results and b != "onnxruntime"}
+    lines += ["", "| int4 ÷ int8, tok per CPU-s (median of per-round ratios [min-max]) | batch 1 | batch 16 |", "|---|---|---|"]
+    for a, b in RATIOS:
+        cells = []
+        for B in (1, 16):
+            paired = [x["tok_cpu_s"] / y["tok_cpu_s"] for x, y in zip(results[f"{a} b{B}"], results[f"{b} b{B}"])]
+            cells.append(f"{np.median(paired):.2f}x [{min(paired):.2f}-{max(paired):.2f}]")
+        lines.append(f"| {a} ÷ {b} | {cells[0]} | {cells[1]} |")
     body = "\n".join(lines) + (
         f"\n\nFirst token of a fresh process (import + load + prefill + first token), tinygrad {args.device}: "
         f"cold cache {cold[0]:.2f} s, warm cache {np.median(warm):.2f} s (median of {len(warm)}); "

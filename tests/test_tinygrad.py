@@ -44,13 +44,17 @@ WIDE_HEADS = {"gpt2-head32": {"d_model": 64, "n_heads": 2}}  # wider than one 16
 def bundle(request, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp(request.param)
     run = make_run(root, **{**VARIANTS, **WIDE_HEADS}[request.param])
-    return export_run(run, root / "bundle", ExportOptions(int8=True))
+    # int4 too where the exporter allows it (not heads of 12, which the graph pads to 16)
+    return export_run(run, root / "bundle", ExportOptions(int8=True, int4=request.param != "llama-gqa-head12"))
 
 
-@pytest.mark.parametrize("model_file", ["model.onnx", "model.int8.onnx"])
+@pytest.mark.parametrize("model_file", ["model.onnx", "model.int8.onnx", "model.int4.onnx"])
 def test_teacher_forced_logits_match_onnxruntime(bundle: Path, model_file: str) -> None:
     """A full context in one prefill, then decode steps from a short one: every position within
-    1e-4 (the int8 graph's activation quantization is emulated, so int8 matches int8 too)."""
+    1e-4 (the int8 and int4 graphs' activation quantization is emulated, so each matches its own
+    graph on onnxruntime too)."""
+    if not (bundle / model_file).is_file():
+        pytest.skip(f"this variant has no {model_file} (heads of 12: the exporter refuses int4)")
     cfg = read_manifest(bundle).config
     ort, tg = OnnxEngine(bundle / model_file, cfg), TinygradEngine(bundle / model_file, cfg)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, cfg.block_size))
@@ -90,6 +94,9 @@ def test_greedy_text_and_batches_match_onnxruntime(bundle: Path) -> None:
     assert result.exit_code == 0 and result.output == CliRunner().invoke(app, cli).output
     result = CliRunner().invoke(app, [*cli, "--backend", "tinygrad", "--device", "metal"])
     assert result.exit_code != 0 and "devices found: " in result.output and "Traceback" not in result.output
+    if (bundle / "model.int4.onnx").is_file():  # the 4-bit graph on tinygrad, through the CLI
+        result = CliRunner().invoke(app, [*cli, "--int4", "--backend", "tinygrad"])
+        assert result.exit_code == 0 and result.output == CliRunner().invoke(app, [*cli, "--int4"]).output
 
 
 def test_appending_to_a_slot_and_moving_slots(bundle: Path) -> None:
@@ -289,6 +296,55 @@ def test_product_kernel_matches_numpy_for_any_shape(rows: int) -> None:
     normed = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-5) * gain
     got = _matmul(Tensor(x), tiled(w), None, Tensor(gain), Tensor(res)).numpy()
     assert np.abs(got - (normed @ w + res)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("norm", [None, "rmsnorm", "layernorm"])
+@pytest.mark.parametrize("block", [16, 32, 128])
+def test_4bit_activation_quantization_and_product_match_mlas(norm: str | None, block: int) -> None:
+    """model._quantize_blocks (the CPU kernel and tinygrad's own ops for other devices) rounds
+    exactly as MLAS's QuantizeARow_CompInt8 (127 / the block's largest magnitude, half to even,
+    a block of zeros stays zero), with an RMSNorm or LayerNorm taken inside it; the 4-bit product
+    (CPU kernel, and the batched form other devices run) then equals a numpy model of MatMulNBits
+    at accuracy level 4, for blocks 16-128, one block per row included."""
+    from tinygrad import Tensor
+
+    from edgecraft.runtime.tinygrad.model import _block_product, _matmul, _quantize_blocks, _quantize_blocks_tensor, tile_width
+
+    rng = np.random.default_rng(block)
+    R, K, N = 3, 128, 48
+    x = (rng.standard_normal((R, 1, K)) * rng.uniform(0.1, 10, (R, 1, 1))).astype(np.float32)
+    x[0, 0, :block] = 0.0  # a block of zeros
+    x[1, 0, :4] = (127.0, 2.5, -3.5, 0.5)  # a step of exactly 1, so three values sit on ties: 2, -4, 0
+    gain, bias = rng.standard_normal(K).astype(np.float32), rng.standard_normal(K).astype(np.float32)
+    if norm == "rmsnorm":
+        h, param = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-5) * gain, Tensor(gain)
+    elif norm == "layernorm":
+        mean = x.mean(-1, keepdims=True)
+        h = (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * gain + bias
+        param = (Tensor(gain), Tensor(bias))
+    else:
+        h, param = x, None
+    blocks = h.reshape(R, K // block, block)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    inverse = np.where(amax == 0, 0, np.float32(127) / np.where(amax == 0, 1, amax)).astype(np.float32)
+    q_ref = np.rint(blocks * inverse).reshape(R, 1, K)
+    step_ref = (amax / np.float32(127)).reshape(R, K // block)
+    q, step = (t.numpy() for t in _quantize_blocks(Tensor(x), block, param))
+    assert np.abs(q).max() <= 127 and (norm == "layernorm" or not q[0, 0, :block].any())  # a LayerNorm moves zeros
+    if norm is None:  # the same input: the same integers (with a norm, a last-bit difference may move one)
+        assert np.array_equal(q, q_ref)
+        assert np.array_equal(_quantize_blocks_tensor(Tensor(x), block)[0].numpy(), q_ref)
+    assert (q != q_ref).sum() <= 1 and np.allclose(step, step_ref, rtol=1e-6)
+    w = rng.integers(-8, 8, (K, N)).astype(np.float16)
+    scale = rng.uniform(0.01, 0.1, (K // block, N)).astype(np.float32)
+    dots = np.einsum("rbi,bin->rbn", q.reshape(R, K // block, block), w.astype(np.float32).reshape(K // block, block, N))
+    expected = (dots * step[:, :, None] * scale[None]).sum(1).reshape(R, 1, N)
+    T = tile_width(N)
+    tiles = [np.ascontiguousarray(m.reshape(-1, N // T, T).transpose(1, 0, 2)) for m in (w, scale)]
+    got = _matmul(Tensor(q), Tensor(tiles[0]), blocks=(Tensor(step), Tensor(tiles[1]), block)).numpy()
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    got = _block_product(Tensor(q), Tensor(step), Tensor(w), Tensor(scale), block).numpy()
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 def test_beam_width_applies_to_decode_steps_only(monkeypatch) -> None:

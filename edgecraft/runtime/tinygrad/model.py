@@ -20,19 +20,33 @@ WINDOW_STEP = 32
 
 
 class Linear:
-    """One of the graph's matrix products: x @ w (+ bias), w (K, N) float32, or int8 with one scale
+    """One of the graph's matrix products: x @ w (+ bias), w (K, N) float32; or int8 with one scale
     per column and the activations quantized to uint8 per call (`act` None: dynamic, as
-    DynamicQuantizeMatMul; else MatMulIntegerToFloat's static (scale, zero point))."""
+    DynamicQuantizeMatMul; else MatMulIntegerToFloat's static (scale, zero point)); or, with
+    `block`, MatMulNBits' 4-bit weights (w the integers q - 8, `scale` one per block of `block`
+    rows and column, (K / block, N)) and its int8 activations per block (accuracy level 4).
+    Quantized weights are held as their integers (quantized_dtype)."""
 
-    def __init__(self, w, scale=None, bias=None, act: tuple[float, float] | None = None) -> None:
-        self.w, self.scale, self.bias, self.act = w, scale, bias, act
+    def __init__(self, w, scale=None, bias=None, act: tuple[float, float] | None = None, block: int | None = None) -> None:
+        self.w, self.scale, self.bias, self.act, self.block = w, scale, bias, act, block
 
-    def __call__(self, x, valid, norm=None, residual=None):
+    def __call__(self, x, valid, norm=None, residual=None, quantized=None):
         """x (R, S, K), valid (R, S, 1) bool: the rows that count for a dynamic range. `norm`: an
-        RMSNorm's gain (K,) applied to x first; `residual` (R, S, N): added to the result. On the
-        CPU at fp32 both go inside the product's kernel (two kernels fewer a norm, one a residual)."""
-        if self.scale is None and str(x.device).startswith("CPU"):
+        RMSNorm's gain (K,) applied to x first (4 bits: or a LayerNorm's (gain, bias)); `residual`
+        (R, S, N): added to the result. On the CPU at fp32 both go inside the product's kernel (two
+        kernels fewer a norm, one a residual); in 4 bits the norm goes inside the activations'
+        quantization and the residual and bias inside the product. `quantized`: 4 bits, x already
+        quantized (_quantize_blocks), for products that share an input."""
+        cpu = str(valid.device).startswith("CPU")
+        if self.scale is None and cpu:
             return _matmul(x, self.w, self.bias, norm, residual)
+        if self.block is not None:
+            q, step = quantized or _quantize_blocks(x, self.block, norm)
+            if cpu:
+                return _matmul(q, self.w, self.bias, residual=residual, blocks=(step, self.scale, self.block))
+            y = _block_product(q, step, self.w, self.scale, self.block)
+            y = y if self.bias is None else y + self.bias
+            return y if residual is None else residual + y
         if norm is not None:
             x = _norm(x, norm, None, rms=True)
         y = self._product(x, valid)
@@ -54,7 +68,87 @@ class Linear:
         return y if self.bias is None else y + self.bias
 
 
-def _matmul(x, w, bias=None, norm=None, residual=None):
+def _quantize_blocks(x, block: int, norm=None):
+    """MatMulNBits' int8 activations at accuracy level 4 (MLAS's QuantizeARow_CompInt8): each row's
+    blocks of `block` values scaled by 127 / their largest magnitude and rounded half to even.
+    `norm`: applied to x first, an RMSNorm's gain (K,) or a LayerNorm's (gain, bias or None).
+    -> (the integers in float32 (R, S, K), each block's step (R * S, K / block)). On the CPU one
+    custom kernel (norm, block maxima, rounding), where tinygrad's own split it into six."""
+    from tinygrad import Tensor, UOp
+    from tinygrad.uop.ops import AxisType, KernelInfo, Ops
+
+    R, S, K = x.shape
+    M, nb = R * S, K // block
+    layer_norm = isinstance(norm, tuple)
+    gain, bias = norm if layer_norm else (norm, None)
+    if not str(x.device).startswith("CPU"):
+        return _quantize_blocks_tensor(x if norm is None else _norm(x, gain, bias, rms=not layer_norm), block)
+
+    def kernel(Q, STEP, X, *params):
+        i = UOp.range(M, 0)
+        G = params[0] if norm is not None else None
+        B = params[1] if bias is not None else None
+        if layer_norm:  # the row's mean and deviation first (hoisted out of the block loop by tinygrad)
+            k = UOp.range(K, 1, axis_type=AxisType.REDUCE)
+            mean = X[i, k].reduce(k, arg=Ops.ADD) * (1.0 / K)
+            k = UOp.range(K, 2, axis_type=AxisType.REDUCE)
+            centered = X[i, k] - mean
+            scale = ((centered * centered).reduce(k, arg=Ops.ADD) * (1.0 / K) + NORM_EPS).rsqrt()
+        elif norm is not None:
+            k = UOp.range(K, 1, axis_type=AxisType.REDUCE)
+            scale = ((X[i, k] * X[i, k]).reduce(k, arg=Ops.ADD) * (1.0 / K) + NORM_EPS).rsqrt()
+
+        def value(k):
+            if norm is None:
+                return X[i, k]
+            v = ((X[i, k] - mean) if layer_norm else X[i, k]) * scale * G[k]
+            return v if B is None else v + B[k]
+
+        b = UOp.range(nb, 3)
+        j = UOp.range(block, 4, axis_type=AxisType.REDUCE)
+        amax = value(b * block + j).abs().reduce(j, arg=Ops.MAX)
+        inverse = amax.eq(0.0).where(0.0, 127.0 / amax)
+        j = UOp.range(block, 5)
+        q = Q[i, b * block + j].store((value(b * block + j) * inverse).round()).end(j)
+        step = STEP[i, b].store(amax / 127.0)
+        return UOp.group(q, step).end(i, b).sink(arg=KernelInfo(name=f"quantize_{M}_{K}_{block}", opts_to_apply=()))
+
+    params = [t for t in (gain, bias) if t is not None]
+    q, step = Tensor.empty(M, K, device=x.device).custom_kernel(
+        Tensor.empty(M, nb, device=x.device), x.reshape(M, K), *params, fxn=kernel)[:2]
+    return q.reshape(R, S, K), step
+
+
+def _quantize_blocks_tensor(x, block: int):
+    """_quantize_blocks in tinygrad's own kernels (other devices)."""
+    R, S, K = x.shape
+    blocks = x.reshape(R * S, K // block, block)
+    amax = blocks.abs().max(-1, keepdim=True)
+    q = (blocks * (amax == 0).where(0.0, 127.0 / amax)).round().reshape(R, S, K)
+    return q, (amax / 127.0).reshape(R * S, K // block)
+
+
+def quantized_dtype(device: str):
+    """The dtype holding quantized weights' integers (|q| <= 128, exact either way) on `device`: on
+    the CPU 16-bit floats, which clang widens in one instruction where int8 takes two and 4-bit
+    nibbles three; a 128 x 384 one-row product took 2.2 us from float16 weights, 3.5 from int8,
+    4.7 from nibbles and 2.0 from float32 (benchmarks/results/int4.md). int8 elsewhere."""
+    return np.float16 if device.startswith("CPU") else np.int8
+
+
+def _block_product(q, step, w, scale, block: int):
+    """sum over blocks of (q's block . w's block) * step * scale: the 4-bit product off the CPU,
+    tinygrad's batched matmul over the blocks. q (R, S, K), step (R S, K / block), w (K, N),
+    scale (K / block, N) -> (R, S, N)."""
+    from tinygrad import dtypes
+
+    R, S, K = q.shape
+    nb, N = K // block, w.shape[-1]
+    dots = q.reshape(R * S, nb, block).permute(1, 0, 2).matmul(w.cast(dtypes.float32).reshape(nb, block, N))  # (nb, RS, N)
+    return (dots * step.permute(1, 0).reshape(nb, R * S, 1) * scale.reshape(nb, 1, N)).sum(0).reshape(R, S, N)
+
+
+def _matmul(x, w, bias=None, norm=None, residual=None, blocks=None):
     """x (R, S, K) @ w (+ bias (N,)) -> (R, S, N), w (K, N), on the CPU in tiles (N / T, K, T)
     (tile_width). On the CPU one kernel written out with its loop shape chosen here: 16 outputs
     (contiguous in a tile) times up to 4 rows, or up to 64 outputs of one row (_upcasts), accumulate
@@ -62,7 +156,9 @@ def _matmul(x, w, bias=None, norm=None, residual=None):
     accumulators (chains of dependent adds), several times slower
     (benchmarks/results/tinygrad_decode.md). Other devices keep tinygrad's matmul.
     CPU only: `norm` (K,) an RMSNorm's gain on x (its sum of squares taken in the same loop over K,
-    the scale applied to the sums), `residual` (R, S, N) added to the result."""
+    the scale applied to the sums), `residual` (R, S, N) added to the result; `blocks` (step
+    (M, K / b), scale (N / T, K / b, T), b): x holds integers and w 4-bit ones, each block's sum of
+    b products exact in float32, then scaled by the two steps, in block order (MatMulNBits)."""
     from tinygrad import Tensor, UOp, dtypes
     from tinygrad.codegen.opt import Opt, OptOps
     from tinygrad.uop.ops import AxisType, KernelInfo, Ops
@@ -84,9 +180,19 @@ def _matmul(x, w, bias=None, norm=None, residual=None):
 
     def kernel(C, A, B, *extra):
         i, c, u = UOp.range(M, 0), UOp.range(groups, 1), UOp.range(T, 2)
-        k = UOp.range(K, 3, axis_type=AxisType.REDUCE)
         n = c * T + u
         extra = list(extra)
+        if blocks is not None:
+            step, scale = extra.pop(0), extra.pop(0)
+            # one block: no range over blocks (tinygrad drops a range of size 1, and its reduce with it)
+            b = UOp.range(K // size, 3, axis_type=AxisType.REDUCE) if K > size else 0
+            j = UOp.range(size, 4, axis_type=AxisType.REDUCE)
+            k = b * size + j if K > size else j
+            dot = (A[i, k] * B[c, k, u].cast(dtypes.float32)).reduce(j, arg=Ops.ADD)
+            acc = dot * (step[i, b] * scale[c, b, u])
+            acc = acc.reduce(b, arg=Ops.ADD) if K > size else acc
+            return _finish(C, acc, i, c, u, n, extra)
+        k = UOp.range(K, 3, axis_type=AxisType.REDUCE)
         weight = B[c, k, u] if B.dtype == dtypes.float32 else B[c, k, u].cast(dtypes.float32)
         a = A[i, k]
         if norm is not None:
@@ -95,13 +201,18 @@ def _matmul(x, w, bias=None, norm=None, residual=None):
             acc = acc * ((a * a).reduce(k, arg=Ops.ADD) / K + NORM_EPS).sqrt().reciprocal()
         else:
             acc = (a * weight).reduce(k, arg=Ops.ADD)
+        return _finish(C, acc, i, c, u, n, extra)
+
+    def _finish(C, acc, i, c, u, n, extra):
         if bias is not None:
             acc = acc + extra.pop(0)[n]
         if residual is not None:
             acc = acc + extra.pop(0)[i, n]
-        return C[i, n].store(acc).end(i, c, u).sink(arg=KernelInfo(name=f"matmul_{M}_{N}_{K}", opts_to_apply=tuple(opts)))
+        name = f"matmul{'_q4' if blocks is not None else ''}_{M}_{N}_{K}"
+        return C[i, n].store(acc).end(i, c, u).sink(arg=KernelInfo(name=name, opts_to_apply=tuple(opts)))
 
-    inputs = [x.reshape(M, K), w] + [t for t in (norm, bias) if t is not None]
+    size = blocks[2] if blocks is not None else 0
+    inputs = [x.reshape(M, K), w] + list(blocks[:2] if blocks is not None else ()) + [t for t in (norm, bias) if t is not None]
     inputs += [residual.reshape(M, N)] if residual is not None else []
     out = Tensor.empty(M, N, device=x.device).custom_kernel(*inputs, fxn=kernel)[0]
     return out.reshape(R, S, N)
@@ -323,6 +434,8 @@ class Weights:
 
     def _linear(self, name: str, bias: bool = False) -> Linear:
         b = self._opt(f"{name}.bias") if bias else None
+        if f"{name}.weight.uint4" in self._inits:
+            return self._linear4(name, b)
         if f"{name}.weight.int8" in self._inits:
             act = None
             if f"{name}.weight.act_scale" in self._inits:
@@ -335,8 +448,25 @@ class Weights:
             T = tile_width(N)
             w = w.reshape(K, N // T, T).transpose(1, 0, 2)
         scale = self._T(self._get(f"{name}.weight.scale")) if f"{name}.weight.int8" in self._inits else None
-        # int8 weights stay int8 in memory (a quarter of the bytes to stream), widened in the kernel
-        return Linear(self._T(w, np.int8 if scale is not None else np.float32), scale, b, act)
+        # int8 weights stay integers in memory (fewer bytes to stream), widened in the kernel
+        return Linear(self._T(w, quantized_dtype(self._device) if scale is not None else np.float32), scale, b, act)
+
+    def _linear4(self, name: str, bias) -> Linear:
+        """MatMulNBits' weights (export/int4_graph.py's layout: B (N, K / block, block / 2) uint8,
+        the lower nibble first, each q + 8; scales (N K / block,)) as the integers q (K, N) int8
+        and the scales (K / block, N); on the CPU both tiled as _matmul reads them. The integers are
+        held as quantized_dtype, not packed: nibbles cost the CPU's product more than their bytes save."""
+        packed = self._get(f"{name}.weight.uint4")
+        N, nb, half = packed.shape
+        q = np.empty((N, nb, 2 * half), dtype=np.int8)
+        q[..., 0::2], q[..., 1::2] = packed & 15, packed >> 4
+        w = (q - 8).reshape(N, nb * 2 * half).T  # (K, N)
+        scale = self._get(f"{name}.weight.scales").reshape(N, nb).T  # (nb, N)
+        if self._device.startswith("CPU"):
+            T = tile_width(N)
+            w = w.reshape(-1, N // T, T).transpose(1, 0, 2)
+            scale = scale.reshape(nb, N // T, T).transpose(1, 0, 2)
+        return Linear(self._T(w, quantized_dtype(self._device)), self._T(scale), bias, block=2 * half)
 
 
 def forward(w: Weights, kv: list, meta, r0, c0, window, R: int, S: int, masked: bool, base=None):
@@ -364,7 +494,7 @@ def forward(w: Weights, kv: list, meta, r0, c0, window, R: int, S: int, masked: 
     x = w.tok[ids]  # (R, S, D) the residual stream
     if w.pos is not None:
         x = x + w.pos[pos]
-        h, gain = _normed(x, w.layers[0]["norm1"], rms)
+        h, gain = _normed(x, w.layers[0]["norm1"], rms, w.layers[0]["qkv"])
     else:  # layer 0's norm folded into a table (the graph's)
         h, gain = w.table0[ids], None
         cos, sin = (t[pos].reshape(R, S, 1, hp // 2) for t in w.rope)
@@ -406,22 +536,29 @@ def forward(w: Weights, kv: list, meta, r0, c0, window, R: int, S: int, masked: 
         x = layer["proj"](attn, valid, residual=x)
         if layer["proj_bias"] is not None:
             x = x + layer["proj_bias"]
-        h, gain = _normed(x, layer["norm2"], rms)
+        h, gain = _normed(x, layer["norm2"], rms, layer.get("fc") or layer["gate"])
         if cfg.mlp == "swiglu":
-            f = _pointwise(lambda a, b: a.silu() * b, layer["gate"](h, valid, norm=gain), layer["up"](h, valid, norm=gain))  # (R, S, F)
+            shared = _quantize_blocks(h, layer["gate"].block, gain) if layer["gate"].block else None  # 4 bits: once for both
+            f = _pointwise(lambda a, b: a.silu() * b, layer["gate"](h, valid, norm=gain, quantized=shared),
+                           layer["up"](h, valid, norm=gain, quantized=shared))  # (R, S, F)
         else:  # exact (erf)
             f = _pointwise(lambda a: a.gelu(approximate="none"), layer["fc"](h, valid, norm=gain))  # (R, S, F)
         x = layer["mlp_proj"](f, valid, residual=x)
         if layer["mlp_proj_bias"] is not None:
             x = x + layer["mlp_proj_bias"]
         if i + 1 < len(w.layers):
-            h, gain = _normed(x, w.layers[i + 1]["norm1"], rms)
-    h, gain = _normed(x, w.norm_f, rms)
+            h, gain = _normed(x, w.layers[i + 1]["norm1"], rms, w.layers[i + 1]["qkv"])
+    h, gain = _normed(x, w.norm_f, rms, w.head)
     return w.head(h, valid, norm=gain)  # (R, S, V)
 
 
-def _normed(x, params: tuple, rms: bool):
-    """(the next products' input, the RMSNorm gain they apply themselves or None): an RMSNorm
-    without bias is left to the products (Linear), any other norm is applied here."""
+def _normed(x, params: tuple, rms: bool, into: Linear):
+    """(the next products' input, the norm they apply themselves or None): an RMSNorm without bias
+    is left to the products (Linear, `into` the first), a LayerNorm to 4-bit ones (its (gain,
+    bias)), any other norm is applied here."""
     gain, bias = params
-    return (x, gain) if rms and bias is None else (_norm(x, gain, bias, rms=rms), None)
+    if rms and bias is None:
+        return x, gain
+    if not rms and into.block is not None:
+        return x, params
+    return _norm(x, gain, bias, rms=rms), None
