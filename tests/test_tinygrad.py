@@ -69,6 +69,13 @@ def test_teacher_forced_logits_match_onnxruntime(bundle: Path, model_file: str) 
     assert tg.steps_planned + tg.steps_loaded == len(tg._jits)  # every step ran as a stored plan's kernel calls
 
 
+def test_static_int8_matches_onnxruntime(tmp_path: Path) -> None:
+    """An int8 bundle with calibrated (static) activation ranges, MatMulIntegerToFloat: the step
+    folded into the columns' scales on the CPU, logits as onnxruntime's at every position."""
+    bundle = export_run(make_run(tmp_path), tmp_path / "bundle", ExportOptions(int8=True, calibrate=4))
+    test_teacher_forced_logits_match_onnxruntime(bundle, "model.int8.onnx")
+
+
 @pytest.mark.parametrize("bundle", list(WIDE_HEADS), indirect=True)
 def test_heads_wider_than_one_vector_decode_like_onnxruntime(bundle: Path) -> None:
     """Heads of 32: the decode kernels' per-head outputs take two vector groups (a 32-wide upcast

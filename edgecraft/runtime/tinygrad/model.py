@@ -64,6 +64,8 @@ class Linear:
         else:
             step, zp = self.act
         q = ((x / step).round() + zp).clip(0.0, 255.0) - zp  # (R, S, K) integers in float32
+        if str(x.device).startswith("CPU"):  # one block of K: the sums scaled by the step and each column's scale
+            return _matmul(q, self.w, self.bias, blocks=(None if self.act else step.reshape(1, 1), self.scale, q.shape[-1]))
         y = _matmul(q, self.w) * (self.scale * step)  # integer sums: exact in float32 below 2^24
         return y if self.bias is None else y + self.bias
 
@@ -157,8 +159,9 @@ def _matmul(x, w, bias=None, norm=None, residual=None, blocks=None):
     (benchmarks/results/tinygrad_decode.md). Other devices keep tinygrad's matmul.
     CPU only: `norm` (K,) an RMSNorm's gain on x (its sum of squares taken in the same loop over K,
     the scale applied to the sums), `residual` (R, S, N) added to the result; `blocks` (step
-    (M, K / b), scale (N / T, K / b, T), b): x holds integers and w 4-bit ones, each block's sum of
-    b products exact in float32, then scaled by the two steps, in block order (MatMulNBits)."""
+    (M or 1, K / b) or None, scale (N / T, K / b, T), b): x and w hold integers, each block's sum
+    of b products exact in float32, then scaled by the activations' step and the weights' scale, in
+    block order (MatMulNBits; int8 products are one block of K)."""
     from tinygrad import Tensor, UOp, dtypes
     from tinygrad.codegen.opt import Opt, OptOps
     from tinygrad.uop.ops import AxisType, KernelInfo, Ops
@@ -183,13 +186,13 @@ def _matmul(x, w, bias=None, norm=None, residual=None, blocks=None):
         n = c * T + u
         extra = list(extra)
         if blocks is not None:
-            step, scale = extra.pop(0), extra.pop(0)
+            step, scale = extra.pop(0) if blocks[0] is not None else None, extra.pop(0)
             # one block: no range over blocks (tinygrad drops a range of size 1, and its reduce with it)
             b = UOp.range(K // size, 3, axis_type=AxisType.REDUCE) if K > size else 0
             j = UOp.range(size, 4, axis_type=AxisType.REDUCE)
             k = b * size + j if K > size else j
             dot = (A[i, k] * B[c, k, u].cast(dtypes.float32)).reduce(j, arg=Ops.ADD)
-            acc = dot * (step[i, b] * scale[c, b, u])
+            acc = dot * (scale[c, b, u] if step is None else step[i if step_rows > 1 else 0, b] * scale[c, b, u])
             acc = acc.reduce(b, arg=Ops.ADD) if K > size else acc
             return _finish(C, acc, i, c, u, n, extra)
         k = UOp.range(K, 3, axis_type=AxisType.REDUCE)
@@ -212,7 +215,8 @@ def _matmul(x, w, bias=None, norm=None, residual=None, blocks=None):
         return C[i, n].store(acc).end(i, c, u).sink(arg=KernelInfo(name=name, opts_to_apply=tuple(opts)))
 
     size = blocks[2] if blocks is not None else 0
-    inputs = [x.reshape(M, K), w] + list(blocks[:2] if blocks is not None else ()) + [t for t in (norm, bias) if t is not None]
+    step_rows = blocks[0].shape[0] if blocks is not None and blocks[0] is not None else 0
+    inputs = [x.reshape(M, K), w] + [t for t in (blocks or ())[:2] if t is not None] + [t for t in (norm, bias) if t is not None]
     inputs += [residual.reshape(M, N)] if residual is not None else []
     out = Tensor.empty(M, N, device=x.device).custom_kernel(*inputs, fxn=kernel)[0]
     return out.reshape(R, S, N)
@@ -447,8 +451,14 @@ class Weights:
             K, N = w.shape
             T = tile_width(N)
             w = w.reshape(K, N // T, T).transpose(1, 0, 2)
-        scale = self._T(self._get(f"{name}.weight.scale")) if f"{name}.weight.int8" in self._inits else None
-        # int8 weights stay integers in memory (fewer bytes to stream), widened in the kernel
+        scale = None
+        if f"{name}.weight.int8" in self._inits:
+            scale = self._get(f"{name}.weight.scale")  # (N,)
+            if self._device.startswith("CPU"):  # _matmul's one block of K: (N / T, 1, T), a static step folded in
+                scale = scale * np.float32(act[0]) if act is not None else scale
+                scale = scale.reshape(1, N // T, T).transpose(1, 0, 2)
+            scale = self._T(scale)
+        # int8 weights stay integers in memory (half the bytes of float32 on the CPU), widened in the kernel
         return Linear(self._T(w, quantized_dtype(self._device) if scale is not None else np.float32), scale, b, act)
 
     def _linear4(self, name: str, bias) -> Linear:
