@@ -211,7 +211,7 @@ def _matmul(x, w, bias=None, norm=None, residual=None, blocks=None):
             acc = acc + extra.pop(0)[n]
         if residual is not None:
             acc = acc + extra.pop(0)[i, n]
-        name = f"matmul{'_q4' if blocks is not None else ''}_{M}_{N}_{K}"
+        name = f"matmul{f'_b{size}' if blocks is not None else ''}_{M}_{N}_{K}"
         return C[i, n].store(acc).end(i, c, u).sink(arg=KernelInfo(name=name, opts_to_apply=tuple(opts)))
 
     size = blocks[2] if blocks is not None else 0
