@@ -49,7 +49,7 @@ def _text(source: Path, tokens: int) -> tuple[str, str]:
         text, where = validation_text(source, tokens)
         if text is None:
             raise SystemExit(where)
-        return text, where
+        return text, f"the validation split of run {source.name}"
     return source.read_text(encoding="utf-8")[-tokens:], f"the last {tokens:,} characters of {source.name}"
 
 
