@@ -161,6 +161,15 @@ def random_run(root: Path, recipe: str = "char-1m", seed: int = 0) -> Path:
 # ---------------------------------------------------------------- results
 
 
+def bundle_or_random(bundle: Path | None, tmp: Path, *flags: str) -> Path:
+    """`bundle`, or the char-1m recipe's model with random weights exported into `tmp` with
+    `flags` (--int8, --int4): what a tinygrad benchmark measures when given no --bundle."""
+    if bundle is not None:
+        return bundle
+    edgecraft_cli("export", str(random_run(tmp)), *flags, "--out", str(tmp / "bundle"))
+    return tmp / "bundle"
+
+
 class RunInfo:
     """A results file's header, taken when a benchmark starts and finished when it writes."""
 

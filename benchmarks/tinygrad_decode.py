@@ -82,10 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     info = harness.RunInfo("tinygrad backend: decode speed beside onnxruntime (char-1m)")
     with tempfile.TemporaryDirectory(prefix="tinygrad-bench-") as tmp:
-        bundle = args.bundle
-        if bundle is None:
-            bundle = Path(tmp) / "bundle"
-            harness.edgecraft_cli("export", str(harness.random_run(Path(tmp))), "--int8", "--int4", "--out", str(bundle))
+        bundle = harness.bundle_or_random(args.bundle, Path(tmp), "--int8", "--int4")
         cache = Path(tmp) / "cache"  # a fresh compile cache: the first process compiles (cold)
         os.environ["EDGECRAFT_TINYGRAD_CACHE"] = str(cache)
         base = {"bundle": str(bundle), "device": args.device}

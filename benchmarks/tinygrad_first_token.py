@@ -76,10 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     info = harness.RunInfo("tinygrad backend: first token of a fresh process (char-1m, CPU)")
     with tempfile.TemporaryDirectory(prefix="tinygrad-first-") as tmp:
-        bundle = args.bundle
-        if bundle is None:
-            bundle = Path(tmp) / "bundle"
-            harness.edgecraft_cli("export", str(harness.random_run(Path(tmp))), "--int8", "--out", str(bundle))
+        bundle = harness.bundle_or_random(args.bundle, Path(tmp), "--int8")
         base = {"bundle": str(bundle), "backend": "tinygrad"}
         caches = iter(range(10**6))
 

@@ -156,10 +156,7 @@ def main() -> None:
     args = parser.parse_args()
     info = harness.RunInfo("tinygrad backend: the quantized weights' form on the CPU (char-1m)")
     with tempfile.TemporaryDirectory(prefix="tinygrad-forms-") as tmp:
-        bundle = args.bundle
-        if bundle is None:
-            bundle = Path(tmp) / "bundle"
-            harness.edgecraft_cli("export", str(harness.random_run(Path(tmp))), "--int8", "--int4", "--out", str(bundle))
+        bundle = harness.bundle_or_random(args.bundle, Path(tmp), "--int8", "--int4")
         rows = {f"kernel {form}": (lambda form=form: harness.child(__file__, "kernels", {"form": form})) for form in FORMS}
         steps = [("fp32", "float16")] + [(q, w) for q in ("int8", "int4") for w in ("float16", "int8")]
         for quant, weights in steps:
@@ -177,7 +174,7 @@ def main() -> None:
         lines.append(f"| {label} | " + " | ".join(f"{m:.2f}" for m in medians) + f" | {6 * sum(medians):.1f} |")
     lines += ["", "Decode at batch 1 (tok per CPU-s, median of rounds) and the widest step's kernels, thread CPU µs "
               "(the last round; kernels timed alone, so their weights are hot):", "",
-              "| graph | weights held as | tok per CPU-s | kernels | step µs | products µs | quantization µs | top kernels µs |",
+              "| graph | weights held as | tok per CPU-s | kernels | step µs | products µs | int4 `quantize_` kernels µs | top kernels µs |",
               "|---|---|---|---|---|---|---|---|"]
     for quant, weights in steps:
         runs = results[f"step {quant} {weights}"]
