@@ -69,6 +69,21 @@ def test_teacher_forced_logits_match_onnxruntime(bundle: Path, model_file: str) 
     assert tg.steps_planned + tg.steps_loaded == len(tg._jits)  # every step ran as a stored plan's kernel calls
 
 
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_int4_off_the_cpu_matches_onnxruntime(tmp_path: Path, variant: str) -> None:
+    """The path other devices (CUDA, Metal...) take for the 4-bit graph: tinygrad's own kernels for
+    the block quantization and the batched block product, run here on tinygrad's PYTHON device (an
+    emulator, so a one-layer model): prefill and decode logits as onnxruntime's."""
+    shape = {"n_layers": 1, "d_model": 32, "d_ff": 64, "block_size": 16, **(LLAMA if variant == "llama" else {})}
+    bundle = export_run(make_run(tmp_path, **shape), tmp_path / "bundle", ExportOptions(int4=True))
+    cfg = read_manifest(bundle).config
+    ort, tg = OnnxEngine(bundle / "model.int4.onnx", cfg), TinygradEngine(bundle / "model.int4.onnx", cfg, device="PYTHON")
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 6))
+    assert np.abs(tg.prefill(ids[:, :4]) - ort.prefill(ids[:, :4])).max() <= 1e-4
+    for position in (4, 5):
+        assert np.abs(tg.decode(ids[0, position : position + 1]) - ort.decode(ids[0, position : position + 1])).max() <= 1e-4
+
+
 def test_static_int8_matches_onnxruntime(tmp_path: Path) -> None:
     """An int8 bundle with calibrated (static) activation ranges, MatMulIntegerToFloat: the step
     folded into the columns' scales on the CPU, logits as onnxruntime's at every position."""
