@@ -102,16 +102,19 @@ def process_group(device_name: str) -> Iterator[Group]:
         if err.exit_code == INTERRUPTED:
             _leave_together(backend)
         raise
+    else:
+        _leave_together(backend)
     finally:
         dist.destroy_process_group()
 
 
 def _leave_together(backend: str) -> None:
-    """After Ctrl-C, wait until every rank is done (rank 0 writes the last checkpoint) before
-    tearing the group down. Rank 1 of tests/test_ddp.py's Ctrl-C test once aborted at exit
-    ("terminate called without an active exception") in about 8 runs, having left while rank 0
-    still wrote; leaving together closes that window. Every rank agreed to stop at the same step,
-    so all of them come here; one that died meanwhile only ends the wait early."""
+    """After the last step or Ctrl-C, wait until every rank is done (rank 0 writes the last
+    checkpoint and the model) before tearing the group down. A rank that left while rank 0 still
+    wrote aborted at exit now and then ("terminate called without an active exception"): rank 1 of
+    tests/test_ddp.py's Ctrl-C test in about 8 runs, and of its resume test once in a clean-clone
+    CI run (at 52971f2); leaving together closes that window. Every rank stops at the same step, so
+    all of them come here; one that died meanwhile only ends the wait early."""
     import torch.distributed as dist
 
     try:
