@@ -66,7 +66,7 @@ def _nibble_product(q, step, words, scale, K: int, N: int):
     from tinygrad.codegen.opt import Opt, OptOps
     from tinygrad.uop.ops import AxisType, KernelInfo, Ops
 
-    from edgecraft.runtime.tinygrad.model import _upcasts
+    from edgecraft.runtime.tinygrad.products import _upcasts
 
     groups, _, T = words.shape
     cols, more = _upcasts(N)
@@ -88,7 +88,7 @@ def kernels_row(payload: dict) -> dict:
     """Child: µs per call of each shape's product kernel with the weights in `payload["form"]`."""
     from tinygrad import Tensor, TinyJit
 
-    from edgecraft.runtime.tinygrad.model import _matmul, tile_width
+    from edgecraft.runtime.tinygrad.products import _matmul, tile_width
     from edgecraft.runtime.tinygrad.replay import CpuReplay, capture, span
 
     form, out = payload["form"], {}

@@ -293,12 +293,12 @@ def test_plans_hold_no_weights_a_bundle_of_the_same_shape_runs_its_own(twins, tm
 
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_product_kernel_matches_numpy_for_any_shape(rows: int) -> None:
-    """model._matmul's kernel (up to 64 outputs x 4 rows in registers, weights in tiles) for rows
+    """products._matmul's kernel (up to 64 outputs x 4 rows in registers, weights in tiles) for rows
     that are not a multiple of its row block, outputs that are not a multiple of 16, int8 weights
     widened in the kernel, an RMSNorm and a residual taken inside it."""
     from tinygrad import Tensor
 
-    from edgecraft.runtime.tinygrad.model import _matmul, tile_width
+    from edgecraft.runtime.tinygrad.products import _matmul, tile_width
 
     def tiled(m: np.ndarray) -> Tensor:  # (K, N) -> (N / T, K, T), as Weights stores them on the CPU
         K, N = m.shape
@@ -323,14 +323,14 @@ def test_product_kernel_matches_numpy_for_any_shape(rows: int) -> None:
 @pytest.mark.parametrize("norm", [None, "rmsnorm", "layernorm"])
 @pytest.mark.parametrize("block", [16, 32, 128])
 def test_4bit_activation_quantization_and_product_match_mlas(norm: str | None, block: int) -> None:
-    """model._quantize_blocks (the CPU kernel and tinygrad's own ops for other devices) rounds
+    """products.quantize_blocks (the CPU kernel and tinygrad's own ops for other devices) rounds
     exactly as MLAS's QuantizeARow_CompInt8 (127 / the block's largest magnitude, half to even,
     a block of zeros stays zero), with an RMSNorm or LayerNorm taken inside it; the 4-bit product
     (CPU kernel, and the batched form other devices run) then equals a numpy model of MatMulNBits
     at accuracy level 4, for blocks 16-128, one block per row included."""
     from tinygrad import Tensor
 
-    from edgecraft.runtime.tinygrad.model import _block_product, _matmul, _quantize_blocks, _quantize_blocks_tensor, tile_width
+    from edgecraft.runtime.tinygrad.products import _block_product, _matmul, _quantize_blocks_tensor, quantize_blocks, tile_width
 
     rng = np.random.default_rng(block)
     R, K, N = 3, 128, 48
@@ -351,7 +351,7 @@ def test_4bit_activation_quantization_and_product_match_mlas(norm: str | None, b
     inverse = np.where(amax == 0, 0, np.float32(127) / np.where(amax == 0, 1, amax)).astype(np.float32)
     q_ref = np.rint(blocks * inverse).reshape(R, 1, K)
     step_ref = (amax / np.float32(127)).reshape(R, K // block)
-    q, step = (t.numpy() for t in _quantize_blocks(Tensor(x), block, param))
+    q, step = (t.numpy() for t in quantize_blocks(Tensor(x), block, param))
     assert np.abs(q).max() <= 127 and (norm == "layernorm" or not q[0, 0, :block].any())  # a LayerNorm moves zeros
     if norm is None:  # the same input: the same integers (with a norm, a last-bit difference may move one)
         assert np.array_equal(q, q_ref)

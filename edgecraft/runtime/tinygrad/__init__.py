@@ -1,7 +1,8 @@
 """The tinygrad engine (the `tinygrad` extra): the same bundle on tinygrad's code generators.
 
 engine.py (devices, slots, jitted calls), graph.py (the graph's initializers, read without the onnx
-package), model.py (the decoder in tinygrad Tensors), replay.py (captured CPU steps as kernel
+package), model.py (the decoder in tinygrad Tensors), products.py (its matrix products: fp32,
+int8, int4, and the norms before them), replay.py (captured CPU steps as kernel
 calls), plan.py (those steps stored in the cache folder for the next process).
 Imports tinygrad and numpy, never torch or onnxruntime.
 """

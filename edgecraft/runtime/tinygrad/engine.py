@@ -27,8 +27,8 @@ as onnxruntime's DynamicQuantizeMatMul does (or with the static ranges of MatMul
 products of integers summed in float32 (exact below 2^24), then scaled; quantized tables are
 dequantized once at load, as GatherBlockQuantized does per row. int4 graphs likewise: MatMulNBits'
 activations quantized to int8 per block (accuracy level 4), each block's integer sum scaled by
-both steps. The weights' integers are held as 16-bit floats on the CPU (model.quantized_dtype). Exact up to the float32 arithmetic
-around the products: an activation within 1e-7 of a rounding boundary can round the other way than
+both steps (products.py). The weights' integers are held as 16-bit floats on the CPU
+(model.quantized_dtype). Exact up to the float32 arithmetic around the products: an activation within 1e-7 of a rounding boundary can round the other way than
 in onnxruntime, and the KV cache keeps that difference (logits then differ by ~1e-3). A dynamic
 range covers the call's real tokens; onnxruntime's also covers the padding of a ragged prefill
 (rows of different lengths in one call).

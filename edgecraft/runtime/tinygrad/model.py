@@ -1,6 +1,7 @@
-"""The decoder in tinygrad Tensors over a bundle graph's weights (edgecraft/export/graph.py's and
-int8_graph.py's initializer names): the tinygrad engine's arithmetic, one function for prefill and
-decode. int8 layers emulate onnxruntime's kernels exactly in float32 (engine.py's docstring)."""
+"""The decoder in tinygrad Tensors over a bundle graph's weights (edgecraft/export/graph.py's,
+int8_graph.py's and int4_graph.py's initializer names): the tinygrad engine's arithmetic, one
+function for prefill and decode, and the attention kernels of a decode step; the matrix products
+are products.py's."""
 
 from __future__ import annotations
 
@@ -11,236 +12,21 @@ import numpy as np
 
 from edgecraft.config import GPTConfig
 from edgecraft.runtime.bundle import BundleError
+from edgecraft.runtime.tinygrad.products import Linear, apply_norm, quantize_blocks, tiled
 
-NORM_EPS = 1e-5  # the graph's (edgecraft/export/graph.py)
 WINDOW_ALIGN = 16  # a decode window's first column is a multiple of this: the kernels load aligned vectors
 # a decode window spans a multiple of this many columns (a few compiled widths); the engine's cache
 # buffers hold this many columns past their last, for windows that reach past column t
 WINDOW_STEP = 32
 
 
-class Linear:
-    """One of the graph's matrix products: x @ w (+ bias), w (K, N) float32; or int8 with one scale
-    per column and the activations quantized to uint8 per call (`act` None: dynamic, as
-    DynamicQuantizeMatMul; else MatMulIntegerToFloat's static (scale, zero point)); or, with
-    `block`, MatMulNBits' 4-bit weights (w the integers q - 8, `scale` one per block of `block`
-    rows and column, (K / block, N)) and its int8 activations per block (accuracy level 4).
-    Quantized weights are held as their integers (quantized_dtype)."""
-
-    def __init__(self, w, scale=None, bias=None, act: tuple[float, float] | None = None, block: int | None = None) -> None:
-        self.w, self.scale, self.bias, self.act, self.block = w, scale, bias, act, block
-
-    def __call__(self, x, valid, norm=None, residual=None, quantized=None):
-        """x (R, S, K), valid (R, S, 1) bool: the rows that count for a dynamic range. `norm`: an
-        RMSNorm's gain (K,) applied to x first (4 bits: or a LayerNorm's (gain, bias)); `residual`
-        (R, S, N): added to the result. On the CPU at fp32 both go inside the product's kernel (two
-        kernels fewer a norm, one a residual); in 4 bits the norm goes inside the activations'
-        quantization and the residual and bias inside the product. `quantized`: 4 bits, x already
-        quantized (_quantize_blocks), for products that share an input."""
-        cpu = str(valid.device).startswith("CPU")
-        if self.scale is None and cpu:
-            return _matmul(x, self.w, self.bias, norm, residual)
-        if self.block is not None:
-            q, step = quantized or _quantize_blocks(x, self.block, norm)
-            if cpu:
-                return _matmul(q, self.w, self.bias, residual=residual, blocks=(step, self.scale, self.block))
-            y = _block_product(q, step, self.w, self.scale, self.block)
-            y = y if self.bias is None else y + self.bias
-            return y if residual is None else residual + y
-        if norm is not None:
-            x = _norm(x, norm, None, rms=True)
-        y = self._product(x, valid)
-        return y if residual is None else residual + y
-
-    def _product(self, x, valid):
-        if self.scale is None:
-            return _matmul(x, self.w, self.bias)
-        if self.act is None:  # onnxruntime's GetQuantizationParameter over the call's real rows
-            masked = valid.where(x, 0.0)
-            lo, hi = masked.min().minimum(0.0), masked.max().maximum(0.0)
-            step = (hi - lo) / 255.0
-            step = (hi == lo).where(1.0, step)
-            zp = (-lo / step).clip(0.0, 255.0).round()
-        else:
-            step, zp = self.act
-        q = ((x / step).round() + zp).clip(0.0, 255.0) - zp  # (R, S, K) integers in float32
-        if str(x.device).startswith("CPU"):  # one block of K: the sums scaled by the step and each column's scale
-            return _matmul(q, self.w, self.bias, blocks=(None if self.act else step.reshape(1, 1), self.scale, q.shape[-1]))
-        y = _matmul(q, self.w) * (self.scale * step)  # integer sums: exact in float32 below 2^24
-        return y if self.bias is None else y + self.bias
-
-
-def _quantize_blocks(x, block: int, norm=None):
-    """MatMulNBits' int8 activations at accuracy level 4 (MLAS's QuantizeARow_CompInt8): each row's
-    blocks of `block` values scaled by 127 / their largest magnitude and rounded half to even.
-    `norm`: applied to x first, an RMSNorm's gain (K,) or a LayerNorm's (gain, bias or None).
-    -> (the integers in float32 (R, S, K), each block's step (R * S, K / block)). On the CPU one
-    custom kernel (norm, block maxima, rounding), where tinygrad's own split it into six."""
-    from tinygrad import Tensor, UOp
-    from tinygrad.uop.ops import AxisType, KernelInfo, Ops
-
-    R, S, K = x.shape
-    M, nb = R * S, K // block
-    layer_norm = isinstance(norm, tuple)
-    gain, bias = norm if layer_norm else (norm, None)
-    if not str(x.device).startswith("CPU"):
-        return _quantize_blocks_tensor(x if norm is None else _norm(x, gain, bias, rms=not layer_norm), block)
-
-    def kernel(Q, STEP, X, *params):
-        i = UOp.range(M, 0)
-        G = params[0] if norm is not None else None
-        B = params[1] if bias is not None else None
-        if layer_norm:  # the row's mean and deviation first (hoisted out of the block loop by tinygrad)
-            k = UOp.range(K, 1, axis_type=AxisType.REDUCE)
-            mean = X[i, k].reduce(k, arg=Ops.ADD) * (1.0 / K)
-            k = UOp.range(K, 2, axis_type=AxisType.REDUCE)
-            centered = X[i, k] - mean
-            scale = ((centered * centered).reduce(k, arg=Ops.ADD) * (1.0 / K) + NORM_EPS).rsqrt()
-        elif norm is not None:
-            k = UOp.range(K, 1, axis_type=AxisType.REDUCE)
-            scale = ((X[i, k] * X[i, k]).reduce(k, arg=Ops.ADD) * (1.0 / K) + NORM_EPS).rsqrt()
-
-        def value(k):
-            if norm is None:
-                return X[i, k]
-            v = ((X[i, k] - mean) if layer_norm else X[i, k]) * scale * G[k]
-            return v if B is None else v + B[k]
-
-        b = UOp.range(nb, 3)
-        j = UOp.range(block, 4, axis_type=AxisType.REDUCE)
-        amax = value(b * block + j).abs().reduce(j, arg=Ops.MAX)
-        inverse = amax.eq(0.0).where(0.0, 127.0 / amax)
-        j = UOp.range(block, 5)
-        q = Q[i, b * block + j].store((value(b * block + j) * inverse).round()).end(j)
-        step = STEP[i, b].store(amax / 127.0)
-        return UOp.group(q, step).end(i, b).sink(arg=KernelInfo(name=f"quantize_{M}_{K}_{block}", opts_to_apply=()))
-
-    params = [t for t in (gain, bias) if t is not None]
-    q, step = Tensor.empty(M, K, device=x.device).custom_kernel(
-        Tensor.empty(M, nb, device=x.device), x.reshape(M, K), *params, fxn=kernel)[:2]
-    return q.reshape(R, S, K), step
-
-
-def _quantize_blocks_tensor(x, block: int):
-    """_quantize_blocks in tinygrad's own kernels (other devices)."""
-    R, S, K = x.shape
-    blocks = x.reshape(R * S, K // block, block)
-    amax = blocks.abs().max(-1, keepdim=True)
-    q = (blocks * (amax == 0).where(0.0, 127.0 / amax)).round().reshape(R, S, K)
-    return q, (amax / 127.0).reshape(R * S, K // block)
-
-
 def quantized_dtype(device: str):
     """The dtype holding quantized weights' integers (|q| <= 128, exact either way) on `device`: on
     the CPU 16-bit floats, which clang widens in one instruction where int8 takes two and 4-bit
-    nibbles three; a 128 x 384 one-row product took 2.2 us from float16 weights, 3.5 from int8,
-    4.7 from nibbles and 2.0 from float32 (benchmarks/results/int4.md). int8 elsewhere."""
+    nibbles three; a 128 x 384 one-row product took 2.48 us from float16 weights, 3.61 from int8,
+    4.91 from nibbles and 2.32 from float32 (benchmarks/results/tinygrad_weight_forms.md). int8
+    elsewhere."""
     return np.float16 if device.startswith("CPU") else np.int8
-
-
-def _block_product(q, step, w, scale, block: int):
-    """sum over blocks of (q's block . w's block) * step * scale: the 4-bit product off the CPU,
-    tinygrad's batched matmul over the blocks. q (R, S, K), step (R S, K / block), w (K, N),
-    scale (K / block, N) -> (R, S, N)."""
-    from tinygrad import dtypes
-
-    R, S, K = q.shape
-    nb, N = K // block, w.shape[-1]
-    dots = q.reshape(R * S, nb, block).permute(1, 0, 2).matmul(w.cast(dtypes.float32).reshape(nb, block, N))  # (nb, RS, N)
-    return (dots * step.permute(1, 0).reshape(nb, R * S, 1) * scale.reshape(nb, 1, N)).sum(0).reshape(R, S, N)
-
-
-def _matmul(x, w, bias=None, norm=None, residual=None, blocks=None):
-    """x (R, S, K) @ w (+ bias (N,)) -> (R, S, N), w (K, N), on the CPU in tiles (N / T, K, T)
-    (tile_width). On the CPU one kernel written out with its loop shape chosen here: 16 outputs
-    (contiguous in a tile) times up to 4 rows, or up to 64 outputs of one row (_upcasts), accumulate
-    in vector registers over K. tinygrad's own choice for a few rows keeps a handful of scalar
-    accumulators (chains of dependent adds), several times slower
-    (benchmarks/results/tinygrad_decode.md). Other devices keep tinygrad's matmul.
-    CPU only: `norm` (K,) an RMSNorm's gain on x (its sum of squares taken in the same loop over K,
-    the scale applied to the sums), `residual` (R, S, N) added to the result; `blocks` (step
-    (M or 1, K / b) or None, scale (N / T, K / b, T), b): x and w hold integers, each block's sum
-    of b products exact in float32, then scaled by the activations' step and the weights' scale, in
-    block order (MatMulNBits; int8 products are one block of K)."""
-    from tinygrad import Tensor, UOp, dtypes
-    from tinygrad.codegen.opt import Opt, OptOps
-    from tinygrad.uop.ops import AxisType, KernelInfo, Ops
-
-    R, S, K = x.shape
-    if not str(x.device).startswith("CPU"):
-        y = x.matmul(w.cast(dtypes.float32) if w.dtype != dtypes.float32 else w)
-        return y if bias is None else y + bias
-    groups, _, T = w.shape  # tiled (N / T, K, T): see tile_width
-    N, M = groups * T, R * S
-    cols, more = _upcasts(N)
-    rows = next(m for m in (4, 2, 1) if M % m == 0)
-    j = (M > 1) + (groups > 1)  # the tile's column axis (ranges of size 1 are dropped before the options apply)
-    opts = [Opt(OptOps.UPCAST, j, cols)] if cols > 1 else []
-    if M == 1 and more > 1:  # one row: more outputs in flight instead
-        opts.append(Opt(OptOps.UPCAST, j, more))
-    if rows > 1:
-        opts.append(Opt(OptOps.UPCAST, 0, rows))
-
-    def kernel(C, A, B, *extra):
-        i, c, u = UOp.range(M, 0), UOp.range(groups, 1), UOp.range(T, 2)
-        n = c * T + u
-        extra = list(extra)
-        if blocks is not None:
-            step, scale = extra.pop(0) if blocks[0] is not None else None, extra.pop(0)
-            # one block: no range over blocks (tinygrad drops a range of size 1, and its reduce with it)
-            b = UOp.range(K // size, 3, axis_type=AxisType.REDUCE) if K > size else 0
-            j = UOp.range(size, 4, axis_type=AxisType.REDUCE)
-            k = b * size + j if K > size else j
-            dot = (A[i, k] * B[c, k, u].cast(dtypes.float32)).reduce(j, arg=Ops.ADD)
-            acc = dot * (scale[c, b, u] if step is None else step[i if step_rows > 1 else 0, b] * scale[c, b, u])
-            acc = acc.reduce(b, arg=Ops.ADD) if K > size else acc
-            return _finish(C, acc, i, c, u, n, extra)
-        k = UOp.range(K, 3, axis_type=AxisType.REDUCE)
-        weight = B[c, k, u] if B.dtype == dtypes.float32 else B[c, k, u].cast(dtypes.float32)
-        a = A[i, k]
-        if norm is not None:
-            gain = extra.pop(0)
-            acc = (a * gain[k] * weight).reduce(k, arg=Ops.ADD)
-            acc = acc * ((a * a).reduce(k, arg=Ops.ADD) / K + NORM_EPS).sqrt().reciprocal()
-        else:
-            acc = (a * weight).reduce(k, arg=Ops.ADD)
-        return _finish(C, acc, i, c, u, n, extra)
-
-    def _finish(C, acc, i, c, u, n, extra):
-        if bias is not None:
-            acc = acc + extra.pop(0)[n]
-        if residual is not None:
-            acc = acc + extra.pop(0)[i, n]
-        name = f"matmul{f'_b{size}' if blocks is not None else ''}_{M}_{N}_{K}"
-        return C[i, n].store(acc).end(i, c, u).sink(arg=KernelInfo(name=name, opts_to_apply=tuple(opts)))
-
-    size = blocks[2] if blocks is not None else 0
-    step_rows = blocks[0].shape[0] if blocks is not None and blocks[0] is not None else 0
-    inputs = [x.reshape(M, K), w] + [t for t in (blocks or ())[:2] if t is not None] + [t for t in (norm, bias) if t is not None]
-    inputs += [residual.reshape(M, N)] if residual is not None else []
-    out = Tensor.empty(M, N, device=x.device).custom_kernel(*inputs, fxn=kernel)[0]
-    return out.reshape(R, S, N)
-
-
-def _upcasts(N: int) -> tuple[int, int]:
-    """(cols, more): a one-row product's kernel keeps cols x more outputs in vector registers, cols
-    the largest divisor of N up to 16 (16, or 11 of a 66-token vocabulary), more 4 where at least 4
-    such groups of 4 x cols remain, else 2 (faster for 128 outputs), else what divides
-    (benchmarks/results/int4-peers/peers_llama2c_tinygrad_profile.md)."""
-    cols = max(n for n in range(1, 17) if N % n == 0)
-    groups = N // cols
-    more = 4 if groups % 4 == 0 and groups >= 16 else 2 if groups % 2 == 0 and groups >= 8 else \
-        max(m for m in (1, 2, 3, 4) if groups % m == 0)
-    return cols, more
-
-
-def tile_width(N: int) -> int:
-    """The columns of one tile of a CPU product's weights, stored (N / T, K, T): a one-row kernel's
-    outputs in flight, so that it streams one contiguous block of weights per group of outputs
-    rather than T columns out of every row, the weights coming from beyond the L2
-    (benchmarks/results/int4-peers/peers_llama2c_tinygrad_profile.md)."""
-    cols, more = _upcasts(N)
-    return cols * more
 
 
 def _attend(e, values, r0: int, base):
@@ -347,16 +133,6 @@ def _windowed(kernel, out, inputs: tuple, base):
     return Tensor(srcs[0].after(kernel(*slots).call(*srcs)))
 
 
-def _norm(x, gain, bias, rms: bool):
-    """LayerNorm or RMSNorm over the last axis (eps 1e-5), as the graph's kernels."""
-    if rms:
-        y = x * (x.square().mean(-1, keepdim=True) + NORM_EPS).rsqrt()
-    else:
-        y = x.layernorm(eps=NORM_EPS)
-    y = y * gain
-    return y if bias is None else y + bias
-
-
 def _rotate(x, cos, sin):
     """Rotary positions on (R, S, heads, hp) by cos/sin (R, S, 1, hp/2): non-interleaved halves."""
     half = x.shape[-1] // 2
@@ -447,16 +223,14 @@ class Weights:
             w = self._get(f"{name}.weight.int8")
         else:
             w, act = self._get(f"{name}.weight.T"), None
-        if self._device.startswith("CPU"):  # (K, N) as the graph holds them -> tiles (N / T, K, T) for _matmul
-            K, N = w.shape
-            T = tile_width(N)
-            w = w.reshape(K, N // T, T).transpose(1, 0, 2)
+        cpu, N = self._device.startswith("CPU"), w.shape[1]
+        if cpu:  # (K, N) as the graph holds them -> tiles for _matmul
+            w = tiled(w, N)
         scale = None
         if f"{name}.weight.int8" in self._inits:
             scale = self._get(f"{name}.weight.scale")  # (N,)
-            if self._device.startswith("CPU"):  # _matmul's one block of K: (N / T, 1, T), a static step folded in
-                scale = scale * np.float32(act[0]) if act is not None else scale
-                scale = scale.reshape(1, N // T, T).transpose(1, 0, 2)
+            if cpu:  # _matmul's one block of K: (N / T, 1, T), a static step folded in
+                scale = tiled((scale if act is None else scale * np.float32(act[0])).reshape(1, N), N)
             scale = self._T(scale)
         # int8 weights stay integers in memory (half the bytes of float32 on the CPU), widened in the kernel
         return Linear(self._T(w, quantized_dtype(self._device) if scale is not None else np.float32), scale, b, act)
@@ -473,9 +247,7 @@ class Weights:
         w = (q - 8).reshape(N, nb * 2 * half).T  # (K, N)
         scale = self._get(f"{name}.weight.scales").reshape(N, nb).T  # (nb, N)
         if self._device.startswith("CPU"):
-            T = tile_width(N)
-            w = w.reshape(-1, N // T, T).transpose(1, 0, 2)
-            scale = scale.reshape(nb, N // T, T).transpose(1, 0, 2)
+            w, scale = tiled(w, N), tiled(scale, N)
         return Linear(self._T(w, quantized_dtype(self._device)), self._T(scale), bias, block=2 * half)
 
 
@@ -548,7 +320,7 @@ def forward(w: Weights, kv: list, meta, r0, c0, window, R: int, S: int, masked: 
             x = x + layer["proj_bias"]
         h, gain = _normed(x, layer["norm2"], rms, layer.get("fc") or layer["gate"])
         if cfg.mlp == "swiglu":
-            shared = _quantize_blocks(h, layer["gate"].block, gain) if layer["gate"].block else None  # 4 bits: once for both
+            shared = quantize_blocks(h, layer["gate"].block, gain) if layer["gate"].block else None  # 4 bits: once for both
             f = _pointwise(lambda a, b: a.silu() * b, layer["gate"](h, valid, norm=gain, quantized=shared),
                            layer["up"](h, valid, norm=gain, quantized=shared))  # (R, S, F)
         else:  # exact (erf)
@@ -571,4 +343,4 @@ def _normed(x, params: tuple, rms: bool, into: Linear):
         return x, gain
     if not rms and into.block is not None:
         return x, params
-    return _norm(x, gain, bias, rms=rms), None
+    return apply_norm(x, gain, bias, rms=rms), None

@@ -24,7 +24,8 @@ import hashlib
 
 import numpy as np
 
-from edgecraft.runtime.tinygrad.model import Linear, Weights
+from edgecraft.runtime.tinygrad.model import Weights
+from edgecraft.runtime.tinygrad.products import Linear
 from edgecraft.runtime.tinygrad.plan import Kernel, Plan
 
 SCRATCH = "scratch."  # roles of the step's own intermediate buffers
