@@ -133,9 +133,10 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
     return {"identical": sum(p == len(x) for p, x in zip(prefixes, a)), "of": len(a), "min_prefix": min(prefixes)}
 
 
-def random_run(root: Path, recipe: str = "char-1m", seed: int = 0) -> Path:
+def random_run(root: Path, recipe: str = "char-1m", seed: int = 0, overrides: tuple[str, ...] = ()) -> Path:
     """A run directory of recipes/RECIPE.toml's model with random weights (torch.manual_seed(seed))
-    and tiny-shakespeare's 65 characters: what a benchmark measures when given no --run."""
+    and tiny-shakespeare's 65 characters: what a benchmark measures when given no --run.
+    `overrides`: recipe keys (`model.d_model=256`) for another shape."""
     import string
 
     import torch
@@ -148,7 +149,7 @@ def random_run(root: Path, recipe: str = "char-1m", seed: int = 0) -> Path:
     run = root / "run"
     run.mkdir(parents=True, exist_ok=True)
     nowhere = f"data.source={json.dumps(str(root / 'absent.txt'))}"  # no data is read: weights are random
-    resolved = load_recipe(REPO / "recipes" / f"{recipe}.toml", [nowhere])
+    resolved = load_recipe(REPO / "recipes" / f"{recipe}.toml", [nowhere, *overrides])
     (run / "recipe.toml").write_text(to_toml(resolved))
     tokenizer = make_char_tokenizer(["\n !$&',-.3:;?" + string.ascii_letters])
     tokenizer.save(str(run / "tokenizer.json"))

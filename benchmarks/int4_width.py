@@ -1,0 +1,84 @@
+"""Where 4-bit weights pay: int4 against int8 decode speed as the model widens and its weights leave
+the caches, on onnxruntime and tinygrad.
+
+    python benchmarks/int4_width.py [--widths 128,192,256,384,512,768] [--rounds 3] [--batch 1]
+
+char-1m's shape (6 layers, 8 heads, d_ff 4 x width, context 256) with random weights at each width,
+exported with --int8 --int4 (speed does not depend on training). At width 128 (char-1m itself) a
+step's int8 weights (1.2 MB) and int4 weights (0.7 MB) both sit in this CPU's 2 MiB L2; wider, the
+int8 weights leave the L2 first, then the 32 MiB L3, while the int4 ones still fit. Issue 16 asks
+int4 >= 1.2x int8 at char-1m's width; this shows at which widths, on this machine, the halved
+bytes turn into speed.
+
+Every row is tinygrad_decode.py's decode child (a fresh process, a warm-up generation, then 199
+greedy one-token steps after a 16-token prompt), rounds interleaved; tinygrad rows share one
+compile cache. Figures are tokens per CPU-second; int4 ÷ int8 is the median of per-round ratios.
+Writes benchmarks/results/int4_width.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import harness
+
+DECODE = Path(__file__).with_name("tinygrad_decode.py")  # its "decode" child role measures each row
+BACKENDS = ("onnxruntime", "tinygrad")
+QUANTS = ("int8", "int4")
+LAYERS = 6
+
+
+def weight_bytes(width: int, bits: int, block: int = 32) -> int:
+    """A step's matrix bytes at `bits` (the 24 products of 6 layers: QKV, output, up, down), with
+    int4's one float scale per block of 32 (the head and embeddings are left out: small here)."""
+    params = LAYERS * 12 * width * width
+    return params * bits // 8 + (params // block * 4 if bits == 4 else 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", type=harness.int_list, default=[128, 192, 256, 384, 512, 768])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args()
+    info = harness.RunInfo("int4 against int8 as the model widens (char-1m's shape, random weights)")
+    with tempfile.TemporaryDirectory(prefix="int4-width-") as tmp:
+        os.environ["EDGECRAFT_TINYGRAD_CACHE"] = str(Path(tmp) / "cache")
+        bundles = {}
+        for width in args.widths:
+            root = Path(tmp) / f"w{width}"
+            run = harness.random_run(root, overrides=(f"model.d_model={width}", f"model.d_ff={4 * width}"))
+            harness.edgecraft_cli("export", str(run), "--int8", "--int4", "--out", str(root / "bundle"))
+            bundles[width] = root / "bundle"
+        rows = {f"{w} {b} {q}": (lambda w=w, b=b, q=q: harness.child(
+                    DECODE, "decode", {"bundle": str(bundles[w]), "backend": b, "quant": q, "batch": args.batch, "device": "CPU"}))
+                for w in args.widths for b in BACKENDS for q in QUANTS}
+        results = harness.interleave(rows, args.rounds, warmup=0)
+    head = " | ".join(f"{b} {q}" for b in BACKENDS for q in QUANTS)
+    lines = [f"| width | int8 MB | int4 MB | {head} | " + " | ".join(f"{b} int4 ÷ int8" for b in BACKENDS) + " |",
+             "|---|---|---|" + "---|" * (len(BACKENDS) * (len(QUANTS) + 1))]
+    for w in args.widths:
+        speed = [np.median([r["tok_cpu_s"] for r in results[f"{w} {b} {q}"]]) for b in BACKENDS for q in QUANTS]
+        ratios = []
+        for b in BACKENDS:
+            paired = [x["tok_cpu_s"] / y["tok_cpu_s"] for x, y in zip(results[f"{w} {b} int4"], results[f"{w} {b} int8"])]
+            ratios.append(f"{np.median(paired):.2f}x [{min(paired):.2f}-{max(paired):.2f}]")
+        lines.append(f"| {w} | {weight_bytes(w, 8) / 1e6:.1f} | {weight_bytes(w, 4) / 1e6:.1f} | "
+                     + " | ".join(f"{s:,.0f}" for s in speed) + " | " + " | ".join(ratios) + " |")
+    body = "\n".join(lines) + (
+        f"\n\nBatch {args.batch}, {args.rounds} rounds, tokens per CPU-second (medians); int4 ÷ int8: median of the "
+        "per-round ratios [min-max]. MB: the 24 products' weights a step reads (int4 with its block scales). "
+        "tinygrad holds both int8's and int4's integers as float16 on the CPU "
+        "(edgecraft/runtime/tinygrad/model.py, quantized_dtype): 2 bytes a weight for either.\n")
+    info.write(harness.RESULTS / "int4_width", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
