@@ -162,13 +162,19 @@ def random_run(root: Path, recipe: str = "char-1m", seed: int = 0, overrides: tu
 # ---------------------------------------------------------------- results
 
 
-def bundle_or_random(bundle: Path | None, tmp: Path, *flags: str) -> Path:
-    """`bundle`, or the char-1m recipe's model with random weights exported into `tmp` with
-    `flags` (--int8, --int4): what a tinygrad benchmark measures when given no --bundle."""
+def bundle_or_random(bundle: Path | None, tmp: Path, *flags: str, overrides: tuple[str, ...] = ()) -> Path:
+    """`bundle`, or the char-1m recipe's model (with recipe `overrides`) with random weights exported
+    into `tmp` with `flags` (--int8, --int4): what a tinygrad benchmark measures when given no --bundle."""
     if bundle is not None:
         return bundle
-    edgecraft_cli("export", str(random_run(tmp)), *flags, "--out", str(tmp / "bundle"))
+    edgecraft_cli("export", str(random_run(tmp, overrides=overrides)), *flags, "--out", str(tmp / "bundle"))
     return tmp / "bundle"
+
+
+def paired_ratio(a: list[dict], b: list[dict], key: str = "tok_cpu_s") -> str:
+    """Row a against row b, round by round: "median x [min-max]" of the per-round ratios of `key`."""
+    ratios = [x[key] / y[key] for x, y in zip(a, b)]
+    return f"{np.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
 
 
 class RunInfo:

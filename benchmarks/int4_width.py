@@ -5,8 +5,8 @@ the caches, on onnxruntime and tinygrad.
 
 char-1m's shape (6 layers, 8 heads, d_ff 4 x width, context 256) with random weights at each width,
 exported with --int8 --int4 (speed does not depend on training). At width 128 (char-1m itself) a
-step's int8 weights (1.2 MB) and int4 weights (0.7 MB) both sit in this CPU's 2 MiB L2; wider, the
-int8 weights leave the L2 first, then the 32 MiB L3, while the int4 ones still fit. Issue 16 asks
+step's int8 weights (1.2 MB) and int4 weights (0.7 MB) both fit a 2 MiB L2; wider, the int8
+weights leave the L2 (then the L3) before the int4 ones. Issue 16 asks
 int4 >= 1.2x int8 at char-1m's width; this shows at which widths, on this machine, the halved
 bytes turn into speed.
 
@@ -52,10 +52,8 @@ def main() -> None:
         os.environ["EDGECRAFT_TINYGRAD_CACHE"] = str(Path(tmp) / "cache")
         bundles = {}
         for width in args.widths:
-            root = Path(tmp) / f"w{width}"
-            run = harness.random_run(root, overrides=(f"model.d_model={width}", f"model.d_ff={4 * width}"))
-            harness.edgecraft_cli("export", str(run), "--int8", "--int4", "--out", str(root / "bundle"))
-            bundles[width] = root / "bundle"
+            bundles[width] = harness.bundle_or_random(None, Path(tmp) / f"w{width}", "--int8", "--int4",
+                                                      overrides=(f"model.d_model={width}", f"model.d_ff={4 * width}"))
         rows = {f"{w} {b} {q}": (lambda w=w, b=b, q=q: harness.child(
                     DECODE, "decode", {"bundle": str(bundles[w]), "backend": b, "quant": q, "batch": args.batch, "device": "CPU"}))
                 for w in args.widths for b in BACKENDS for q in QUANTS}
@@ -65,10 +63,7 @@ def main() -> None:
              "|---|---|---|" + "---|" * (len(BACKENDS) * (len(QUANTS) + 1))]
     for w in args.widths:
         speed = [np.median([r["tok_cpu_s"] for r in results[f"{w} {b} {q}"]]) for b in BACKENDS for q in QUANTS]
-        ratios = []
-        for b in BACKENDS:
-            paired = [x["tok_cpu_s"] / y["tok_cpu_s"] for x, y in zip(results[f"{w} {b} int4"], results[f"{w} {b} int8"])]
-            ratios.append(f"{np.median(paired):.2f}x [{min(paired):.2f}-{max(paired):.2f}]")
+        ratios = [harness.paired_ratio(results[f"{w} {b} int4"], results[f"{w} {b} int8"]) for b in BACKENDS]
         lines.append(f"| {w} | {weight_bytes(w, 8) / 1e6:.1f} | {weight_bytes(w, 4) / 1e6:.1f} | "
                      + " | ".join(f"{s:,.0f}" for s in speed) + " | " + " | ".join(ratios) + " |")
     body = "\n".join(lines) + (

@@ -113,10 +113,7 @@ def main() -> None:
             for B in (1, 16) for b, q in ROWS + [("tinygrad+beam", "fp32")] if f"{b} {q} b{B}" in results and b != "onnxruntime"}
     lines += ["", "| int4 ÷ int8, tok per CPU-s (median of per-round ratios [min-max]) | batch 1 | batch 16 |", "|---|---|---|"]
     for a, b in RATIOS:
-        cells = []
-        for B in (1, 16):
-            paired = [x["tok_cpu_s"] / y["tok_cpu_s"] for x, y in zip(results[f"{a} b{B}"], results[f"{b} b{B}"])]
-            cells.append(f"{np.median(paired):.2f}x [{min(paired):.2f}-{max(paired):.2f}]")
+        cells = [harness.paired_ratio(results[f"{a} b{B}"], results[f"{b} b{B}"]) for B in (1, 16)]
         lines.append(f"| {a} ÷ {b} | {cells[0]} | {cells[1]} |")
     body = "\n".join(lines) + (
         f"\n\nFirst token of a fresh process (import + load + prefill + first token), tinygrad {args.device}: "
