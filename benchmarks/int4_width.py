@@ -1,7 +1,7 @@
 """Where 4-bit weights pay: int4 against int8 decode speed as the model widens and its weights leave
 the caches, on onnxruntime and tinygrad.
 
-    python benchmarks/int4_width.py [--widths 128,192,256,384,512,768] [--rounds 3] [--batch 1]
+    python benchmarks/int4_width.py [--widths 128,192,256,384,512,768] [--rounds 3] [--batch 1] [--block-size 32]
 
 char-1m's shape (6 layers, 8 heads, d_ff 4 x width, context 256) with random weights at each width,
 exported with --int8 --int4 (speed does not depend on training). At width 128 (char-1m itself) a
@@ -34,9 +34,9 @@ QUANTS = ("int8", "int4")
 LAYERS = 6
 
 
-def weight_bytes(width: int, bits: int, block: int = 32) -> int:
+def weight_bytes(width: int, bits: int, block: int) -> int:
     """A step's matrix bytes at `bits` (the 24 products of 6 layers: QKV, output, up, down), with
-    int4's one float scale per block of 32 (the head and embeddings are left out: small here)."""
+    int4's one float scale per `block` weights (the head and embeddings are left out: small here)."""
     params = LAYERS * 12 * width * width
     return params * bits // 8 + (params // block * 4 if bits == 4 else 0)
 
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--widths", type=harness.int_list, default=[128, 192, 256, 384, 512, 768])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--block-size", type=int, default=32, help="int4's block (export --block-size)")
     args = parser.parse_args()
     info = harness.RunInfo("int4 against int8 as the model widens (char-1m's shape, random weights)")
     with tempfile.TemporaryDirectory(prefix="int4-width-") as tmp:
@@ -53,6 +54,7 @@ def main() -> None:
         bundles = {}
         for width in args.widths:
             bundles[width] = harness.bundle_or_random(None, Path(tmp) / f"w{width}", "--int8", "--int4",
+                                                      "--block-size", str(args.block_size),
                                                       overrides=(f"model.d_model={width}", f"model.d_ff={4 * width}"))
         rows = {f"{w} {b} {q}": (lambda w=w, b=b, q=q: harness.child(
                     DECODE, "decode", {"bundle": str(bundles[w]), "backend": b, "quant": q, "batch": args.batch, "device": "CPU"}))
@@ -64,10 +66,10 @@ def main() -> None:
     for w in args.widths:
         speed = [np.median([r["tok_cpu_s"] for r in results[f"{w} {b} {q}"]]) for b in BACKENDS for q in QUANTS]
         ratios = [harness.paired_ratio(results[f"{w} {b} int4"], results[f"{w} {b} int8"]) for b in BACKENDS]
-        lines.append(f"| {w} | {weight_bytes(w, 8) / 1e6:.1f} | {weight_bytes(w, 4) / 1e6:.1f} | "
+        lines.append(f"| {w} | {weight_bytes(w, 8, args.block_size) / 1e6:.1f} | {weight_bytes(w, 4, args.block_size) / 1e6:.1f} | "
                      + " | ".join(f"{s:,.0f}" for s in speed) + " | " + " | ".join(ratios) + " |")
     body = "\n".join(lines) + (
-        f"\n\nBatch {args.batch}, {args.rounds} rounds, tokens per CPU-second (medians); int4 ÷ int8: median of the "
+        f"\n\nBatch {args.batch}, int4 blocks of {args.block_size}, {args.rounds} rounds, tokens per CPU-second (medians); int4 ÷ int8: median of the "
         "per-round ratios [min-max]. MB: the 24 products' weights a step reads (int4 with its block scales). "
         "tinygrad holds both int8's and int4's integers as float16 on the CPU "
         "(edgecraft/runtime/tinygrad/model.py, quantized_dtype): 2 bytes a weight for either.\n")
