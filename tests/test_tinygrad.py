@@ -182,6 +182,18 @@ def test_a_second_process_reuses_the_compile_cache(bundle: Path, tmp_path: Path)
     assert len(calls.read_text().split()) == compiled  # nothing compiled the second time
 
 
+def test_an_unusable_cache_folder_is_named(bundle: Path, tmp_path: Path) -> None:
+    """A cache folder that cannot be made (here under a file: root writes anywhere else) is named
+    with the variable that gave it, before tinygrad reports it as a device that is not available."""
+    (tmp_path / "file").write_text("")
+    folder = tmp_path / "file" / "cache"
+    env = {**os.environ, "EDGECRAFT_TINYGRAD_CACHE": str(folder)}
+    result = subprocess.run([sys.executable, "-m", "edgecraft", "generate", str(bundle), "The", "-n", "4",
+                             "--backend", "tinygrad"], env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"kernel cache folder '{folder}' ($EDGECRAFT_TINYGRAD_CACHE) cannot be used: Not a directory" in result.stderr
+
+
 # ---------------------------------------------------------------- stored step plans (a fresh process's first token)
 
 

@@ -67,7 +67,16 @@ def _tinygrad(cache_dir: str | Path | None = None):
         raise RuntimeError(f"the tinygrad backend needs the tinygrad package: {INSTALL_HINT}") from None
     folder = cache_dir or os.environ.get(CACHE_ENV)
     if folder and helpers._db_connection is None:
-        helpers.CACHEDB = str(Path(folder).expanduser().absolute() / "cache.db")
+        path = Path(folder).expanduser().absolute()
+        try:  # tinygrad would fail later, on its first kernel, with a message about the device
+            path.mkdir(parents=True, exist_ok=True)
+            if not os.access(path, os.W_OK):
+                raise PermissionError("not writable")
+        except OSError as err:
+            given = "cache_dir" if cache_dir else f"${CACHE_ENV}"
+            raise RuntimeError(f"tinygrad's kernel cache folder {str(path)!r} ({given}) cannot be used: "
+                               f"{err.strerror or err}; point it at a writable folder") from None
+        helpers.CACHEDB = str(path / "cache.db")
     return tinygrad
 
 
