@@ -1,7 +1,7 @@
 """Where 4-bit weights pay: int4 against int8 decode speed as the model widens and its weights leave
 the caches, on onnxruntime and tinygrad.
 
-    python benchmarks/int4_width.py [--widths 128,192,256,384,512,768] [--rounds 3] [--batch 1] [--block-size 32]
+    python benchmarks/int4_width.py [--widths 128,192,256,384,512,768] [--rounds 3] [--batch 1] [--block-size 32] [--forms]
 
 char-1m's shape (6 layers, 8 heads, d_ff 4 x width, context 256) with random weights at each width,
 exported with --int8 --int4 (speed does not depend on training). At width 128 (char-1m itself) a
@@ -13,6 +13,8 @@ bytes turn into speed.
 Every row is tinygrad_decode.py's decode child (a fresh process, a warm-up generation, then 199
 greedy one-token steps after a 16-token prompt), rounds interleaved; tinygrad rows share one
 compile cache. Figures are tokens per CPU-second; int4 ÷ int8 is the median of per-round ratios.
+--forms adds int4.py's kernel forms (char-1m's 24 matrices alone in each form, interleaved with the
+rows): how much of a step the products are, so what 4 bits can gain at most.
 Writes benchmarks/results/int4_width.md.
 """
 
@@ -27,8 +29,10 @@ from pathlib import Path
 import numpy as np
 
 import harness
+import int4
 
 DECODE = Path(__file__).with_name("tinygrad_decode.py")  # its "decode" child role measures each row
+FORMS = Path(int4.__file__)  # its "forms" child role times the products alone
 BACKENDS = ("onnxruntime", "tinygrad")
 QUANTS = ("int8", "int4")
 LAYERS = 6
@@ -47,6 +51,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--block-size", type=int, default=32, help="int4's block (export --block-size)")
+    parser.add_argument("--forms", action="store_true", help="also time char-1m's matrices alone in each kernel form")
     args = parser.parse_args()
     info = harness.RunInfo("int4 against int8 as the model widens (char-1m's shape, random weights)")
     with tempfile.TemporaryDirectory(prefix="int4-width-") as tmp:
@@ -59,7 +64,10 @@ def main() -> None:
         rows = {f"{w} {b} {q}": (lambda w=w, b=b, q=q: harness.child(
                     DECODE, "decode", {"bundle": str(bundles[w]), "backend": b, "quant": q, "batch": args.batch, "device": "CPU"}))
                 for w in args.widths for b in BACKENDS for q in QUANTS}
+        if args.forms:
+            rows["kernel forms"] = lambda: harness.child(FORMS, "forms")
         results = harness.interleave(rows, args.rounds, warmup=0)
+    kernel = results.pop("kernel forms", None)
     head = " | ".join(f"{b} {q}" for b in BACKENDS for q in QUANTS)
     lines = [f"| width | int8 MB | int4 MB | {head} | " + " | ".join(f"{b} int4 ÷ int8" for b in BACKENDS) + " |",
              "|---|---|---|" + "---|" * (len(BACKENDS) * (len(QUANTS) + 1))]
@@ -73,6 +81,9 @@ def main() -> None:
         "per-round ratios [min-max]. MB: the 24 products' weights a step reads (int4 with its block scales). "
         "tinygrad holds both int8's and int4's integers as float16 on the CPU "
         "(edgecraft/runtime/tinygrad/model.py, quantized_dtype): 2 bytes a weight for either.\n")
+    if kernel:
+        body += ("\n## Kernel forms (char-1m's 24 matrices alone, one graph a form; least thread CPU time of "
+                 "5 x 100 calls a round, medians over rounds)\n\n" + "\n".join(int4.forms_table(kernel)) + "\n")
     info.write(harness.RESULTS / "int4_width", body)
     print(body)
 
