@@ -5,7 +5,10 @@ Everything is written under pytest's temporary directories (the token cache incl
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -91,24 +94,35 @@ def tiny_bundle(trained_run, tmp_path_factory) -> Path:
     return export_run(trained_run, tmp_path_factory.mktemp("bundle") / "tiny", ExportOptions())
 
 
+@contextlib.contextmanager
+def read_only(*folders: Path):
+    """Folders nobody may create, replace or delete files in for the block, root included (CI runs
+    as root, whom file modes do not stop: the folders are made immutable with chattr +i there)."""
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", *map(str, folders)], capture_output=True).returncode:
+            subprocess.run(["chattr", "-i", *map(str, folders)], capture_output=True)
+            pytest.skip("chattr +i is not available on this filesystem")
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", *map(str, folders)], check=True)
+    else:
+        for folder in folders:
+            folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            for folder in folders:
+                folder.chmod(0o755)
+
+
 @pytest.fixture
 def readonly_dir(tmp_path: Path):
-    """An empty folder nobody may create files in, root included (CI runs as root, whom file
-    modes do not stop: the folder is made immutable with chattr +i there)."""
-    import os
-    import subprocess
-
+    """An empty folder nobody may create files in (read_only)."""
     folder = tmp_path / "readonly"
     folder.mkdir()
-    if os.geteuid() == 0:
-        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
-            pytest.skip("chattr +i is not available on this filesystem")
+    with read_only(folder):
         yield folder
-        subprocess.run(["chattr", "-i", str(folder)], check=True)
-    else:
-        folder.chmod(0o555)
-        yield folder
-        folder.chmod(0o755)
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from edgecraft.runtime import load  # noqa: E402
 from edgecraft.runtime.bundle import read_manifest  # noqa: E402
 from edgecraft.runtime.onnx_engine import OnnxEngine  # noqa: E402
 from edgecraft.runtime.tinygrad.engine import TinygradEngine, check_available  # noqa: E402
+from conftest import read_only  # noqa: E402
 from test_export import LLAMA, make_run  # noqa: E402
 
 # GPT-2 style and llama style (rotary in GroupQueryAttention), char and BPE, and a llama with
@@ -298,6 +299,53 @@ def test_plans_hold_no_weights_a_bundle_of_the_same_shape_runs_its_own(twins, tm
         assert np.abs(logits[-1] - OnnxEngine(bundle / "model.onnx", cfg).prefill(ids)).max() <= 1e-4
         assert (tg.steps_planned, tg.steps_loaded) == (planned, loaded)
     assert np.abs(logits[0] - logits[1]).max() > 0.1
+
+
+def test_a_read_only_cache_filled_beforehand_is_read_and_never_written(twins, tmp_path: Path) -> None:
+    """A cache folder filled by an earlier run, then shipped read-only (an app's image, a device's
+    read-only root): a fresh process runs every step from its plans and compiles nothing (CC counts
+    its calls); a model and shapes it lacks (int8, a longer prompt) still run, as they would with a
+    writable cache, and nothing in the folder changes. An empty read-only folder works too, and
+    stays empty."""
+    bundle = twins[0]
+    calls = tmp_path / "calls"
+    cc = tmp_path / "cc"
+    cc.write_text(f'#!/bin/sh\necho x >> "{calls}"\nexec clang "$@"\n')
+    cc.chmod(0o755)
+    code = (
+        "import sys; from edgecraft.runtime import load; "
+        f"m = load({str(bundle)!r}, backend='tinygrad', quant=sys.argv[1]); "
+        "print(repr(m.generate(sys.argv[2], max_new_tokens=30, temperature=0))); "
+        "print(m.engine.steps_planned, m.engine.steps_loaded)"
+    )
+
+    def run(folder: Path, quant: str = "fp32", prompt: str = "The") -> tuple[list[str], int]:
+        env = {**os.environ, "CC": str(cc), "EDGECRAFT_TINYGRAD_CACHE": str(folder)}
+        before = len(calls.read_text().split()) if calls.exists() else 0
+        result = subprocess.run([sys.executable, "-c", code, quant, prompt], env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines(), len(calls.read_text().split()) - before
+
+    cache = tmp_path / "cache"
+    filled, compiled = run(cache)
+    planned = int(filled[1].split()[0])
+    assert planned > 0 and compiled > 0
+    lacking = run(tmp_path / "writable", "int8", "The cat sat on")[0]
+    plans = cache / "edgecraft-plans"
+
+    def files() -> dict:  # but SQLite's shared-memory index (-shm), which every reader of a WAL database may touch
+        return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in cache.rglob("*") if not p.name.endswith("-shm")}
+
+    shipped = files()
+    with read_only(cache, plans):
+        assert run(cache) == ([filled[0], f"0 {planned}"], 0)  # every step from the shipped plans
+        assert run(cache, "int8", "The cat sat on")[0] == lacking
+        assert files() == shipped
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with read_only(empty):
+        assert run(empty)[0] == [filled[0], f"{planned} 0"]
+    assert not any(empty.iterdir())
 
 
 # ---- decode speed: the products' hand-shaped kernels and the opt-in BEAM search ----
