@@ -74,7 +74,9 @@ def test_teacher_forced_logits_match_onnxruntime(bundle: Path, model_file: str) 
 def test_int4_off_the_cpu_matches_onnxruntime(tmp_path: Path, variant: str) -> None:
     """The path other devices (CUDA, Metal...) take for the 4-bit graph: tinygrad's own kernels for
     the block quantization and the batched block product, run here on tinygrad's PYTHON device (an
-    emulator, so a one-layer model): prefill and decode logits as onnxruntime's."""
+    emulator, so a one-layer model): prefill and decode logits as onnxruntime's. (The int8 graph's
+    other-device path, _quantize_range_tensor, is checked on its own below: the emulator takes
+    minutes over a one-layer int8 model.)"""
     shape = {"n_layers": 1, "d_model": 32, "d_ff": 64, "block_size": 16, **(LLAMA if variant == "llama" else {})}
     bundle = export_run(make_run(tmp_path, **shape), tmp_path / "bundle", ExportOptions(int4=True))
     cfg = read_manifest(bundle).config
@@ -427,6 +429,53 @@ def test_4bit_activation_quantization_and_product_match_mlas(norm: str | None, b
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
     got = _block_product(Tensor(q), Tensor(step), Tensor(w), Tensor(scale), block).numpy()
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("norm", [None, "rmsnorm", "layernorm"])
+@pytest.mark.parametrize("rows", [1, 6])
+def test_int8_activation_quantization_matches_onnxruntime(norm: str | None, rows: int) -> None:
+    """products.quantize_range (the CPU kernel, and tinygrad's own ops for other devices) rounds as
+    DynamicQuantizeMatMul's uint8 activations: one range over the call's real rows only (padding
+    rows of a ragged prefill, here huge, do not widen it), widened to hold 0, 255 steps, half to
+    even, clipped; a range of zeros keeps a step of 1; with the norm before it taken inside; and a
+    static (step, zero point) clips what lies outside."""
+    from tinygrad import Tensor
+
+    from edgecraft.runtime.tinygrad.products import _quantize_range_tensor, quantize_range
+
+    rng = np.random.default_rng(rows)
+    K = 64
+    x = (rng.standard_normal((rows, 1, K)) * 3 + 1).astype(np.float32)
+    valid = np.ones((rows, 1, 1), dtype=bool)
+    if rows > 1:
+        valid[0] = False
+        x[0] *= 1000.0
+    gain, bias = rng.standard_normal(K).astype(np.float32), rng.standard_normal(K).astype(np.float32)
+    if norm == "rmsnorm":
+        h, param = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-5) * gain, Tensor(gain)
+    elif norm == "layernorm":
+        mean = x.mean(-1, keepdims=True)
+        h = (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * gain + bias
+        param = (Tensor(gain), Tensor(bias))
+    else:
+        h, param = x, None
+    real = h[valid[:, 0, 0]]
+    lo, hi = min(real.min(), 0.0), max(real.max(), 0.0)
+    step = np.float32(hi - lo) / np.float32(255)
+    zp = np.clip(np.rint(-lo / step), 0, 255)
+    q_ref = np.clip(np.rint(h / step) + zp, 0, 255) - zp
+    static_ref = np.clip(np.rint(h / np.float32(0.05)) + 100, 0, 255) - 100
+    ties = 0 if norm is None else 1  # a norm's last bit may move one value off a tie
+    for form in (quantize_range, _quantize_range_tensor):  # the CPU kernel; tinygrad's ops (other devices)
+        q, got_step = (t.numpy() for t in form(Tensor(x), Tensor(valid), param, None))
+        assert np.allclose(got_step, step, rtol=1e-6) and got_step.shape == (1, 1)
+        assert (q != q_ref).sum() <= ties
+        if norm is None and rows > 1:  # the huge padding row is clipped, not counted in the range
+            assert np.isin(q[0], (-zp, 255 - zp)).all()
+        zeros, one = (t.numpy() for t in form(Tensor(np.zeros((1, 1, K), np.float32)), Tensor(np.ones((1, 1, 1), bool)), None, None))
+        assert not zeros.any() and one[0, 0] == 1.0
+        q, none = form(Tensor(x), Tensor(valid), param, (0.05, 100.0))
+        assert none is None and (q.numpy() != static_ref).sum() <= ties
 
 
 def test_beam_width_applies_to_decode_steps_only(monkeypatch) -> None:

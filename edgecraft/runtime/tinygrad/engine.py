@@ -23,7 +23,8 @@ kernel calls, stored in the cache folder, so a later process runs that step with
   of slots past n, which is past everything those slots hold.
 
 int8 bundles run as int8 arithmetic emulated exactly in float32: activations are quantized per call
-as onnxruntime's DynamicQuantizeMatMul does (or with the static ranges of MatMulIntegerToFloat),
+as onnxruntime's DynamicQuantizeMatMul does (or with the static ranges of MatMulIntegerToFloat), in
+one kernel with the norm before them (products.quantize_range),
 products of integers summed in float32 (exact below 2^24), then scaled; quantized tables are
 dequantized once at load, as GatherBlockQuantized does per row. int4 graphs likewise: MatMulNBits'
 activations quantized to int8 per block (accuracy level 4), each block's integer sum scaled by

@@ -12,7 +12,7 @@ import numpy as np
 
 from edgecraft.config import GPTConfig
 from edgecraft.runtime.bundle import BundleError
-from edgecraft.runtime.tinygrad.products import Linear, apply_norm, quantize_blocks, tiled
+from edgecraft.runtime.tinygrad.products import Linear, apply_norm, tiled
 
 WINDOW_ALIGN = 16  # a decode window's first column is a multiple of this: the kernels load aligned vectors
 # a decode window spans a multiple of this many columns (a few compiled widths); the engine's cache
@@ -320,9 +320,10 @@ def forward(w: Weights, kv: list, meta, r0, c0, window, R: int, S: int, masked: 
             x = x + layer["proj_bias"]
         h, gain = _normed(x, layer["norm2"], rms, layer.get("fc") or layer["gate"])
         if cfg.mlp == "swiglu":
-            shared = quantize_blocks(h, layer["gate"].block, gain) if layer["gate"].block else None  # 4 bits: once for both
-            f = _pointwise(lambda a, b: a.silu() * b, layer["gate"](h, valid, norm=gain, quantized=shared),
-                           layer["up"](h, valid, norm=gain, quantized=shared))  # (R, S, F)
+            gate, up = layer["gate"], layer["up"]  # quantized alike: the input quantized once for both
+            shared = gate.quantize(h, valid, gain) if gate.scale is not None and (gate.block, gate.act) == (up.block, up.act) else None
+            f = _pointwise(lambda a, b: a.silu() * b, gate(h, valid, norm=gain, quantized=shared),
+                           up(h, valid, norm=gain, quantized=shared))  # (R, S, F)
         else:  # exact (erf)
             f = _pointwise(lambda a: a.gelu(approximate="none"), layer["fc"](h, valid, norm=gain))  # (R, S, F)
         x = layer["mlp_proj"](f, valid, residual=x)
@@ -336,11 +337,11 @@ def forward(w: Weights, kv: list, meta, r0, c0, window, R: int, S: int, masked: 
 
 def _normed(x, params: tuple, rms: bool, into: Linear):
     """(the next products' input, the norm they apply themselves or None): an RMSNorm without bias
-    is left to the products (Linear, `into` the first), a LayerNorm to 4-bit ones (its (gain,
-    bias)), any other norm is applied here."""
+    is left to the products (Linear, `into` the first), a LayerNorm to quantized ones (its (gain,
+    bias)), which take it inside their activations' quantization; any other norm is applied here."""
     gain, bias = params
     if rms and bias is None:
         return x, gain
-    if not rms and into.block is not None:
+    if not rms and into.scale is not None:
         return x, params
     return apply_norm(x, gain, bias, rms=rms), None

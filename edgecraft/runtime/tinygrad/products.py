@@ -24,11 +24,11 @@ class Linear:
 
     def __call__(self, x, valid, norm=None, residual=None, quantized=None):
         """x (R, S, K), valid (R, S, 1) bool: the rows that count for a dynamic range. `norm`: an
-        RMSNorm's gain (K,) applied to x first (4 bits: or a LayerNorm's (gain, bias)); `residual`
-        (R, S, N): added to the result. On the CPU at fp32 both go inside the product's kernel (two
-        kernels fewer a norm, one a residual); in 4 bits the norm goes inside the activations'
-        quantization and the residual and bias inside the product. `quantized`: 4 bits, x already
-        quantized (quantize_blocks), for products that share an input."""
+        RMSNorm's gain (K,) applied to x first (quantized products: or a LayerNorm's (gain, bias));
+        `residual` (R, S, N): added to the result. On the CPU at fp32 both go inside the product's
+        kernel (two kernels fewer a norm, one a residual); in int8 and 4 bits the norm goes inside
+        the activations' quantization and the residual and bias inside the product. `quantized`:
+        x already quantized (Linear.quantize), for products that share an input."""
         cpu = str(valid.device).startswith("CPU")
         if self.scale is None and cpu:
             return _matmul(x, self.w, self.bias, norm, residual)
@@ -39,27 +39,100 @@ class Linear:
             y = _block_product(q, step, self.w, self.scale, self.block)
             y = y if self.bias is None else y + self.bias
             return y if residual is None else residual + y
+        if self.scale is not None:
+            q, step = quantized or quantize_range(x, valid, norm, self.act)
+            if cpu:  # one block of K: the sums scaled by the step and each column's scale (a static step is in the scale)
+                return _matmul(q, self.w, self.bias, residual=residual, blocks=(step, self.scale, q.shape[-1]))
+            y = _matmul(q, self.w) * (self.scale * step)  # integer sums: exact in float32 below 2^24
+            y = y if self.bias is None else y + self.bias
+            return y if residual is None else residual + y
         if norm is not None:
             x = apply_norm(x, norm, None, rms=True)
-        y = self._product(x, valid)
+        y = _matmul(x, self.w, self.bias)
         return y if residual is None else residual + y
 
-    def _product(self, x, valid):
-        if self.scale is None:
-            return _matmul(x, self.w, self.bias)
-        if self.act is None:  # onnxruntime's GetQuantizationParameter over the call's real rows
-            masked = valid.where(x, 0.0)
-            lo, hi = masked.min().minimum(0.0), masked.max().maximum(0.0)
-            step = (hi - lo) / 255.0
-            step = (hi == lo).where(1.0, step)
-            zp = (-lo / step).clip(0.0, 255.0).round()
+    def quantize(self, x, valid, norm=None):
+        """This product's quantized input (quantize_blocks or quantize_range), to share with another
+        product of the same input and the same quantization."""
+        return quantize_blocks(x, self.block, norm) if self.block is not None else quantize_range(x, valid, norm, self.act)
+
+
+def quantize_range(x, valid, norm=None, act: tuple[float, float] | None = None):
+    """DynamicQuantizeMatMul's uint8 activations (onnxruntime's GetQuantizationParameter): one range
+    over the call's real rows (`valid` (R, S, 1)), widened to hold 0, split into 255 steps, and each
+    value rounded half to even to step units plus the zero point, clipped to 0..255; or
+    MatMulIntegerToFloat's static (step, zero point) `act`. `norm` as quantize_blocks'. -> (q -
+    zero point in float32 (R, S, K), the step (1, 1), or None for a static one, which the weights'
+    scale holds). On the CPU one custom kernel (the norm, the range and the rounding), where
+    tinygrad's own took five or six a product."""
+    from tinygrad import Tensor, UOp
+    from tinygrad.uop.ops import AxisType, KernelInfo, Ops
+
+    R, S, K = x.shape
+    M = R * S
+    if not str(x.device).startswith("CPU"):
+        return _quantize_range_tensor(x, valid, norm, act)
+
+    def kernel(Q, STEP, X, V, *params):
+        if act is None:  # the range: both maxima over the same loops, each row's norm taken once
+            i, k = UOp.range(M, 0, axis_type=AxisType.REDUCE), UOp.range(K, 1, axis_type=AxisType.REDUCE)
+            v = V[i].where(_normed_value(X, i, params, norm, K, 10)(k), 0.0)
+            hi = v.reduce(i, k, arg=Ops.MAX).maximum(0.0)
+            lo = -((-v).reduce(i, k, arg=Ops.MAX).maximum(0.0))
+            step = hi.eq(lo).where(1.0, (hi - lo) / 255.0)
+            zp = (-lo / step).maximum(0.0).minimum(255.0).round()
         else:
-            step, zp = self.act
-        q = ((x / step).round() + zp).clip(0.0, 255.0) - zp  # (R, S, K) integers in float32
-        if str(x.device).startswith("CPU"):  # one block of K: the sums scaled by the step and each column's scale
-            return _matmul(q, self.w, self.bias, blocks=(None if self.act else step.reshape(1, 1), self.scale, q.shape[-1]))
-        y = _matmul(q, self.w) * (self.scale * step)  # integer sums: exact in float32 below 2^24
-        return y if self.bias is None else y + self.bias
+            step, zp = float(act[0]), float(act[1])
+        i, k = UOp.range(M, 2), UOp.range(K, 3)
+        value = _normed_value(X, i, params, norm, K, 20)(k)
+        q = Q[i, k].store(((value / step).round() + zp).maximum(0.0).minimum(255.0) - zp).end(i, k)
+        stored = UOp.group(q, STEP[0].store(step)) if act is None else q
+        return stored.sink(arg=KernelInfo(name=f"quantize8_{M}_{K}", opts_to_apply=()))
+
+    params = [t for t in (norm if isinstance(norm, tuple) else (norm,)) if t is not None]
+    q, step = Tensor.empty(M, K, device=x.device).custom_kernel(
+        Tensor.empty(1, device=x.device), x.reshape(M, K), valid.reshape(M), *params, fxn=kernel)[:2]
+    return q.reshape(R, S, K), (step.reshape(1, 1) if act is None else None)
+
+
+def _quantize_range_tensor(x, valid, norm, act):
+    """quantize_range in tinygrad's own kernels (other devices)."""
+    if norm is not None:
+        gain, bias = norm if isinstance(norm, tuple) else (norm, None)
+        x = apply_norm(x, gain, bias, rms=not isinstance(norm, tuple))
+    if act is not None:
+        return ((x / act[0]).round() + act[1]).clip(0.0, 255.0) - act[1], None
+    masked = valid.where(x, 0.0)
+    lo, hi = masked.min().minimum(0.0), masked.max().maximum(0.0)
+    step = (hi == lo).where(1.0, (hi - lo) / 255.0)
+    zp = (-lo / step).clip(0.0, 255.0).round()
+    return ((x / step).round() + zp).clip(0.0, 255.0) - zp, step.reshape(1, 1)
+
+
+def _normed_value(X, i, params: tuple, norm, K: int, first_range: int):
+    """k -> row i of X (M, K) after `norm` (None, an RMSNorm's gain, or a LayerNorm's (gain, bias or
+    None), given as the kernel's `params` buffers): the row's statistics are reductions over K, which
+    tinygrad computes once a row, before the loop that uses them. `first_range`: the ids of those
+    reductions' ranges, distinct from the kernel's own."""
+    from tinygrad import UOp
+    from tinygrad.uop.ops import AxisType, Ops
+
+    if norm is None:
+        return lambda k: X[i, k]
+    layer_norm = isinstance(norm, tuple)
+    G, B = params[0], (params[1] if len(params) > 1 else None)
+    mean = None
+    if layer_norm:
+        k = UOp.range(K, first_range, axis_type=AxisType.REDUCE)
+        mean = X[i, k].reduce(k, arg=Ops.ADD) * (1.0 / K)
+    k = UOp.range(K, first_range + 1, axis_type=AxisType.REDUCE)
+    centered = X[i, k] - mean if layer_norm else X[i, k]
+    scale = ((centered * centered).reduce(k, arg=Ops.ADD) * (1.0 / K) + NORM_EPS).rsqrt()
+
+    def value(k):
+        v = ((X[i, k] - mean) if layer_norm else X[i, k]) * scale * G[k]
+        return v if B is None else v + B[k]
+    return value
 
 
 def quantize_blocks(x, block: int, norm=None):
@@ -80,24 +153,7 @@ def quantize_blocks(x, block: int, norm=None):
 
     def kernel(Q, STEP, X, *params):
         i = UOp.range(M, 0)
-        G = params[0] if norm is not None else None
-        B = params[1] if bias is not None else None
-        if layer_norm:  # the row's mean and deviation first (hoisted out of the block loop by tinygrad)
-            k = UOp.range(K, 1, axis_type=AxisType.REDUCE)
-            mean = X[i, k].reduce(k, arg=Ops.ADD) * (1.0 / K)
-            k = UOp.range(K, 2, axis_type=AxisType.REDUCE)
-            centered = X[i, k] - mean
-            scale = ((centered * centered).reduce(k, arg=Ops.ADD) * (1.0 / K) + NORM_EPS).rsqrt()
-        elif norm is not None:
-            k = UOp.range(K, 1, axis_type=AxisType.REDUCE)
-            scale = ((X[i, k] * X[i, k]).reduce(k, arg=Ops.ADD) * (1.0 / K) + NORM_EPS).rsqrt()
-
-        def value(k):
-            if norm is None:
-                return X[i, k]
-            v = ((X[i, k] - mean) if layer_norm else X[i, k]) * scale * G[k]
-            return v if B is None else v + B[k]
-
+        value = _normed_value(X, i, params, norm, K, 1)
         b = UOp.range(nb, 3)
         j = UOp.range(block, 4, axis_type=AxisType.REDUCE)
         amax = value(b * block + j).abs().reduce(j, arg=Ops.MAX)
