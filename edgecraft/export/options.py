@@ -53,6 +53,6 @@ def check_options(options: ExportOptions) -> None:
     if options.calibrate > MAX_CALIBRATE:
         raise UserError(f"--calibrate {options.calibrate}: at most {MAX_CALIBRATE} batches (a few dozen calibrate well)")
     increase = options.max_loss_increase
-    if increase is not None and not (math.isfinite(increase) and increase >= 0):
-        raise UserError(f"--max-loss-increase {increase}: expected a percentage of 0 or more, e.g. 2")
+    if increase is not None and not math.isfinite(increase):
+        raise UserError(f"--max-loss-increase {increase}: expected a finite percentage, e.g. 2")
     check_keep_float(options.keep_float)
