@@ -382,6 +382,20 @@ def test_product_kernel_matches_numpy_for_any_shape(rows: int) -> None:
     assert np.abs(got - (normed @ w + res)).max() <= 1e-4
 
 
+def _normed_reference(x: np.ndarray, norm: str | None, rng) -> tuple:
+    """(x after `norm` in numpy, the norm's parameters as the products' functions take them)."""
+    from tinygrad import Tensor
+
+    K = x.shape[-1]
+    gain, bias = rng.standard_normal(K).astype(np.float32), rng.standard_normal(K).astype(np.float32)
+    if norm == "rmsnorm":
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-5) * gain, Tensor(gain)
+    if norm == "layernorm":
+        mean = x.mean(-1, keepdims=True)
+        return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * gain + bias, (Tensor(gain), Tensor(bias))
+    return x, None
+
+
 @pytest.mark.parametrize("norm", [None, "rmsnorm", "layernorm"])
 @pytest.mark.parametrize("block", [16, 32, 128])
 def test_4bit_activation_quantization_and_product_match_mlas(norm: str | None, block: int) -> None:
@@ -399,15 +413,7 @@ def test_4bit_activation_quantization_and_product_match_mlas(norm: str | None, b
     x = (rng.standard_normal((R, 1, K)) * rng.uniform(0.1, 10, (R, 1, 1))).astype(np.float32)
     x[0, 0, :block] = 0.0  # a block of zeros
     x[1, 0, :4] = (127.0, 2.5, -3.5, 0.5)  # a step of exactly 1, so three values sit on ties: 2, -4, 0
-    gain, bias = rng.standard_normal(K).astype(np.float32), rng.standard_normal(K).astype(np.float32)
-    if norm == "rmsnorm":
-        h, param = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-5) * gain, Tensor(gain)
-    elif norm == "layernorm":
-        mean = x.mean(-1, keepdims=True)
-        h = (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * gain + bias
-        param = (Tensor(gain), Tensor(bias))
-    else:
-        h, param = x, None
+    h, param = _normed_reference(x, norm, rng)
     blocks = h.reshape(R, K // block, block)
     amax = np.abs(blocks).max(-1, keepdims=True)
     inverse = np.where(amax == 0, 0, np.float32(127) / np.where(amax == 0, 1, amax)).astype(np.float32)
@@ -450,15 +456,7 @@ def test_int8_activation_quantization_matches_onnxruntime(norm: str | None, rows
     if rows > 1:
         valid[0] = False
         x[0] *= 1000.0
-    gain, bias = rng.standard_normal(K).astype(np.float32), rng.standard_normal(K).astype(np.float32)
-    if norm == "rmsnorm":
-        h, param = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-5) * gain, Tensor(gain)
-    elif norm == "layernorm":
-        mean = x.mean(-1, keepdims=True)
-        h = (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * gain + bias
-        param = (Tensor(gain), Tensor(bias))
-    else:
-        h, param = x, None
+    h, param = _normed_reference(x, norm, rng)
     real = h[valid[:, 0, 0]]
     lo, hi = min(real.min(), 0.0), max(real.max(), 0.0)
     step = np.float32(hi - lo) / np.float32(255)
