@@ -4,14 +4,17 @@ batch 1 and 16, int4 against int8 (paired per round), kernels per step, compile 
 peak memory.
 
     python benchmarks/tinygrad_decode.py [--bundle export/char-1m] [--rounds 3] [--device CPU] [--beam 2]
+    python benchmarks/tinygrad_decode.py --tree ../before ...   # before/after: another checkout's tinygrad rows too
 
 Without --bundle the char-1m recipe's model is exported with random weights (speed does not depend
 on training). Every row runs in a fresh process per round (harness.child), rounds interleaved; a
 row warms up (compiles, captures its steps) before it is timed, so the figures are steady-state
 decoding. Greedy argmax on the host is inside the timed loop, as runtime.Model does it. The
 `tinygrad+beam` rows set EDGECRAFT_TINYGRAD_BEAM (tinygrad's BEAM search of the decode-step kernels,
-kept in the cache folder all rows share: the first such row searches, later ones reuse). Writes
-benchmarks/results/tinygrad_decode.md.
+kept in the cache folder all rows share: the first such row searches, later ones reuse). With
+--tree DIR (a checkout, e.g. `git worktree add DIR REV`) that checkout's engine runs the same bundle
+in `tinygrad@DIR` rows at batch 1, interleaved with the others, each against this checkout's row.
+Writes benchmarks/results/tinygrad_decode.md.
 """
 
 from __future__ import annotations
@@ -79,6 +82,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="CPU", help="the tinygrad device (onnxruntime rows stay on the CPU)")
     parser.add_argument("--beam", type=int, default=2, help="BEAM width of the tinygrad+beam rows (0: no such rows)")
+    parser.add_argument("--tree", type=Path, action="append", default=[],
+                        help="another edgecraft checkout whose tinygrad rows (batch 1) run beside this one's (repeatable)")
     args = parser.parse_args()
     info = harness.RunInfo("tinygrad backend: decode speed beside onnxruntime (char-1m)")
     with tempfile.TemporaryDirectory(prefix="tinygrad-bench-") as tmp:
@@ -96,6 +101,10 @@ def main() -> None:
         for B in (1, 16) if args.beam else ():
             rows[f"tinygrad+beam fp32 b{B}"] = (lambda B=B: harness.child(
                 __file__, "decode", {**base, "backend": "tinygrad", "quant": "fp32", "batch": B, "beam": args.beam}))
+        for tree in args.tree:
+            for q in ("fp32", "int8", "int4"):
+                rows[f"tinygrad@{tree.resolve().name} {q} b1"] = (lambda q=q, tree=tree: harness.child(
+                    __file__, "decode", {**base, "backend": "tinygrad", "quant": q, "batch": 1}, tree=tree))
         results = harness.interleave(rows, args.rounds, warmup=0)
     lines = ["| backend | precision | batch | decode tok/s (median [min-max]) | tok per CPU-s | kernels/step | "
              "warm-up s (first round; later) | peak RSS MB |",
@@ -115,6 +124,13 @@ def main() -> None:
     for a, b in RATIOS:
         cells = [harness.paired_ratio(results[f"{a} b{B}"], results[f"{b} b{B}"]) for B in (1, 16)]
         lines.append(f"| {a} ÷ {b} | {cells[0]} | {cells[1]} |")
+    if args.tree:
+        lines += ["", "| this checkout ÷ another, tok per CPU-s at batch 1 (median of per-round ratios [min-max]) | fp32 | int8 | int4 |",
+                  "|---|---|---|---|"]
+        for tree in args.tree:
+            name = f"tinygrad@{tree.resolve().name}"
+            cells = [harness.paired_ratio(results[f"tinygrad {q} b1"], results[f"{name} {q} b1"]) for q in ("fp32", "int8", "int4")]
+            lines.append(f"| tinygrad ÷ {name} | {' | '.join(cells)} |")
     body = "\n".join(lines) + (
         f"\n\nFirst token of a fresh process (import + load + prefill + first token), tinygrad {args.device}: "
         f"cold cache {cold[0]:.2f} s, warm cache {np.median(warm):.2f} s (median of {len(warm)}); "
