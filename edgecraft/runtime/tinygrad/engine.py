@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 from dataclasses import asdict
 from pathlib import Path
 
@@ -48,79 +47,14 @@ import numpy as np
 from edgecraft.config import GPTConfig
 from edgecraft.runtime.engine import prefill_lengths
 from edgecraft.runtime.tinygrad import plan
+from edgecraft.runtime.tinygrad.cache import chosen_folder, import_tinygrad
 from edgecraft.runtime.tinygrad.graph import check_config, read_graph
 from edgecraft.runtime.tinygrad.model import WINDOW_ALIGN, WINDOW_STEP, Weights, forward
 from edgecraft.runtime.tinygrad.replay import CpuReplay, capture, span, weight_roles
 
-INSTALL_HINT = "pip install 'edgecraft[tinygrad]'"
-CACHE_ENV = "EDGECRAFT_TINYGRAD_CACHE"  # a folder for tinygrad's compiled-kernel cache (cache.db)
 BEAM_ENV = "EDGECRAFT_TINYGRAD_BEAM"  # n > 0: tinygrad's BEAM search of width n for decode-step kernels (cached)
 DEVICE_NAMES = {"cpu": "CPU", "cuda": "CUDA", "metal": "METAL", "gpu": "CL", "opencl": "CL", "cl": "CL", "webgpu": "WEBGPU",
                 "amd": "AMD", "nv": "NV"}
-
-
-def _tinygrad(cache_dir: str | Path | None = None):
-    """Import tinygrad with its kernel cache under `cache_dir` (else $EDGECRAFT_TINYGRAD_CACHE,
-    else tinygrad's own CACHEDB or ~/.cache/tinygrad), set before its database first opens. A
-    folder that exists but cannot be written is read, never written (a cache filled beforehand
-    and shipped on a read-only disk)."""
-    try:
-        import tinygrad
-        from tinygrad import helpers
-    except ImportError:
-        raise RuntimeError(f"the tinygrad backend needs the tinygrad package: {INSTALL_HINT}") from None
-    folder = cache_dir or os.environ.get(CACHE_ENV)
-    if folder and helpers._db_connection is None:
-        path = Path(folder).expanduser().absolute()
-        if path.is_dir() and not os.access(path, os.W_OK):  # shipped pre-filled on a read-only disk
-            helpers.CACHEDB = str(path / "cache.db")
-            helpers._db_connection = _read_only_cache(path / "cache.db")
-            return tinygrad
-        try:  # tinygrad would fail later, on its first kernel, with a message about the device
-            path.mkdir(parents=True, exist_ok=True)
-            if not os.access(path, os.W_OK):
-                raise PermissionError("not writable")
-        except OSError as err:
-            given = "cache_dir" if cache_dir else f"${CACHE_ENV}"
-            raise RuntimeError(f"tinygrad's kernel cache folder {str(path)!r} ({given}) cannot be used: "
-                               f"{err.strerror or err}; point it at a writable folder") from None
-        helpers.CACHEDB = str(path / "cache.db")
-    return tinygrad
-
-
-class _KeepNothing(sqlite3.Cursor):
-    """A cursor on a cache that cannot be written: what tinygrad stores (a kernel compiled in this
-    process) is dropped; tinygrad still keeps it in memory for the rest of the process."""
-
-    def execute(self, sql, parameters=()):
-        try:
-            return super().execute(sql, parameters)
-        except sqlite3.OperationalError:
-            if sql.lstrip().upper().startswith(("CREATE", "REPLACE")):  # diskcache_put's statements
-                return self
-            raise
-
-
-class _ReadOnlyCache(sqlite3.Connection):
-    def cursor(self, factory=_KeepNothing):
-        return super().cursor(factory)
-
-
-def _read_only_cache(db: Path) -> sqlite3.Connection:
-    """tinygrad's kernel database in a folder this process cannot write, opened for reading only:
-    read-only (a writer elsewhere may still share it), else immutable (tinygrad's database is in WAL
-    mode, which SQLite opens read-only only beside a shared-memory file a folder like this lacks),
-    else, with no database there, an empty one in memory."""
-    for mode in ("mode=ro", "immutable=1"):
-        conn = None
-        try:
-            conn = sqlite3.connect(f"{db.as_uri()}?{mode}", uri=True, factory=_ReadOnlyCache)
-            conn.execute("SELECT name FROM sqlite_master").fetchall()
-            return conn
-        except sqlite3.Error:
-            if conn is not None:
-                conn.close()
-    return sqlite3.connect(":memory:")
 
 
 def device_name(device: str) -> str:
@@ -131,7 +65,7 @@ def device_name(device: str) -> str:
 def check_available(device: str = "CPU", cache_dir: str | Path | None = None) -> str:
     """tinygrad's name for `device` once it is usable here; RuntimeError with one line saying what
     to install, or which devices tinygrad found, otherwise."""
-    tinygrad = _tinygrad(cache_dir)
+    tinygrad = import_tinygrad(cache_dir)
     name = device_name(device)
     if name == "CPU" and shutil.which(os.environ.get("CC", "clang")) is None:
         raise RuntimeError("tinygrad's CPU device compiles with clang, which is not installed: "
@@ -171,7 +105,7 @@ class TinygradEngine:
         self._queued = True  # work may be on the device's queue (a jit's call), which a replay waits for
         self._store = None  # stored plans: the CPU device only (replay.py)
         if self.device == "CPU":
-            folder = plan.folder(cache_dir or os.environ.get(CACHE_ENV))
+            folder = plan.folder(chosen_folder(cache_dir))
             self._store = plan.Store(folder, {**plan.machine_key(self.device), "config": asdict(config),
                                               "graph": plan.graph_key(inits)})
             self._weights = weight_roles(self.weights)

@@ -229,8 +229,10 @@ class Weights:
         scale = None
         if f"{name}.weight.int8" in self._inits:
             scale = self._get(f"{name}.weight.scale")  # (N,)
-            if cpu:  # _matmul's one block of K: (N / T, 1, T), a static step folded in
-                scale = tiled((scale if act is None else scale * np.float32(act[0])).reshape(1, N), N)
+            if act is not None:  # a static step folded into the columns' scales (quantize_range returns none)
+                scale = scale * np.float32(act[0])
+            if cpu:  # _matmul's one block of K: (N / T, 1, T)
+                scale = tiled(scale.reshape(1, N), N)
             scale = self._T(scale)
         # int8 weights stay integers in memory (half the bytes of float32 on the CPU), widened in the kernel
         return Linear(self._T(w, quantized_dtype(self._device) if scale is not None else np.float32), scale, b, act)
@@ -320,8 +322,9 @@ def forward(w: Weights, kv: list, meta, r0, c0, window, R: int, S: int, masked: 
             x = x + layer["proj_bias"]
         h, gain = _normed(x, layer["norm2"], rms, layer.get("fc") or layer["gate"])
         if cfg.mlp == "swiglu":
-            gate, up = layer["gate"], layer["up"]  # quantized alike: the input quantized once for both
-            shared = gate.quantize(h, valid, gain) if gate.scale is not None and (gate.block, gate.act) == (up.block, up.act) else None
+            gate, up = layer["gate"], layer["up"]
+            alike = gate.scale is not None and (gate.block, gate.act) == (up.block, up.act)
+            shared = gate.quantize(h, valid, gain) if alike else None  # quantized alike: the input once for both
             f = _pointwise(lambda a, b: a.silu() * b, gate(h, valid, norm=gain, quantized=shared),
                            up(h, valid, norm=gain, quantized=shared))  # (R, S, F)
         else:  # exact (erf)

@@ -32,29 +32,41 @@ class Linear:
         cpu = str(valid.device).startswith("CPU")
         if self.scale is None and cpu:
             return _matmul(x, self.w, self.bias, norm, residual)
+        if self.scale is None:
+            return _plus(_matmul(_normalize(x, norm), self.w, self.bias), None, residual)
+        q, step = quantized or self.quantize(x, valid, norm)
+        if cpu:  # int8: one block of K, the sums scaled by the step and each column's scale
+            return _matmul(q, self.w, self.bias, residual=residual, blocks=(step, self.scale, self.block or q.shape[-1]))
         if self.block is not None:
-            q, step = quantized or quantize_blocks(x, self.block, norm)
-            if cpu:
-                return _matmul(q, self.w, self.bias, residual=residual, blocks=(step, self.scale, self.block))
             y = _block_product(q, step, self.w, self.scale, self.block)
-            y = y if self.bias is None else y + self.bias
-            return y if residual is None else residual + y
-        if self.scale is not None:
-            q, step = quantized or quantize_range(x, valid, norm, self.act)
-            if cpu:  # one block of K: the sums scaled by the step and each column's scale (a static step is in the scale)
-                return _matmul(q, self.w, self.bias, residual=residual, blocks=(step, self.scale, q.shape[-1]))
-            y = _matmul(q, self.w) * (self.scale * step)  # integer sums: exact in float32 below 2^24
-            y = y if self.bias is None else y + self.bias
-            return y if residual is None else residual + y
-        if norm is not None:
-            x = apply_norm(x, norm, None, rms=True)
-        y = _matmul(x, self.w, self.bias)
-        return y if residual is None else residual + y
+        else:  # integer sums: exact in float32 below 2^24; a static step is in the columns' scales
+            y = _matmul(q, self.w) * (self.scale if step is None else self.scale * step)
+        return _plus(y, self.bias, residual)
 
     def quantize(self, x, valid, norm=None):
         """This product's quantized input (quantize_blocks or quantize_range), to share with another
         product of the same input and the same quantization."""
         return quantize_blocks(x, self.block, norm) if self.block is not None else quantize_range(x, valid, norm, self.act)
+
+
+def _plus(y, bias, residual):
+    """y + bias + residual, either of them None (the products off the CPU, which add them outside)."""
+    y = y if bias is None else y + bias
+    return y if residual is None else residual + y
+
+
+def _normalize(x, norm):
+    """x after `norm`: None, an RMSNorm's gain, or a LayerNorm's (gain, bias or None), in
+    tinygrad's own kernels (apply_norm)."""
+    if norm is None:
+        return x
+    gain, bias = norm if isinstance(norm, tuple) else (norm, None)
+    return apply_norm(x, gain, bias, rms=not isinstance(norm, tuple))
+
+
+def _norm_buffers(norm) -> list:
+    """A norm's parameters as a custom kernel's inputs (what _normed_value reads)."""
+    return [t for t in (norm if isinstance(norm, tuple) else (norm,)) if t is not None]
 
 
 def quantize_range(x, valid, norm=None, act: tuple[float, float] | None = None):
@@ -89,17 +101,14 @@ def quantize_range(x, valid, norm=None, act: tuple[float, float] | None = None):
         stored = UOp.group(q, STEP[0].store(step)) if act is None else q
         return stored.sink(arg=KernelInfo(name=f"quantize8_{M}_{K}", opts_to_apply=()))
 
-    params = [t for t in (norm if isinstance(norm, tuple) else (norm,)) if t is not None]
     q, step = Tensor.empty(M, K, device=x.device).custom_kernel(
-        Tensor.empty(1, device=x.device), x.reshape(M, K), valid.reshape(M), *params, fxn=kernel)[:2]
+        Tensor.empty(1, device=x.device), x.reshape(M, K), valid.reshape(M), *_norm_buffers(norm), fxn=kernel)[:2]
     return q.reshape(R, S, K), (step.reshape(1, 1) if act is None else None)
 
 
 def _quantize_range_tensor(x, valid, norm, act):
     """quantize_range in tinygrad's own kernels (other devices)."""
-    if norm is not None:
-        gain, bias = norm if isinstance(norm, tuple) else (norm, None)
-        x = apply_norm(x, gain, bias, rms=not isinstance(norm, tuple))
+    x = _normalize(x, norm)
     if act is not None:
         return ((x / act[0]).round() + act[1]).clip(0.0, 255.0) - act[1], None
     masked = valid.where(x, 0.0)
@@ -146,10 +155,8 @@ def quantize_blocks(x, block: int, norm=None):
 
     R, S, K = x.shape
     M, nb = R * S, K // block
-    layer_norm = isinstance(norm, tuple)
-    gain, bias = norm if layer_norm else (norm, None)
     if not str(x.device).startswith("CPU"):
-        return _quantize_blocks_tensor(x if norm is None else apply_norm(x, gain, bias, rms=not layer_norm), block)
+        return _quantize_blocks_tensor(_normalize(x, norm), block)
 
     def kernel(Q, STEP, X, *params):
         i = UOp.range(M, 0)
@@ -163,9 +170,8 @@ def quantize_blocks(x, block: int, norm=None):
         step = STEP[i, b].store(amax / 127.0)
         return UOp.group(q, step).end(i, b).sink(arg=KernelInfo(name=f"quantize_{M}_{K}_{block}", opts_to_apply=()))
 
-    params = [t for t in (gain, bias) if t is not None]
     q, step = Tensor.empty(M, K, device=x.device).custom_kernel(
-        Tensor.empty(M, nb, device=x.device), x.reshape(M, K), *params, fxn=kernel)[:2]
+        Tensor.empty(M, nb, device=x.device), x.reshape(M, K), *_norm_buffers(norm), fxn=kernel)[:2]
     return q.reshape(R, S, K), step
 
 
