@@ -476,6 +476,30 @@ def test_int8_activation_quantization_matches_onnxruntime(norm: str | None, rows
         assert none is None and (q.numpy() != static_ref).sum() <= ties
 
 
+@pytest.mark.parametrize("act", [None, (0.05, 100.0)])
+def test_int8_product_off_the_cpu_matches_the_cpu_kernels(act) -> None:
+    """An int8 product (dynamic, or a static step folded into the columns' scales at load) with a
+    LayerNorm before it, on another device's path (tinygrad's own kernels, here its PYTHON device)
+    equals the CPU's custom kernels: the static path once failed off the CPU, with no step to scale by."""
+    from tinygrad import Tensor
+
+    from edgecraft.runtime.tinygrad.products import Linear, tiled
+
+    rng = np.random.default_rng(4)
+    K, N = 32, 16
+    x, valid = rng.standard_normal((1, 2, K)).astype(np.float32), np.ones((1, 2, 1), bool)
+    w = rng.integers(-127, 128, (K, N)).astype(np.float32)
+    scale = rng.uniform(0.01, 0.1, N).astype(np.float32) * np.float32(act[0] if act else 1.0)
+    gain, bias = rng.standard_normal(K).astype(np.float32), rng.standard_normal(K).astype(np.float32)
+
+    def run(device: str, w, scale) -> np.ndarray:
+        t = lambda a: Tensor(a, device=device)  # noqa: E731
+        return Linear(t(w), t(scale), None, act)(t(x), t(valid), norm=(t(gain), t(bias))).numpy()
+
+    cpu = run("CPU", tiled(w, N), tiled(scale.reshape(1, N), N))
+    assert np.abs(run("PYTHON", w, scale) - cpu).max() <= 1e-5 * np.abs(cpu).max()
+
+
 def test_beam_width_applies_to_decode_steps_only(monkeypatch) -> None:
     """EDGECRAFT_TINYGRAD_BEAM searches decode-step kernels (repeated every token), never a prefill's;
     a value that is not a whole number is refused naming the variable."""
