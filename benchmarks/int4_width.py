@@ -119,7 +119,6 @@ def main() -> None:
                 "bundle": str(bundles[128]), "quant": "int4", "weights": "float16", "cache": os.environ["EDGECRAFT_TINYGRAD_CACHE"]})
         results = harness.interleave(rows, args.rounds, warmup=0)
     kernel = results.pop("kernel forms", None)
-    extra = {name: results.pop(name) for name in ("read", "tinygrad int4 kernels") if name in results}
     head = " | ".join(f"{b} {q}" for b in BACKENDS for q in QUANTS)
     lines = [f"| width | int8 MB | int4 MB | {head} | " + " | ".join(f"{b} int4 ÷ int8" for b in BACKENDS) + " |",
              "|---|---|---|" + "---|" * (len(BACKENDS) * (len(QUANTS) + 1))]
@@ -135,7 +134,7 @@ def main() -> None:
         "(edgecraft/runtime/tinygrad/model.py, quantized_dtype): 2 bytes a weight for either.\n")
     if args.ceiling:
         body += ("\n## The ceiling at char-1m's width (any product kernel; medians over rounds)\n\n"
-                 + "\n".join(ceiling_table(results | extra, kernel, args.block_size)) + "\n")
+                 + "\n".join(ceiling_table(results, kernel, args.block_size)) + "\n")
     if kernel:
         body += ("\n## Kernel forms (char-1m's 24 matrices alone, one graph a form; least thread CPU time of "
                  "5 x 100 calls a round, medians over rounds)\n\n" + "\n".join(int4.forms_table(kernel)) + "\n")

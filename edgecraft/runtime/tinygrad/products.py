@@ -109,13 +109,14 @@ def quantize_range(x, valid, norm=None, act: tuple[float, float] | None = None):
 def _quantize_range_tensor(x, valid, norm, act):
     """quantize_range in tinygrad's own kernels (other devices)."""
     x = _normalize(x, norm)
-    if act is not None:
-        return ((x / act[0]).round() + act[1]).clip(0.0, 255.0) - act[1], None
-    masked = valid.where(x, 0.0)
-    lo, hi = masked.min().minimum(0.0), masked.max().maximum(0.0)
-    step = (hi == lo).where(1.0, (hi - lo) / 255.0)
-    zp = (-lo / step).clip(0.0, 255.0).round()
-    return ((x / step).round() + zp).clip(0.0, 255.0) - zp, step.reshape(1, 1)
+    if act is None:
+        masked = valid.where(x, 0.0)
+        lo, hi = masked.min().minimum(0.0), masked.max().maximum(0.0)
+        step = (hi == lo).where(1.0, (hi - lo) / 255.0)
+        zp = (-lo / step).clip(0.0, 255.0).round()
+    else:
+        step, zp = act
+    return ((x / step).round() + zp).clip(0.0, 255.0) - zp, (step.reshape(1, 1) if act is None else None)
 
 
 def _normed_value(X, i, params: tuple, norm, K: int, first_range: int):
